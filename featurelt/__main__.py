@@ -1,0 +1,5 @@
+import sys
+
+from featurelt.cli import main
+
+sys.exit(main())

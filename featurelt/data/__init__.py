@@ -1,0 +1,1 @@
+"""Data: ingest formats, long-tailed splits, image decoding, feature loading."""

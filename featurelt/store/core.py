@@ -1,0 +1,479 @@
+"""The versioned feature store: one Lance dataset per table, one store log, DuckDB for SQL.
+
+Layout of a store at ``ROOT`` (a local directory or any URI pylance accepts)::
+
+    ROOT/samples.lance  classes.lance  rejects.lance  emb_<name>.lance  ...
+    ROOT/commits.lance   store log: one row per successful command -> {table: lance version}
+    ROOT/tags.lance      named store versions
+
+Every table opens with plain ``lance.dataset(ROOT + "/samples.lance")`` or
+``lancedb.connect(ROOT).open_table("samples")``. A command writes through a
+:class:`Transaction`: each table it touches gets one Lance commit (carrying the command line as
+its commit message), and only when all of them succeed is a row appended to ``commits`` -- the
+single atomic step that makes the new versions visible to featurelt. If the command fails, the
+touched tables are restored to their previous versions; if the process is killed, the next
+transaction finds Lance versions newer than the log and restores them before writing.
+
+No torch here: the store layer is pure Arrow / Lance / DuckDB.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lance
+import pyarrow as pa
+
+from featurelt.store.schema import EMBEDDING_PREFIX, SchemaError, arrow_schema, conform, embedding_params, table_kind
+
+DEFAULT_STORE = "./featurelt-store"
+LOG_TABLE = "commits"
+TAG_TABLE = "tags"
+SYSTEM_TABLES = (LOG_TABLE, TAG_TABLE)
+
+Data = pa.Table | pa.RecordBatch | pa.RecordBatchReader | Iterable[pa.RecordBatch]
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot be done (missing table, unknown version or tag, ...)."""
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp, the form stored in ``timestamp[us]`` columns."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def command_line() -> str:
+    """The command line of this process, used as the default commit message."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("featurelt", "featurelt/__main__.py", "cli.py")):
+        argv[0] = "featurelt"
+    return " ".join(argv)
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One row of the store log."""
+
+    store_version: int
+    time: datetime
+    message: str
+    tables: dict[str, int]
+    changed: list[str]
+
+
+class Store:
+    """A featurelt store rooted at ``path`` (default ``$FEATURELT_STORE`` or ``./featurelt-store``).
+
+    ``as_of`` pins every read to a store version (int) or tag name (str); ``None`` reads the latest.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, as_of: int | str | None = None,
+                 storage_options: dict[str, str] | None = None) -> None:
+        root = str(path if path is not None else os.environ.get("FEATURELT_STORE", DEFAULT_STORE))
+        if _is_local(root):
+            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options
+        self._as_of = as_of
+        self._pinned: Commit | None = None  # resolved lazily
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r}, as_of={self._as_of!r})"
+
+    # ------------------------------------------------------------------ paths / raw datasets
+    def uri(self, table: str) -> str:
+        """URI of a table's Lance dataset: ``ROOT/<table>.lance``."""
+        return f"{self.root}/{table}.lance"
+
+    def _raw(self, table: str, version: int | None = None) -> lance.LanceDataset | None:
+        try:
+            return lance.dataset(self.uri(table), version=version, storage_options=self.storage_options)
+        except (ValueError, FileNotFoundError, OSError):
+            return None
+
+    # ------------------------------------------------------------------ the log
+    def log(self) -> list[Commit]:
+        """All commits of the store, oldest first."""
+        ds = self._raw(LOG_TABLE)
+        if ds is None:
+            return []
+        rows = ds.to_table().sort_by("store_version").to_pylist()
+        return [Commit(r["store_version"], r["time"], r["message"], json.loads(r["tables"]),
+                       [c for c in r["changed"].split(",") if c]) for r in rows]
+
+    def head(self) -> Commit | None:
+        """The latest commit, or ``None`` for an empty store."""
+        log = self.log()
+        return log[-1] if log else None
+
+    def resolve(self, as_of: int | str | None) -> Commit | None:
+        """The commit named by a store version number, a tag, or ``None`` (latest)."""
+        if as_of is None or as_of == "latest":
+            return self.head()
+        log = self.log()
+        if isinstance(as_of, str) and as_of.lstrip("-").isdigit():
+            as_of = int(as_of)
+        if isinstance(as_of, int):
+            if as_of < 0:  # -1 = previous, like python indexing from the end
+                if -as_of > len(log):
+                    raise StoreError(f"store has {len(log)} versions; cannot go back {-as_of}")
+                return log[as_of - 1] if as_of != 0 else log[-1]
+            for c in log:
+                if c.store_version == as_of:
+                    return c
+            raise StoreError(f"store {self.root} has no version {as_of}; versions are 1..{len(log)}")
+        tags = {t["name"]: t["store_version"] for t in self.tags()}
+        if as_of not in tags:
+            raise StoreError(f"unknown tag or version '{as_of}'; tags: {', '.join(sorted(tags)) or '(none)'}")
+        return self.resolve(tags[as_of])
+
+    @property
+    def pinned(self) -> Commit | None:
+        """The commit reads are pinned to (resolved once per Store object, refreshed after writes)."""
+        if self._pinned is None:
+            self._pinned = self.resolve(self._as_of)
+        return self._pinned
+
+    @property
+    def version(self) -> int:
+        """Store version reads see (0 for an empty store)."""
+        return self.pinned.store_version if self.pinned else 0
+
+    def table_versions(self) -> dict[str, int]:
+        """``{table: lance version}`` at the pinned store version."""
+        return dict(self.pinned.tables) if self.pinned else {}
+
+    def refresh(self) -> None:
+        """Forget the resolved version (after a write, to see the new head)."""
+        self._pinned = None
+
+    # ------------------------------------------------------------------ reading
+    def tables(self) -> list[str]:
+        """Tables present at the pinned version (system tables excluded)."""
+        return sorted(self.table_versions())
+
+    def has_table(self, table: str) -> bool:
+        return table in self.table_versions()
+
+    def dataset(self, table: str) -> lance.LanceDataset:
+        """The table's Lance dataset checked out at the pinned version."""
+        versions = self.table_versions()
+        if table not in versions:
+            have = ", ".join(sorted(versions)) or "(none: run `featurelt ingest` first)"
+            raise StoreError(f"table '{table}' does not exist in store {self.root} at version {self.version}; tables: {have}")
+        ds = self._raw(table, versions[table])
+        if ds is None:
+            raise StoreError(f"table '{table}' is in the store log but {self.uri(table)} cannot be opened")
+        return ds
+
+    def scan(self, table: str, *, columns: list[str] | None = None, filter: str | None = None,
+             batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
+        """Stream a table in record batches (memory independent of table size)."""
+        yield from self.dataset(table).to_batches(columns=columns, filter=filter, batch_size=batch_size)
+
+    def read(self, table: str, *, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        """Read (a projection / filter of) a table into memory."""
+        return self.dataset(table).to_table(columns=columns, filter=filter)
+
+    def count(self, table: str, filter: str | None = None) -> int:
+        if not self.has_table(table):
+            return 0
+        return self.dataset(table).count_rows(filter=filter)
+
+    def sql(self, query: str) -> pa.Table:
+        """Run a read-only DuckDB query over the tables (see :mod:`featurelt.store.sql`)."""
+        from featurelt.store.sql import run_sql
+
+        return run_sql(self, query)
+
+    def embedding_sets(self) -> list[str]:
+        """Names of embedding sets (tables ``emb_<name>``) at the pinned version."""
+        return [t[len(EMBEDDING_PREFIX):] for t in self.tables() if t.startswith(EMBEDDING_PREFIX)]
+
+    # ------------------------------------------------------------------ versions and tags
+    def versions(self, table: str | None = None) -> list[dict[str, Any]]:
+        """Lance versions of one table (or all), with time, rows and commit message."""
+        names = [table] if table else [t for t in self.tables()]
+        logged: dict[tuple[str, int], str] = {}
+        for c in self.log():
+            for t in c.changed:
+                logged[(t, c.tables[t])] = f"[store v{c.store_version}] {c.message}"
+        out = []
+        for name in names:
+            ds = self._raw(name)
+            if ds is None:
+                raise StoreError(f"table '{name}' does not exist in store {self.root}")
+            messages = {}
+            for v in ds.versions():
+                with contextlib.suppress(Exception):
+                    tx = ds.read_transaction(v["version"])
+                    messages[v["version"]] = (tx.transaction_properties or {}).get("__lance_commit_message", "")
+            for v in ds.versions():
+                out.append({"table": name, "version": v["version"], "time": v["timestamp"],
+                            "rows": int(v["metadata"].get("total_rows", 0)),
+                            "message": logged.get((name, v["version"]))
+                            or f"(not in store log: rolled back or interrupted) {messages.get(v['version'], '')}".strip()})
+        return sorted(out, key=lambda r: (r["time"], r["table"]))
+
+    def tags(self) -> list[dict[str, Any]]:
+        ds = self._raw(TAG_TABLE)
+        return ds.to_table().to_pylist() if ds is not None else []
+
+    def tag(self, name: str) -> int:
+        """Name the current store version (all tables' current versions). Returns that version."""
+        head = self.head()
+        if head is None:
+            raise StoreError(f"store {self.root} is empty; nothing to tag")
+        if name.lstrip("-").isdigit() or name == "latest":
+            raise StoreError(f"tag name '{name}' is reserved (numbers and 'latest' name versions)")
+        if any(t["name"] == name for t in self.tags()):
+            raise StoreError(f"tag '{name}' exists already")
+        with self._lock():
+            row = pa.table({"name": [name], "store_version": [head.store_version], "time": [utcnow()]})
+            self._write_raw(TAG_TABLE, conform(row, arrow_schema(TAG_TABLE), table=TAG_TABLE),
+                            message=f"tag {name}")
+            for table, version in head.tables.items():  # Lance-native tags too, for other clients
+                ds = self._raw(table)
+                if ds is not None:
+                    with contextlib.suppress(Exception):
+                        ds.tags.create(name, version)
+        return head.store_version
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One writer at a time (a file lock for local stores; object stores rely on Lance's commits)."""
+        if not _is_local(self.root):
+            yield
+            return
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.root) / ".featurelt.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _write_raw(self, table: str, data: Any, *, message: str, mode: str = "append",
+                   schema: pa.Schema | None = None) -> lance.LanceDataset:
+        exists = self._raw(table) is not None
+        return lance.write_dataset(data, self.uri(table), schema=schema, mode=mode if exists else "create",
+                                   commit_message=message, storage_options=self.storage_options)
+
+    @contextlib.contextmanager
+    def transaction(self, message: str | None = None) -> Iterator["Transaction"]:
+        """All-or-nothing write of one command: ``with store.transaction() as tx: tx.append(...)``.
+
+        Reads through ``store`` inside the block see the state before the transaction.
+        """
+        if self._as_of is not None:
+            raise StoreError(f"this Store is pinned to --as-of {self._as_of}; writes go to the latest version only")
+        with self._lock():
+            tx = Transaction(self, message or command_line())
+            try:
+                yield tx
+                tx._commit()
+            except BaseException:
+                tx._rollback()
+                raise
+            finally:
+                self.refresh()
+
+
+class Transaction:
+    """The writes of one command. Created by :meth:`Store.transaction`; do not build directly."""
+
+    def __init__(self, store: Store, message: str) -> None:
+        self.store = store
+        self.message = message
+        self.head = store.head()
+        self.base_versions = dict(self.head.tables) if self.head else {}
+        self.new_versions: dict[str, int] = {}
+        self._reconciled: set[str] = set()
+        self._stream_errors: list[BaseException] = []
+
+    # -- helpers
+    def _prepare(self, table: str) -> lance.LanceDataset | None:
+        """Bring ``table`` back to its logged version if a killed command left newer Lance versions."""
+        if table in SYSTEM_TABLES:
+            raise StoreError(f"'{table}' is a system table")
+        ds = self.store._raw(table)
+        if table in self._reconciled:
+            return ds
+        self._reconciled.add(table)
+        logged = self.base_versions.get(table)
+        if ds is not None and logged is None:
+            # created by a command that never committed: not part of the store
+            self._drop(table)
+            return None
+        if ds is not None and ds.version != logged:
+            ds.checkout_version(logged).restore()
+            ds = self.store._raw(table)
+        return ds
+
+    def _drop(self, table: str) -> None:
+        if _is_local(self.store.root):
+            shutil.rmtree(self.store.uri(table).removeprefix("file://"), ignore_errors=True)
+        else:  # object store: overwrite with an empty dataset is not possible without a schema; drop via lance
+            lance.LanceDataset.drop(self.store.uri(table), storage_options=self.store.storage_options)  # type: ignore[attr-defined]
+
+    def schema_for(self, table: str, sample: pa.Schema | None = None, **params: Any) -> pa.Schema:
+        """The Arrow schema a write to ``table`` must have (embedding params from the table or ``params``)."""
+        if table_kind(table) == "embeddings" and not params:
+            ds = self.store._raw(table)
+            if ds is not None and table in self.base_versions:
+                params = embedding_params(ds.schema)
+            elif sample is not None and "vector" in sample.names:
+                vtype = sample.field("vector").type
+                params = {"dim": getattr(vtype, "list_size", -1),
+                          "dtype": "float16" if vtype.value_type == pa.float16() else "float32"}
+        return arrow_schema(table, **params)
+
+    def _reader(self, table: str, data: Data, schema_params: dict[str, Any]) -> tuple[pa.RecordBatchReader, list[int]]:
+        """A validating reader over ``data``; the returned list receives the row count as it streams."""
+        if isinstance(data, pa.Table):
+            batches: Iterable[pa.RecordBatch] = data.to_batches()
+            first_schema = data.schema
+        elif isinstance(data, pa.RecordBatch):
+            batches, first_schema = [data], data.schema
+        else:
+            it = iter(data)
+            try:
+                first = next(it)
+            except StopIteration:
+                first = None
+            first_schema = first.schema if first is not None else None
+
+            def chain() -> Iterator[pa.RecordBatch]:
+                if first is not None:
+                    yield first
+                yield from it
+
+            batches = chain()
+        schema = self.schema_for(table, first_schema, **schema_params)
+        counter = [0]
+        errors = self._stream_errors
+
+        def gen() -> Iterator[pa.RecordBatch]:
+            try:
+                for b in batches:
+                    b = conform(b, schema, table=table)
+                    counter[0] += b.num_rows
+                    if b.num_rows:
+                        yield b
+            except BaseException as exc:  # Lance wraps errors raised in the stream; keep the original
+                errors.append(exc)
+                raise
+
+        return pa.RecordBatchReader.from_batches(schema, gen()), counter
+
+    @contextlib.contextmanager
+    def _unwrap(self) -> Iterator[None]:
+        """Re-raise the original error of a failed input stream instead of Lance's wrapper."""
+        self._stream_errors.clear()
+        try:
+            yield
+        except Exception:
+            if self._stream_errors:
+                raise self._stream_errors[0] from None
+            raise
+
+    def _record(self, table: str, ds: lance.LanceDataset) -> None:
+        self.new_versions[table] = ds.version
+
+    # -- operations
+    def append(self, table: str, data: Data, **schema_params: Any) -> int:
+        """Append rows (a table, batch, reader or iterator of batches, streamed). Returns rows written."""
+        self._prepare(table)
+        reader, counter = self._reader(table, data, schema_params)
+        ds = self.store._raw(table)
+        with self._unwrap():
+            ds = lance.write_dataset(reader, self.store.uri(table) if ds is None else ds,
+                                     mode="create" if ds is None else "append", commit_message=self.message,
+                                     storage_options=self.store.storage_options)
+        self._record(table, ds)
+        return counter[0]
+
+    def overwrite(self, table: str, data: Data, **schema_params: Any) -> int:
+        """Replace a table's rows (a new version; old versions stay readable with --as-of)."""
+        self._prepare(table)
+        reader, counter = self._reader(table, data, schema_params)
+        ds = self.store._raw(table)
+        with self._unwrap():
+            ds = lance.write_dataset(reader, self.store.uri(table), mode="overwrite" if ds is not None else "create",
+                                     commit_message=self.message, storage_options=self.store.storage_options)
+        self._record(table, ds)
+        return counter[0]
+
+    def insert_new(self, table: str, data: Data, *, on: str | list[str] = "sample_id", **schema_params: Any) -> int:
+        """Insert only rows whose key ``on`` is not yet in the table (Lance merge-insert). Returns rows inserted."""
+        ds = self._prepare(table)
+        if ds is None:
+            return self.append(table, data, **schema_params)
+        reader, _ = self._reader(table, data, schema_params)
+        with self._unwrap():
+            stats = ds.merge_insert(on).when_not_matched_insert_all().execute(reader)
+        self._record(table, self.store._raw(table))
+        return int(stats.get("num_inserted_rows", 0))
+
+    def update(self, table: str, values: dict[str, str], where: str | None = None) -> int:
+        """SQL-expression update (``values={"split": "'train_unused'"}``). Returns rows updated."""
+        ds = self._prepare(table)
+        if ds is None:
+            raise StoreError(f"cannot update missing table '{table}'")
+        stats = ds.update(values, where=where)
+        self._record(table, self.store._raw(table))
+        return int(stats.get("num_rows_updated", 0)) if isinstance(stats, dict) else 0
+
+    def delete(self, table: str, where: str) -> None:
+        ds = self._prepare(table)
+        if ds is None:
+            return
+        ds.delete(where)
+        self._record(table, self.store._raw(table))
+
+    # -- end
+    def _commit(self) -> None:
+        if not self.new_versions:
+            return
+        tables = dict(self.base_versions)
+        tables.update(self.new_versions)
+        version = (self.head.store_version if self.head else 0) + 1
+        row = pa.table({"store_version": [version], "time": [utcnow()], "message": [self.message],
+                        "tables": [json.dumps(tables, sort_keys=True)],
+                        "changed": [",".join(sorted(self.new_versions))]})
+        self.store._write_raw(LOG_TABLE, conform(row, arrow_schema(LOG_TABLE), table=LOG_TABLE),
+                              message=self.message)
+
+    def _rollback(self) -> None:
+        for table in self.new_versions:
+            logged = self.base_versions.get(table)
+            if logged is None:
+                with contextlib.suppress(Exception):
+                    self._drop(table)
+            else:
+                with contextlib.suppress(Exception):
+                    ds = self.store._raw(table)
+                    if ds is not None and ds.version != logged:
+                        ds.checkout_version(logged).restore()
+
+
+def open_store(path: str | os.PathLike[str] | None = None, *, as_of: int | str | None = None) -> Store:
+    """``Store(path, as_of=as_of)``."""
+    return Store(path, as_of=as_of)
+
+
+__all__ = ["Store", "Transaction", "Commit", "StoreError", "SchemaError", "open_store", "utcnow", "command_line"]

@@ -1,0 +1,131 @@
+"""Read-only SQL over the store with DuckDB.
+
+Each table is registered as a DuckDB view with its own name (embedding sets as ``emb_<name>``),
+backed by the Lance dataset at the pinned store version: DuckDB scans it lazily through the
+Arrow dataset interface, pushing projections and filters down, so nothing is copied in full.
+Statements other than queries (INSERT, UPDATE, DELETE, CREATE, COPY, ATTACH, SET, ...) are
+refused before anything runs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import duckdb
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from featurelt.store.core import Store
+
+ALLOWED = {"SELECT", "EXPLAIN"}
+OutputFormat = Literal["table", "csv", "json", "parquet"]
+
+
+class ReadOnlyError(ValueError):
+    """A SQL statement that would modify data or state."""
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Raise :class:`ReadOnlyError` unless every statement in ``query`` is a query."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"SQL does not parse: {exc}") from None
+    if not statements:
+        raise ValueError("empty SQL query")
+    for st in statements:
+        kind = st.type.name
+        if kind not in ALLOWED:
+            raise ReadOnlyError(
+                f"featurelt sql is read-only: refused a {kind} statement ({st.query.strip()[:80]!r}); "
+                "write to the store with featurelt commands"
+            )
+
+
+def connect(store: "Store") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with every store table registered as a view at the pinned version."""
+    con = duckdb.connect()
+    for table in store.tables():
+        con.register(table, store.dataset(table))
+    return con
+
+
+def run_sql(store: "Store", query: str) -> pa.Table:
+    """Execute a read-only query and return the result as an Arrow table."""
+    con = connect(store)
+    try:
+        check_read_only(con, query)
+        try:
+            return con.sql(query).to_arrow_table() if hasattr(duckdb.DuckDBPyRelation, "to_arrow_table") else con.sql(query).arrow()
+        except duckdb.CatalogException as exc:
+            raise ValueError(f"{str(exc).splitlines()[0]}; tables: {', '.join(store.tables()) or '(none)'}") from None
+        except duckdb.Error as exc:
+            raise ValueError(f"SQL error: {exc}") from None
+    finally:
+        con.close()
+
+
+def write_result(result: pa.Table, fmt: OutputFormat, out: str | None) -> str | None:
+    """Format ``result``: returns text for table/csv/json to stdout when ``out`` is None, else writes ``out``."""
+    import io
+    import json
+
+    if fmt == "parquet":
+        if not out:
+            raise ValueError("--format parquet needs --out FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, out)
+        return None
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        buf = io.BytesIO()
+        pcsv.write_csv(_plain(result), buf)
+        text = buf.getvalue().decode()
+    elif fmt == "json":
+        text = json.dumps(result.to_pylist(), default=str, indent=1) + "\n"
+    elif fmt == "table":
+        text = format_table(result)
+    else:
+        raise ValueError(f"unknown format '{fmt}'; choose table, csv, json or parquet")
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+        return None
+    return text
+
+
+def _plain(t: pa.Table) -> pa.Table:
+    """Lists and binaries as strings, so CSV can hold them."""
+    cols = []
+    for col in t.columns:
+        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type) \
+                or pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            col = pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.Table.from_arrays(cols, names=t.column_names)
+
+
+def format_table(t: pa.Table, *, max_rows: int = 200, max_width: int = 60) -> str:
+    """A plain aligned text table (what a terminal user reads)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            s = f"{v:.4f}"
+        elif isinstance(v, (bytes, bytearray)):
+            s = f"<{len(v)} bytes>"
+        else:
+            s = str(v)
+        return s if len(s) <= max_width else s[: max_width - 3] + "..."
+
+    rows = t.slice(0, max_rows).to_pylist()
+    header = t.column_names
+    body = [[cell(r[c]) for c in header] for r in rows]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    if t.num_rows > max_rows:
+        lines.append(f"... {t.num_rows - max_rows} more rows (use --format csv --out FILE for all)")
+    lines.append(f"({t.num_rows} row{'s' if t.num_rows != 1 else ''})")
+    return "\n".join(lines) + "\n"
