@@ -233,3 +233,20 @@ def test_help_of_every_command(capsys) -> None:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"featurelt {name} {action.option_strings[0]} has no help text"
         assert "usage" in text
+
+
+def test_versions_label_rolled_back_and_intermediate_steps(store: Store) -> None:
+    with store.transaction("featurelt ingest a") as tx:
+        tx.append("samples", samples(2))
+    with pytest.raises(RuntimeError):
+        with store.transaction("featurelt broken") as tx:
+            tx.append("samples", samples(2, 10))
+            raise RuntimeError("boom")
+    with store.transaction("featurelt make-lt") as tx:
+        tx.update("samples", {"split": "'train_unused'"}, where="sample_id = 's00000'")
+        tx.update("samples", {"split": "'val'"}, where="sample_id = 's00001'")
+    labels = [r["message"] for r in store.versions("samples")]
+    assert labels[0] == "[store v1] featurelt ingest a"
+    assert labels[1] == "(not in store log: rolled back or interrupted) featurelt broken"
+    assert labels[-1] == "[store v2] featurelt make-lt"
+    assert "[store v2, intermediate step] featurelt make-lt" in labels

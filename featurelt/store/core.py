@@ -207,10 +207,17 @@ class Store:
     def versions(self, table: str | None = None) -> list[dict[str, Any]]:
         """Lance versions of one table (or all), with time, rows and commit message."""
         names = [table] if table else [t for t in self.tables()]
-        logged: dict[tuple[str, int], str] = {}
+        # Lance versions a committed command made: its final one, and the steps before it
+        # (a command may write a table more than once, e.g. several updates)
+        logged: dict[tuple[str, int], tuple[str, str]] = {}  # (table, version) -> (label, command)
+        previous: dict[str, int] = {}
         for c in self.log():
             for t in c.changed:
-                logged[(t, c.tables[t])] = f"[store v{c.store_version}] {c.message}"
+                final = c.tables[t]
+                for v in range(previous.get(t, 0) + 1, final):
+                    logged.setdefault((t, v), (f"[store v{c.store_version}, intermediate step] {c.message}", c.message))
+                logged[(t, final)] = (f"[store v{c.store_version}] {c.message}", c.message)
+            previous.update(c.tables)
         out = []
         for name in names:
             ds = self._raw(name)
@@ -222,10 +229,12 @@ class Store:
                     tx = ds.read_transaction(v["version"])
                     messages[v["version"]] = (tx.transaction_properties or {}).get("__lance_commit_message", "")
             for v in ds.versions():
+                own = messages.get(v["version"], "")
+                label, command = logged.get((name, v["version"]), ("", ""))
+                if not label or (own and own != command):  # a step of a command that failed or was killed
+                    label = f"(not in store log: rolled back or interrupted) {own}".strip()
                 out.append({"table": name, "version": v["version"], "time": v["timestamp"],
-                            "rows": int(v["metadata"].get("total_rows", 0)),
-                            "message": logged.get((name, v["version"]))
-                            or f"(not in store log: rolled back or interrupted) {messages.get(v['version'], '')}".strip()})
+                            "rows": int(v["metadata"].get("total_rows", 0)), "message": label})
         return sorted(out, key=lambda r: (r["time"], r["table"]))
 
     def tags(self) -> list[dict[str, Any]]:
@@ -428,6 +437,37 @@ class Transaction:
             stats = ds.merge_insert(on).when_not_matched_insert_all().execute(reader)
         self._record(table, self.store._raw(table))
         return int(stats.get("num_inserted_rows", 0))
+
+    def reconcile(self, table: str) -> str:
+        """Undo what killed commands left in ``table`` (as the first write would) and return its URI.
+
+        Call it before other processes write fragments for :meth:`append_fragments` into the
+        table's directory, so that this clean-up cannot remove them.
+        """
+        self._prepare(table)
+        return self.store.uri(table)
+
+    def append_fragments(self, table: str, fragments: list[Any], schema: pa.Schema) -> int:
+        """Commit Lance fragments written elsewhere (``lance.fragment.write_fragments``, e.g. by Ray
+        workers) to ``table`` as one new version. ``schema`` must be the table's schema. Returns rows added."""
+        ds = self._prepare(table)
+        expected = self.schema_for(table, schema)
+        if not schema.equals(expected, check_metadata=False):
+            raise SchemaError(f"table '{table}': fragments have schema {schema}, expected {expected}")
+        if ds is not None and not ds.schema.equals(expected, check_metadata=False):
+            raise SchemaError(f"table '{table}': fragments have schema {schema}, the table has {ds.schema}")
+        fragments = list(fragments)
+        if ds is None:
+            op = lance.LanceOperation.Overwrite(expected, fragments)
+            ds = lance.LanceDataset.commit(self.store.uri(table), op, commit_message=self.message,
+                                           storage_options=self.store.storage_options)
+        else:
+            op = lance.LanceOperation.Append(fragments)
+            ds = lance.LanceDataset.commit(ds, op, read_version=ds.version, commit_message=self.message,
+                                           storage_options=self.store.storage_options)
+        self._record(table, ds)
+        return sum(int(f.physical_rows or 0) - (f.deletion_file.num_deleted_rows if f.deletion_file else 0)
+                   for f in fragments)
 
     def update(self, table: str, values: dict[str, str], where: str | None = None) -> int:
         """SQL-expression update (``values={"split": "'train_unused'"}``). Returns rows updated."""

@@ -1,0 +1,184 @@
+"""Benchmark: end-to-end ``featurelt extract`` throughput vs the raw encoder forward (issue 3, item 8).
+
+For each encoder, in the same process and run:
+
+* **forward** (the baseline): the same images, already decoded and preprocessed into one in-memory
+  tensor, pushed through ``featurelt.extract.encode_batch`` (inference mode, autocast on CUDA) in
+  batches of ``--batch-size``; img/s.
+* **extract**: :func:`featurelt.extract.extract` on a store holding those images as PNG bytes --
+  read from Lance, decode + preprocess in DataLoader workers, encode, write Arrow batches and commit;
+  img/s over the embedding loop (``ExtractResult.seconds``) and over the whole call (encoder build
+  and planning included). Each run writes a fresh embedding set, so nothing is skipped.
+
+Reports the median of ``--runs`` runs, the ratio extract/forward (target >= 0.85), and the peak RSS
+of this process and of its worker processes. ``clip:ViT-B-32`` runs with random weights
+(``untrained=True``): the timing does not depend on the weights.
+
+    python bench/extract.py --images 256 --runs 3 --device cpu
+    python bench/extract.py --images 4096 --device cuda --batch-size 256 --num-workers 8 --results bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from featurelt.data.images import encode_png, load_sample_image, sample_id_for, sha256_hex
+from featurelt.store import Store
+
+SECTION = "## bench/extract.py"
+
+
+def make_store(root: Path, n: int, size: int, seed: int = 0) -> Store:
+    """A store with ``n`` random ``size``x``size`` RGB PNG samples (split train)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        data = encode_png(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+        rows.append({"sample_id": sample_id_for(data) + f"{i:06d}", "dataset": "bench", "split": "train",
+                     "label": i % 10, "source": "original", "uri": None, "image": data,
+                     "content_sha256": sha256_hex(data), "width": size, "height": size, "description": None})
+    schema = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                        ("label", pa.int32()), ("source", pa.string()), ("uri", pa.string()),
+                        ("image", pa.large_binary()), ("content_sha256", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("description", pa.string())])
+    store = Store(root)
+    with store.transaction("bench: random images") as tx:
+        tx.append("samples", pa.Table.from_pylist(rows, schema=schema))
+    return store
+
+
+def peak_rss_mib() -> tuple[float, float]:
+    """Peak resident set size (MiB) of this process and of its (waited-for) children."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def bench_encoder(store: Store, name: str, *, batch_size: int, num_workers: int, device: str, runs: int,
+                  untrained: bool) -> dict:
+    import torch
+
+    from featurelt.encoders import build_encoder
+    from featurelt.extract import encode_batch, extract, resolve_device
+
+    dev = resolve_device(device)
+    enc = build_encoder(name, device=dev, untrained=untrained)
+    enc.to(dev)
+    products = list(enc.products)
+    rows = store.read("samples", columns=["sample_id", "image", "uri"]).to_pylist()
+    x_all = torch.stack([enc.preprocess(load_sample_image(r)) for r in rows])  # decoded + preprocessed in memory
+    if dev.startswith("cuda"):
+        x_all = x_all.pin_memory()
+    n = x_all.shape[0]
+
+    def forward() -> float:
+        t0 = time.perf_counter()
+        for s in range(0, n, batch_size):
+            encode_batch(enc, x_all[s:s + batch_size], products, device=dev)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
+
+    forward()  # warm-up (kernels, allocator)
+    fwd, e2e_loop, e2e_call = [], [], []
+    for r in range(runs):
+        fwd.append(forward())
+        t0 = time.perf_counter()
+        res = extract(store, name, name=f"bench_{r}_{time.time_ns()}", batch_size=batch_size, num_workers=num_workers,
+                      device=dev, untrained=untrained, progress=False, chunk_rows=max(2048, batch_size),
+                      message=f"bench extract {name}")
+        call = time.perf_counter() - t0
+        if res.samples_embedded != n or res.rejected:
+            raise RuntimeError(f"extract embedded {res.samples_embedded} of {n} samples ({res.rejected} rejected)")
+        e2e_loop.append(res.images_per_second)
+        e2e_call.append(n / call)
+    f, lo, ca = statistics.median(fwd), statistics.median(e2e_loop), statistics.median(e2e_call)
+    return {"encoder": name + (" (random weights)" if untrained else ""), "images": n, "batch": batch_size,
+            "workers": num_workers, "device": dev, "forward": f, "extract_loop": lo, "extract_call": ca,
+            "ratio_loop": lo / f, "ratio_call": ca / f, "runs": runs,
+            "all_forward": fwd, "all_loop": e2e_loop}
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float], machine: str) -> str:
+    cmd = "python bench/extract.py " + " ".join(sys.argv[1:])
+    lines = [SECTION, "",
+             f"Machine: {machine}. Command: `{cmd}`. Median of {args.runs} runs; each run: baseline forward over "
+             f"the in-memory preprocessed tensor, then `extract()` into a fresh set from the store "
+             f"({args.images} random {args.size}x{args.size} PNGs). Ratio = extract / forward (target >= 0.85); "
+             "`loop` times the embedding loop (read, decode, preprocess, encode, write, commit), `call` the "
+             "whole call (encoder build and planning too).", "",
+             "| encoder | device | images | batch | workers | forward img/s | extract loop img/s | ratio loop | "
+             "extract call img/s | ratio call |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {r['device']} | {r['images']} | {r['batch']} | {r['workers']} | "
+                     f"{r['forward']:.1f} | {r['extract_loop']:.1f} | {r['ratio_loop']:.2f} | "
+                     f"{r['extract_call']:.1f} | {r['ratio_call']:.2f} |")
+    lines += ["", f"Peak RSS: {rss[0]:.0f} MiB (this process), {rss[1]:.0f} MiB (largest worker process).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, text: str) -> None:
+    """Replace the ``## bench/extract.py`` section of RESULTS.md (up to the next ``## ``) with ``text``."""
+    content = path.read_text()
+    start = content.find(SECTION)
+    if start < 0:
+        content = content.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = content.find("\n## ", start + len(SECTION))
+        content = content[:start] + text + ("\n" + content[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(content)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=256, help="number of images in the benchmark store (default 256)")
+    p.add_argument("--size", type=int, default=64, help="side of the random PNG images in pixels (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of both measurements (default 64)")
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers for extract (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device (default auto)")
+    p.add_argument("--runs", type=int, default=3, help="runs per encoder; the median is reported (default 3)")
+    p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"],
+                   help="encoders to time (default clip:ViT-B-32 with random weights, clip:tiny)")
+    p.add_argument("--machine", default=None, help="machine label for RESULTS.md (default: hostname, cores)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="replace the '## bench/extract.py' section of this RESULTS.md with the table")
+    args = p.parse_args(argv)
+
+    import torch
+
+    machine = args.machine or (f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+                               + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
+        store = make_store(Path(tmp) / "store", args.images, args.size)
+        for name in args.encoders:
+            untrained = not name.endswith(":tiny") and name != "pixels"
+            row = bench_encoder(store, name, batch_size=args.batch_size, num_workers=args.num_workers,
+                                device=args.device, runs=args.runs, untrained=untrained)
+            rows.append(row)
+            print(f"{row['encoder']}: forward {row['forward']:.1f} img/s, extract loop {row['extract_loop']:.1f} img/s "
+                  f"(ratio {row['ratio_loop']:.2f}), call {row['extract_call']:.1f} img/s (ratio {row['ratio_call']:.2f}); "
+                  f"runs forward={['%.1f' % v for v in row['all_forward']]} loop={['%.1f' % v for v in row['all_loop']]}",
+                  flush=True)
+    rss = peak_rss_mib()
+    text = markdown(rows, args, rss, machine)
+    print(text)
+    if args.results:
+        replace_section(args.results, text)
+        print(f"updated {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Extraction commands: extract, embeddings.
+
+(``encoders``, which lists the registry, lives with the encoders' own command module when present.)
+Heavy libraries (torch, open_clip, ray) are imported inside the command functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from featurelt.commands._common import open_store, print_rows
+
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction, parents) -> None:
+    p = sub.add_parser(
+        "extract", parents=[parents.store],
+        help="embed the store's samples with a frozen encoder (one emb_<name> table per product)",
+        description="Stream the samples table through an encoder and write the embeddings into the store: "
+        "one embedding set (table emb_<name>) per encoder product, plus a provenance row per set in "
+        "embedding_sets. Decoding and preprocessing run in DataLoader workers; encoding runs under "
+        "torch.inference_mode() with bf16/fp16 autocast on CUDA. Rows are committed in chunks, so an "
+        "interrupted run keeps what it committed; re-running the same command embeds only the missing "
+        "samples (same encoder fingerprint = skipped), including samples ingested later. Images that fail "
+        "to decode go to the rejects table (or stop the run with --strict). Text encoders (text:minilm) "
+        "and the text tower of clip:* write class-name embeddings into text_embeddings.",
+        epilog="examples: featurelt extract clip:tiny --split train;  featurelt extract sam:vit_b --checkpoint "
+        "sam_vit_b_01ec64.pth --products latent pca_map --map-size 16;  featurelt extract text:minilm;  "
+        "featurelt extract pixels --views 4 --augment randaugment")
+    p.add_argument("encoder", metavar="ENCODER",
+                   help="encoder registry name: clip:<open_clip model> | clip:tiny | sam:vit_b|vit_l|vit_h|tiny | "
+                   "dinov2:<size>|tiny | pixels | text:minilm (see `featurelt encoders`)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="weights: an open_clip checkpoint file, a segment-anything .pth, or a Hugging Face "
+                   "DINOv2 / sentence-transformers folder (required for named models; tiny variants need none)")
+    p.add_argument("--products", nargs="+", metavar="PRODUCT",
+                   help="which encoder outputs to store (default: all), e.g. latent pca_map for SAM, cls "
+                   "mean_patch for DINOv2")
+    p.add_argument("--name", metavar="NAME",
+                   help="embedding set name (table emb_NAME); with several products each set is NAME_<product> "
+                   "(default: <family>_<model>_<product>, e.g. clip_tiny, sam_tiny_latent)")
+    p.add_argument("--split", metavar="SPLIT",
+                   help="embed only samples of this split (train, val, test, train_unused, ...; default: all)")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="embed at most the first N samples (of the split, in store order)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                   help="images per encoder forward pass (default 64; halved automatically on CUDA out-of-memory)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=0, metavar="N",
+                   help="DataLoader worker processes that read, decode and preprocess images (default 0: in the "
+                   "main process)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the encoder runs (default auto: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored vector type (default float32; float16 halves the table size)")
+    p.add_argument("--views", type=_non_negative_int, default=0, metavar="N",
+                   help="also store N augmented views per sample (view 1..N, strength view/N; METHODS.md section 5); "
+                   "needs --augment")
+    p.add_argument("--augment", choices=["randaugment"],
+                   help="augmentation of the extra views: torchvision RandAugment, 2 ops, magnitude "
+                   "round(strength * 30) of 31 bins, seeded per (sample, view)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that fails to decode (default: record it in rejects and go on)")
+    p.add_argument("--map-size", type=_positive_int, default=16, metavar="N",
+                   help="side of map products such as SAM pca_map (NxN, flattened; default 16)")
+    p.add_argument("--image-size", type=_positive_int, metavar="N",
+                   help="encoder input size in pixels (default: the model's own)")
+    p.add_argument("--templates", metavar="FILE",
+                   help="prompt templates for class text embeddings, one per line with '{}' for the class name "
+                   "(default: 'a photo of a {}'); used by text encoders and the clip text tower")
+    p.add_argument("--untrained", action="store_true",
+                   help="random weights for a named model (for timing and tests only; recorded as untrained in "
+                   "the provenance)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of tiny/untrained weights and of the augmented views (default 0)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (+ DataLoader workers); ray: Ray tasks write Lance fragments, one "
+                   "commit at the end")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join with --engine ray (default: a local Ray with 2 CPUs)")
+    p.add_argument("--chunk-rows", type=_positive_int, default=2048, metavar="N",
+                   help="samples per store commit with the local engine (what an interrupted run keeps; default 2048)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="do not show the progress bar")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("embeddings", parents=[parents.store, parents.as_of, parents.json],
+                       help="list the embedding sets with their encoder, product, dim, dtype and rows",
+                       description="List the embedding sets (tables emb_<name>): name, encoder, product, dim, dtype, "
+                       "rows in the table, whether the encoder weights were trained, and the time of the last "
+                       "extraction run that wrote to it (from embedding_sets).")
+    p.set_defaults(func=cmd_embeddings)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from featurelt.encoders import ENCODERS
+    from featurelt.extract import extract, extract_text
+
+    store = open_store(args, write=True)
+    if ENCODERS.get(args.encoder).kind == "text":
+        ignored = [flag for flag, on in [("--views", args.views), ("--augment", args.augment),
+                                         ("--products", args.products), ("--split", args.split),
+                                         ("--limit", args.limit), ("--engine ray", args.engine == "ray")] if on]
+        if ignored:
+            raise ValueError(f"{args.encoder} is a text encoder (class names only); {', '.join(ignored)} do not apply")
+        text = extract_text(store, args.encoder, name=args.name, checkpoint=args.checkpoint,
+                            templates=args.templates, device=args.device, seed=args.seed, untrained=args.untrained)
+        print(text.summary())
+        return 0
+    result = extract(store, args.encoder, products=args.products, name=args.name, split=args.split,
+                     limit=args.limit, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                     dtype=args.dtype, views=args.views, augment=args.augment, strict=args.strict,
+                     checkpoint=args.checkpoint, map_size=args.map_size, image_size=args.image_size,
+                     templates=args.templates, seed=args.seed, untrained=args.untrained, engine=args.engine,
+                     ray_address=args.ray_address, chunk_rows=args.chunk_rows, progress=args.progress)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def embedding_set_rows(store) -> list[dict]:
+    """One row per embedding set: name, encoder, product, dim, dtype, rows, trained, runs, time."""
+    runs: dict[str, list[dict]] = {}
+    if store.has_table("embedding_sets"):
+        for r in store.read("embedding_sets").to_pylist():
+            runs.setdefault(r["name"], []).append(r)
+    out = []
+    for name in store.embedding_sets():
+        table = f"emb_{name}"
+        vtype = store.dataset(table).schema.field("vector").type
+        rs = sorted(runs.get(name, []), key=lambda r: r["time"])
+        last = rs[-1] if rs else None
+        trained = None
+        if last is not None:
+            prov = json.loads(last["provenance"])
+            trained = prov.get("trained")
+        out.append({"name": name, "encoder": last["encoder"] if last else None,
+                    "product": last["product"] if last else None, "dim": vtype.list_size,
+                    "dtype": "float16" if str(vtype.value_type) == "halffloat" else "float32",
+                    "rows": store.count(table), "trained": trained, "runs": len(rs),
+                    "time": last["time"] if last else None})
+    return out
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    print_rows(embedding_set_rows(store), as_json=args.json,
+               columns=["name", "encoder", "product", "dim", "dtype", "rows", "trained", "runs", "time"])
+    return 0

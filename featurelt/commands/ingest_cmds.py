@@ -1,0 +1,136 @@
+"""Data commands: ingest, make-lt, classes."""
+from __future__ import annotations
+
+import argparse
+
+from featurelt.commands._common import open_store, print_rows
+
+_FORMATS = ["auto", "folder", "csv", "jsonl", "split-list", "inat", "cifar", "idx"]
+_BUILTINS = ["digits", "fashion-mnist"]
+_SOURCES = ["original", "auxiliary", "generated"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction, parents) -> None:
+    p = sub.add_parser(
+        "ingest", parents=[parents.store],
+        help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX or a builtin) to the samples table",
+        description="Ingest a data set into the store in one transaction (samples, classes, rejects). "
+        "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
+        "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
+        "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
+        "the whole ingest naming the first bad rows, unless --skip-bad.",
+        epilog="examples: featurelt ingest --builtin digits | featurelt ingest ./flowers "
+        "| featurelt ingest ImageNet_LT_train.txt --root /data/imagenet | featurelt ingest manifest.csv")
+    p.add_argument("path", nargs="?", help="folder, manifest (.csv/.jsonl), split list (.txt), iNat JSON, CIFAR "
+                   "folder or IDX file/folder; with --builtin fashion-mnist: the folder of its IDX files")
+    p.add_argument("--builtin", choices=_BUILTINS, default=None,
+                   help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
+                   "fashion-mnist (/usr/share/datasets/fashion-mnist, or PATH)")
+    p.add_argument("--format", dest="fmt", choices=_FORMATS, default="auto",
+                   help="input format (default auto: by file name and folder contents)")
+    p.add_argument("--root", default=None,
+                   help="folder that relative image paths start from (required for split lists; manifests and "
+                   "iNat JSON default to their own folder); paths that resolve outside it are refused")
+    p.add_argument("--split", default=None,
+                   help="split for every row (default: from the source -- the manifest column, train/val/test in "
+                   "the file or folder name, else train)")
+    p.add_argument("--source", choices=_SOURCES, default="original",
+                   help="where the images come from: original data, auxiliary classes (e.g. retrieved "
+                   "neighbours), or generated images (default original)")
+    p.add_argument("--neighbor-of", dest="neighbor_of", metavar="CLASS", default=None,
+                   help="with --source auxiliary: the target class (name or label) the new classes were queried "
+                   "from; stored in classes.neighbor_of")
+    p.add_argument("--reference", action="store_true",
+                   help="store the files' URIs instead of their bytes (files must stay readable there)")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="ingest the good rows and record the bad ones with their reason in the rejects table "
+                   "(default: any bad row fails the ingest, nothing committed)")
+    p.add_argument("--dataset", default=None,
+                   help="value of samples.dataset (default: builtin name, folder name or file stem)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="read only the first N images of the input")
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=512,
+                   help="rows per Arrow batch streamed into the store (default 512)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="do not show the progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "make-lt", parents=[parents.store],
+        help="make the train split long-tailed (exp / pareto profile), moving dropped rows to train_unused",
+        description="Derive a long-tailed train split from the balanced one: per target class keep a seeded "
+        "random subset of n_y train rows and move the rest to split train_unused. exp: "
+        "n_y = floor(n_max * (1/imbalance)^(y/(K-1))) (CIFAR-LT); pareto: Pareto(shape 6) draws sorted and mapped "
+        "to [n_max/imbalance, n_max] (ImageNet-LT style). Rows in train_unused return to the pool first, so "
+        "make-lt can be re-run. Rebuilds the classes table (train_count, bucket). One new store version.")
+    p.add_argument("--imbalance", type=float, required=True,
+                   help="n_max / n_min, e.g. 100 (CIFAR-100-LT) or 10")
+    p.add_argument("--profile", choices=["exp", "pareto"], default="exp",
+                   help="class-size profile (default exp)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row choice and of the pareto draws (default 0)")
+    p.add_argument("--max-per-class", dest="max_per_class", type=_positive_int, default=None, metavar="N",
+                   help="n_max, the head class size (default: the smallest class's balanced train count)")
+    p.add_argument("--many", type=_nonneg_int, default=None,
+                   help="bucket many when train_count > MANY (default: current threshold, else 100)")
+    p.add_argument("--few", type=_nonneg_int, default=None,
+                   help="bucket few when train_count < FEW (default: current threshold, else 20)")
+    p.set_defaults(func=cmd_make_lt)
+
+    p = sub.add_parser(
+        "classes", parents=[parents.store, parents.as_of, parents.json],
+        help="list the classes: label, name, source, train count, bucket",
+        description="Print the classes table: label, name, source (original|auxiliary), neighbor_of, "
+        "train_count (split train, source original) and bucket (many|medium|few) with the thresholds used.")
+    p.set_defaults(func=cmd_classes)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from featurelt.data.ingest import ingest
+
+    if args.path is None and args.builtin is None:
+        raise ValueError("give a PATH to ingest or --builtin digits|fashion-mnist")
+    store = open_store(args, write=True)
+    result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
+                    source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,
+                    skip_bad=args.skip_bad, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
+                    progress=args.progress)
+    print(result.summary())
+    return 0
+
+
+def cmd_make_lt(args: argparse.Namespace) -> int:
+    from featurelt.data.longtail import make_lt
+
+    store = open_store(args, write=True)
+    result = make_lt(store, imbalance=args.imbalance, profile=args.profile, seed=args.seed,
+                     max_per_class=args.max_per_class, many=args.many, few=args.few)
+    print(result.summary())
+    return 0
+
+
+def cmd_classes(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    rows = store.read("classes").sort_by("label").to_pylist()
+    print_rows(rows, as_json=args.json,
+               columns=["label", "name", "source", "neighbor_of", "train_count", "bucket", "bucket_many", "bucket_few"])
+    return 0

@@ -1,0 +1,181 @@
+"""Cached embeddings -> numpy: embedding sets joined on ``sample_id``, text embeddings by label.
+
+Heads never see images: they read the ``emb_<name>`` tables written by ``featurelt extract`` at the
+store version the :class:`~featurelt.store.Store` is pinned to. ``load_features`` reads the samples
+of one split (sample_id, label, source), then streams every embedding set in Arrow batches and
+scatters each batch into a preallocated float32 matrix by the position of its ``sample_id`` -- an
+inner join on ``sample_id`` whose memory is the output matrix plus one batch, whatever the table size.
+Rows are ordered by ``sample_id`` so that the order does not depend on how Lance laid out fragments.
+
+No torch here: heads convert the numpy arrays themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from featurelt.store import Store
+
+SCAN_BATCH = 16384  # rows per streamed Arrow batch
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of one split: ``N`` samples, embedding sets concatenated in the order asked for."""
+
+    sample_ids: np.ndarray          # [N] str, sorted
+    labels: np.ndarray              # [N] int64 class labels
+    source: np.ndarray              # [N] str: original | auxiliary | generated
+    x: np.ndarray                   # [N, D_total] float32, view 0, blocks concatenated in `sets` order
+    sets: tuple[str, ...]           # embedding set names, in block order
+    dims: tuple[int, ...]           # D of each block (sum = D_total)
+    views: np.ndarray | None = None          # [N, V, D_total] float32 with view 0 first (views=True only)
+    view_strength: np.ndarray | None = None  # [N, V] float32 aug_strength of each view (0 for view 0)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        """Per-source views into ``x``: ``[N, dims[i]]`` each (what the fusion head's tokens come from)."""
+        out, start = [], 0
+        for d in self.dims:
+            out.append(self.x[:, start:start + d])
+            start += d
+        return out
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _check_set(store: "Store", name: str) -> str:
+    table = f"emb_{name}"
+    if not store.has_table(table):
+        have = ", ".join(store.embedding_sets()) or "(none: run `featurelt extract` first)"
+        raise ValueError(f"embedding set '{name}' (table {table}) does not exist in store {store.root} at version "
+                         f"{store.version}; embedding sets: {have}")
+    return table
+
+
+def load_samples(store: "Store", *, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sample_ids [N] str sorted, labels [N] int64, source [N] str)`` of the samples in ``split``."""
+    if not store.has_table("samples"):
+        raise ValueError(f"store {store.root} has no samples table: run `featurelt ingest` first")
+    t = store.read("samples", columns=["sample_id", "label", "source"], filter=f"split = {_sql_str(split)}")
+    if t.num_rows == 0:
+        splits = store.sql("SELECT DISTINCT split FROM samples ORDER BY 1").column(0).to_pylist()
+        raise ValueError(f"split '{split}' has no samples in store {store.root} at version {store.version}; "
+                         f"splits: {', '.join(splits)}")
+    t = t.sort_by("sample_id")
+    ids = t.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"samples table has duplicate sample_id values in split '{split}'")
+    return (ids, t.column("label").to_numpy().astype(np.int64),
+            t.column("source").to_numpy(zero_copy_only=False).astype(str))
+
+
+def _vectors(batch: pa.RecordBatch) -> np.ndarray:
+    """``[n, D]`` float32 from a ``fixed_size_list<float16|float32>[D]`` column."""
+    col = batch.column("vector")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
+
+
+def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: str, views: bool = False,
+                  batch_size: int = SCAN_BATCH) -> FeatureSet:
+    """Embedding sets of the samples in ``split``, inner-joined on ``sample_id`` (ARCHITECTURE.md).
+
+    sets: embedding set names (tables ``emb_<name>``), concatenated in this order.
+    views: also return every view (``[N, V, D_total]``, view 0 first, for the momentum sampler of
+        METHODS.md section 5); every sample must then have the same views in every set.
+    Raises ``ValueError`` for an unknown set (listing the sets that exist) and when a set lacks vectors
+    for samples of the split (naming the set, the count and a few ids), rather than dropping rows.
+    """
+    if not sets:
+        raise ValueError("no embedding sets given (--features NAME[,NAME...])")
+    tables = [_check_set(store, s) for s in sets]
+    ids, labels, source = load_samples(store, split=split)
+    id_array = pa.array(ids)
+    n = len(ids)
+
+    dims: list[int] = []
+    for table in tables:
+        vtype = store.dataset(table).schema.field("vector").type
+        dims.append(vtype.list_size)
+    offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+    n_views = 1
+    if views:
+        counts = [store.sql(f"SELECT max(view) AS v FROM {t}").column(0)[0].as_py() for t in tables]
+        n_views = 1 + int(max(c or 0 for c in counts))
+    x = np.zeros((n, n_views, int(offsets[-1])), dtype=np.float32)
+    strength = np.zeros((n, n_views), dtype=np.float32)
+    for i, (name, table) in enumerate(zip(sets, tables)):
+        seen = np.zeros((n, n_views), dtype=bool)
+        filt = None if views else "view = 0"
+        for batch in store.scan(table, columns=["sample_id", "view", "aug_strength", "vector"], filter=filt,
+                                batch_size=batch_size):
+            pos = pc.fill_null(pc.index_in(batch.column("sample_id"), value_set=id_array), -1).to_numpy()
+            keep = pos >= 0
+            view = batch.column("view").to_numpy()
+            keep &= (view < n_views) & (view >= 0)
+            if not keep.any():
+                continue
+            rows, v = pos[keep].astype(np.int64), view[keep].astype(np.int64)
+            x[rows, v, offsets[i]:offsets[i + 1]] = _vectors(batch)[keep]
+            seen[rows, v] = True
+            if views:
+                strength[rows, v] = batch.column("aug_strength").to_numpy()[keep]
+        missing = ~seen.all(axis=1)
+        if missing.any():
+            examples = ", ".join(ids[missing][:3])
+            what = f"all {n_views} views" if views else "a view-0 vector"
+            raise ValueError(f"embedding set '{name}' lacks {what} for {int(missing.sum())} of {n} samples in split "
+                             f"'{split}' (e.g. {examples}); extract them first: featurelt extract ... "
+                             f"(store {store.root}, version {store.version})")
+    return FeatureSet(sample_ids=ids, labels=labels, source=source, x=np.ascontiguousarray(x[:, 0]),
+                      sets=tuple(sets), dims=tuple(dims), views=x if views else None,
+                      view_strength=strength if views else None)
+
+
+def text_sets(store: "Store") -> list[str]:
+    """Names of the text embedding sets in the store (``text_embeddings.set_name``)."""
+    if not store.has_table("text_embeddings"):
+        return []
+    return store.sql("SELECT DISTINCT set_name FROM text_embeddings ORDER BY 1").column(0).to_pylist()
+
+
+def load_text_embeddings(store: "Store", set_name: str, *, num_classes: int | None = None) -> np.ndarray:
+    """``[K, D]`` float32 class text embeddings of ``set_name``, row y = class label y (METHODS.md section 1, 6).
+
+    num_classes: the K the caller needs (every label 0..K-1 must be present); default: labels present
+    must be exactly 0..max label.
+    """
+    have = text_sets(store)
+    if set_name not in have:
+        raise ValueError(f"text embedding set '{set_name}' does not exist in store {store.root} at version "
+                         f"{store.version}; text sets: {', '.join(have) or '(none: run `featurelt extract text:...`)'}")
+    t = store.read("text_embeddings", columns=["label", "vector"], filter=f"set_name = {_sql_str(set_name)}")
+    t = t.sort_by("label")
+    labels = t.column("label").to_numpy().astype(np.int64)
+    k = num_classes if num_classes is not None else int(labels.max()) + 1
+    if len(np.unique(labels)) != len(labels):
+        raise ValueError(f"text embedding set '{set_name}' has several rows for one label")
+    absent = sorted(set(range(k)) - set(labels.tolist()))
+    if absent:
+        raise ValueError(f"text embedding set '{set_name}' lacks labels {absent[:10]} (needs 0..{k - 1}); "
+                         f"re-run the text extraction after the classes changed")
+    rows = t.filter(pc.less(t.column("label"), k))
+    vecs = rows.column("vector").to_pylist()
+    dims = {len(v) for v in vecs}
+    if len(dims) != 1:
+        raise ValueError(f"text embedding set '{set_name}' mixes vector lengths {sorted(dims)}")
+    return np.asarray(vecs, dtype=np.float32)
+
+
+__all__ = ["FeatureSet", "load_features", "load_samples", "load_text_embeddings", "text_sets"]

@@ -1,0 +1,935 @@
+"""Store rows -> decode -> encode -> Arrow batches -> store: the ``featurelt extract`` pipeline.
+
+One run embeds the samples of a store with one frozen encoder (see ``featurelt.encoders``) and
+writes one embedding set per encoder *product* (table ``emb_<name>``, schema
+``schemas/embeddings.json``) plus one provenance row per product in ``embedding_sets``.
+
+Local engine (:func:`extract`)::
+
+    samples (sample_id, split) --scan--> todo positions (split filter, --limit, minus rows already
+    embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
+    workers take rows by position, decode + augment + preprocess) --> encoder.encode under
+    torch.inference_mode() (bf16/fp16 autocast on CUDA) --> Arrow batches --> one store
+    transaction per chunk of ``chunk_rows`` samples
+
+Each chunk is its own store transaction, so Ctrl-C or ``kill -9`` keeps every committed chunk and
+leaves the store valid; re-running the same command reads ``sample_id, view`` of the rows that
+carry the run's fingerprint and embeds only what is missing (no duplicates). New samples ingested
+later are embedded by re-running. The provenance rows go into the last chunk's transaction.
+
+Ray engine (:func:`extract` with ``engine="ray"``): the same todo list is cut into shards; Ray tasks
+decode, encode and write Lance fragments into the embedding tables' directories; the driver makes
+ONE store commit with :meth:`featurelt.store.Transaction.append_fragments`.
+
+Augmented views (METHODS.md section 5, ECVL): with ``views=N`` each sample gets view 0 (the plain
+image, ``aug_strength`` 0) and views ``v = 1..N`` with strength ``s_v = v / N`` (evenly spread over
+(0, 1], so a head can pick the view whose strength matches a sample's momentum score ``M_i``).
+A view is ``torchvision.transforms.RandAugment(num_ops=2, magnitude=round(s_v * 30),
+num_magnitude_bins=31)`` applied to the decoded image before the encoder's preprocessing, with the
+random ops seeded by ``(seed, sample_id, view)`` so that a view is reproducible across runs and engines.
+
+SAM ``pca_map`` (METHODS.md section 2): a product whose encoder says ``requires_fit(product)`` is
+fitted on the train split (preprocessed batches) before embedding; the fitted state is part of the
+encoder's provenance and fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from featurelt.store import Store, StoreError, utcnow
+from featurelt.store.core import command_line
+
+if TYPE_CHECKING:  # torch stays a lazy import: `featurelt --help` must not load it
+    import torch
+
+    from featurelt.encoders.base import Encoder
+
+Engine = Literal["local", "ray"]
+Device = Literal["auto", "cpu", "cuda"]
+VecDtype = Literal["float32", "float16"]
+
+SAMPLE_COLUMNS = ["sample_id", "image", "uri"]
+RANDAUGMENT_NUM_OPS = 2  # ops per augmented view (METHODS.md section 5: "RandAugment, k ops")
+RANDAUGMENT_BINS = 31  # magnitude bins 0..30; magnitude = round(strength * 30)
+AUGMENTS = ("randaugment",)
+
+
+class ExtractInterrupted(RuntimeError):
+    """Raised (only by tests' monkeypatches) to simulate a kill between chunk commits."""
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction run did."""
+
+    encoder: str  # registry name, e.g. "clip:ViT-B-32"
+    sets: dict[str, str]  # product -> embedding set name (table emb_<name>)
+    rows_added: dict[str, int]  # product -> rows (sample, view) written by this run
+    samples_embedded: int  # samples with at least one new row
+    samples_skipped: int  # samples whose rows with this fingerprint were already in the store
+    rejected: int  # samples that failed to decode (written to `rejects`)
+    chunks: int  # store transactions made
+    store_version: int  # store version after the run
+    seconds: float  # wall time of the embedding loop
+    device: str = "cpu"
+    text_rows: int = 0  # class text embeddings written (clip text tower / text encoders)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Samples embedded per second of the embedding loop."""
+        return self.samples_embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        added = sum(self.rows_added.values())
+        sets = ", ".join(f"emb_{n}" for n in self.sets.values()) or "(none)"
+        line = (f"extract {self.encoder}: {added} rows added to {sets} ({self.samples_embedded} samples, "
+                f"{self.images_per_second:.1f} img/s on {self.device}), {self.samples_skipped} skipped "
+                f"(already embedded), {self.rejected} rejected; store version {self.store_version}")
+        if self.text_rows:
+            line += f"; {self.text_rows} class text embeddings"
+        return line
+
+
+@dataclass
+class TextExtractResult:
+    """What one text extraction did."""
+
+    encoder: str
+    set_name: str
+    rows_added: int
+    rows_skipped: int
+    store_version: int
+
+    def summary(self) -> str:
+        return (f"extract {self.encoder}: {self.rows_added} class text embeddings added to text_embeddings "
+                f"set '{self.set_name}', {self.rows_skipped} skipped (already embedded); "
+                f"store version {self.store_version}")
+
+
+# --------------------------------------------------------------------------- small helpers
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    return device
+
+
+def view_strength(view: int, views: int) -> float:
+    """Augmentation strength of a view (METHODS.md section 5): 0 for view 0, ``view / views`` otherwise."""
+    if view < 0 or view > views:
+        raise ValueError(f"view must be in 0..{views}, got {view}")
+    return 0.0 if view == 0 else view / views
+
+
+def randaugment_magnitude(strength: float) -> int:
+    """RandAugment magnitude (of 31 bins, 0..30) for a strength in [0, 1]: ``round(strength * 30)``."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    return int(round(strength * (RANDAUGMENT_BINS - 1)))
+
+
+def _view_seed(seed: int, sample_id: str, view: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{sample_id}:{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _set_names(encoder: "Encoder", products: list[str], name: str | None) -> dict[str, str]:
+    """Embedding set per product: ``--name`` for a single product, ``<name>_<product>`` for several."""
+    if name is None:
+        return {p: encoder.default_set_name(p) for p in products}
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
+    if len(products) == 1:
+        return {products[0]: name}
+    return {p: f"{name}_{p}" for p in products}
+
+
+def _split_filter(split: str | None) -> str | None:
+    return None if split is None else f"split = {_sql_str(split)}"
+
+
+def _check_split(store: Store, split: str | None) -> None:
+    if not store.has_table("samples"):
+        raise StoreError(f"store {store.root} has no samples table; run `featurelt ingest` first")
+    if split is None:
+        if store.count("samples") == 0:
+            raise ValueError(f"store {store.root} has no samples")
+        return
+    if store.count("samples", _split_filter(split)) == 0:
+        splits = sorted(set(store.read("samples", columns=["split"]).column("split").to_pylist()))
+        raise ValueError(f"no samples with split '{split}' in store {store.root}; splits present: "
+                         f"{', '.join(splits) or '(none)'}")
+
+
+def _done_views(store: Store, table: str, fingerprint: str) -> dict[str, set[int]]:
+    """``{sample_id: {views}}`` of the rows of ``table`` made with ``fingerprint`` (reads 2 columns)."""
+    if not store.has_table(table):
+        return {}
+    done: dict[str, set[int]] = {}
+    for b in store.scan(table, columns=["sample_id", "view"], filter=f"fingerprint = {_sql_str(fingerprint)}"):
+        for sid, view in zip(b.column("sample_id").to_pylist(), b.column("view").to_pylist()):
+            done.setdefault(sid, set()).add(view)
+    return done
+
+
+@dataclass
+class _Plan:
+    """The work of a run: positions of the samples to read and the views each one needs."""
+
+    positions: np.ndarray  # int64 row positions in the samples dataset (pinned version)
+    needed: list[tuple[int, ...]]  # views to compute per position
+    skipped: int  # samples in range whose every view is present for every product
+    samples_version: int  # Lance version of `samples` that the positions refer to
+
+
+def _plan(store: Store, *, split: str | None, limit: int | None, views: int,
+          done: dict[str, dict[str, set[int]]]) -> _Plan:
+    """Scan ``sample_id, split`` of the samples table and list what is left to embed."""
+    want = set(range(views + 1))
+    positions: list[int] = []
+    needed: list[tuple[int, ...]] = []
+    skipped = 0
+    seen = 0
+    offset = 0
+    ds = store.dataset("samples")
+    for b in ds.to_batches(columns=["sample_id", "split"], batch_size=65536):
+        sids = b.column("sample_id").to_pylist()
+        splits = b.column("split").to_pylist() if split is not None else None
+        for i, sid in enumerate(sids):
+            if splits is not None and splits[i] != split:
+                continue
+            if limit is not None and seen >= limit:
+                break
+            seen += 1
+            missing = set()
+            for views_done in done.values():
+                missing |= want - views_done.get(sid, set())
+            if missing:
+                positions.append(offset + i)
+                needed.append(tuple(sorted(missing)))
+            else:
+                skipped += 1
+        offset += b.num_rows
+        if limit is not None and seen >= limit:
+            break
+    return _Plan(np.asarray(positions, dtype=np.int64), needed, skipped, ds.version)
+
+
+# --------------------------------------------------------------------------- decoding in workers
+class _ViewMaker:
+    """Decoded PIL image -> preprocessed tensor of one view (picklable: runs in DataLoader workers)."""
+
+    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], *, views: int, augment: str | None,
+                 seed: int) -> None:
+        self.preprocess = preprocess
+        self.views = views
+        self.augment = augment
+        self.seed = seed
+
+    def __call__(self, img: Any, sample_id: str, view: int) -> "torch.Tensor":
+        if view == 0:
+            return self.preprocess(img)
+        import torch
+        from torchvision.transforms import RandAugment
+
+        aug = RandAugment(num_ops=RANDAUGMENT_NUM_OPS, magnitude=randaugment_magnitude(view_strength(view, self.views)),
+                          num_magnitude_bins=RANDAUGMENT_BINS)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(_view_seed(self.seed, sample_id, view))
+        try:
+            out = aug(img)
+        finally:
+            torch.random.set_rng_state(state)
+        return self.preprocess(out)
+
+
+def _decode_rows(table: pa.Table, needed: Sequence[tuple[int, ...]], make_view: _ViewMaker,
+                 views: int) -> tuple[list["torch.Tensor"], list[str], list[int], list[float], list[tuple[str, str]]]:
+    """Decode a batch of sample rows; returns tensors, sample ids, views, strengths and rejects."""
+    from featurelt.data.images import load_sample_image
+
+    tensors, sids, vlist, strengths, rejects = [], [], [], [], []
+    rows = table.to_pylist()
+    for row, want in zip(rows, needed):
+        sid = row["sample_id"]
+        try:
+            img = load_sample_image(row)
+            made = [(v, make_view(img, sid, v)) for v in want]
+        except Exception as exc:  # a bad image must not stop the run: it goes to `rejects`
+            rejects.append((sid, f"{type(exc).__name__}: {exc}"))
+            continue
+        for v, t in made:
+            tensors.append(t)
+            sids.append(sid)
+            vlist.append(v)
+            strengths.append(view_strength(v, views))
+    return tensors, sids, vlist, strengths, rejects
+
+
+def _samples_dataset(root: str, version: int, storage_options: dict[str, str] | None) -> Any:
+    import lance
+
+    return lance.dataset(f"{root}/samples.lance", version=version, storage_options=storage_options)
+
+
+class _SampleStream:
+    """A torch ``IterableDataset`` over the plan: yields ready batches (dicts), sharded over workers.
+
+    Read batch ``i`` (``batch_size`` positions) goes to worker ``i % num_workers``; each batch is
+    taken from Lance by position (``sample_id, image, uri`` only), decoded, augmented and preprocessed.
+    """
+
+    def __init__(self, root: str, samples_version: int, storage_options: dict[str, str] | None,
+                 positions: np.ndarray, needed: list[tuple[int, ...]], make_view: _ViewMaker, *,
+                 batch_size: int, views: int) -> None:
+        self.root = root
+        self.samples_version = samples_version
+        self.storage_options = storage_options
+        self.positions = positions
+        self.needed = needed
+        self.make_view = make_view
+        self.batch_size = batch_size
+        self.views = views
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        ds = _samples_dataset(self.root, self.samples_version, self.storage_options)
+        n = len(self.positions)
+        # images per read batch: keep the encoder batch near batch_size when each sample makes views
+        per_read = max(1, self.batch_size // (self.views + 1)) if self.views else self.batch_size
+        for bi, start in enumerate(range(0, n, per_read)):
+            if bi % nw != wid:
+                continue
+            pos = self.positions[start:start + per_read]
+            table = ds.take(pos.tolist(), columns=SAMPLE_COLUMNS)
+            tensors, sids, vlist, strengths, rejects = _decode_rows(
+                table, self.needed[start:start + per_read], self.make_view, self.views)
+            for s in range(0, max(len(tensors), 1), self.batch_size):
+                part = tensors[s:s + self.batch_size]
+                yield {"x": torch.stack(part) if part else None, "sample_id": sids[s:s + self.batch_size],
+                       "view": vlist[s:s + self.batch_size], "aug_strength": strengths[s:s + self.batch_size],
+                       "rejects": rejects if s == 0 else [], "samples": len(pos) if s == 0 else 0}
+
+
+def _make_torch_stream_class() -> type:
+    from torch.utils.data import IterableDataset
+
+    class _TorchStream(IterableDataset):
+        """torch ``IterableDataset`` wrapper of :class:`_SampleStream` (built lazily: torch is imported
+        only when extracting; module ``__getattr__`` rebuilds it when a worker process unpickles it)."""
+
+        def __init__(self, inner: _SampleStream) -> None:
+            self.inner = inner
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            return iter(self.inner)
+
+    _TorchStream.__module__ = __name__
+    _TorchStream.__qualname__ = "_TorchStream"
+    return _TorchStream
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: lazily defined torch classes
+    if name == "_TorchStream":
+        cls = _make_torch_stream_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any:
+    """DataLoader over the stream; workers start with ``forkserver`` (Lance is not fork-safe)."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    ctx = None
+    if num_workers > 0:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+                      persistent_workers=False, multiprocessing_context=ctx)
+
+
+# --------------------------------------------------------------------------- encoding
+def _autocast(device: str) -> Any:
+    import contextlib
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
+                 min_batch: int = 1) -> dict[str, np.ndarray]:
+    """Encode ``x`` [B,3,H,W] -> ``{product: float32 array [B, D]}``; on CUDA out-of-memory, retry
+    the batch in halves (recursively) instead of failing."""
+    import torch
+
+    try:
+        with torch.inference_mode(), _autocast(device):
+            out = encoder.encode(x.to(device, non_blocking=True), products=products)
+            return {p: out[p].float().cpu().numpy() for p in products}
+    except torch.cuda.OutOfMemoryError:
+        if x.shape[0] <= min_batch:
+            raise
+        torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}",
+              file=sys.stderr)
+        a = encode_batch(encoder, x[:half], products, device=device, min_batch=min_batch)
+        b = encode_batch(encoder, x[half:], products, device=device, min_batch=min_batch)
+        return {p: np.concatenate([a[p], b[p]]) for p in products}
+
+
+def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[float], fingerprint: str,
+                    vectors: np.ndarray, dtype: str) -> pa.RecordBatch:
+    """Rows of an ``emb_<name>`` table: vector as ``fixed_size_list<float32|float16>[D]``."""
+    if vectors.ndim != 2 or vectors.shape[0] != len(sample_ids):
+        raise ValueError(f"expected vectors [{len(sample_ids)}, D], got shape={vectors.shape}")
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(sample_ids, pa.string()), pa.array(views, pa.int32()), pa.array(strengths, pa.float32()),
+         pa.array([fingerprint] * len(sample_ids), pa.string()),
+         pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])],
+        names=["sample_id", "view", "aug_strength", "fingerprint", "vector"])
+
+
+def _rejects_table(rejects: list[tuple[str, str]], message: str) -> pa.Table:
+    now = utcnow()
+    return pa.table({"command": [message] * len(rejects), "stage": ["extract"] * len(rejects),
+                     "location": [f"samples/{sid}" for sid, _ in rejects], "row": pa.array([None] * len(rejects), pa.int64()),
+                     "sample_id": [sid for sid, _ in rejects], "reason": [r for _, r in rejects],
+                     "time": pa.array([now] * len(rejects), pa.timestamp("us"))})
+
+
+# --------------------------------------------------------------------------- encoder setup
+def _build_encoder(encoder_name: str, *, checkpoint: str | None, device: str, map_size: int,
+                   image_size: int | None, seed: int, untrained: bool) -> "Encoder":
+    from featurelt.encoders import build_encoder
+
+    return build_encoder(encoder_name, checkpoint=checkpoint, device=device, map_size=map_size,
+                         image_size=image_size, seed=seed, untrained=untrained)
+
+
+def _stored_fit_state(store: Store, set_name: str, encoder_name: str, product: str) -> dict[str, Any] | None:
+    """The fitted state recorded in the latest provenance row of ``set_name`` (None when there is none)."""
+    if not store.has_table("embedding_sets"):
+        return None
+    rows = store.read("embedding_sets", filter=f"name = {_sql_str(set_name)}").to_pylist()
+    for row in sorted(rows, key=lambda r: r["time"], reverse=True):
+        if row["encoder"] == encoder_name and row["product"] == product:
+            state = json.loads(row["provenance"]).get("fit", {}).get(product)
+            if state is not None:
+                return state
+    return None
+
+
+def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: dict[str, str], *, batch_size: int,
+                 num_workers: int, device: str, limit: int | None) -> list[str]:
+    """Fit the products that need it (SAM ``pca_map``, METHODS.md section 2) on the train split, or
+    restore the fitted state stored with an existing set's provenance (same basis for later rows)."""
+    need = [p for p in products if encoder.requires_fit(p)]
+    if not need:
+        return []
+    for p in list(need):  # a set made earlier keeps its basis: later rows must use the same one
+        state = _stored_fit_state(store, sets[p], encoder.name, p)
+        if state is not None:
+            encoder.load_fit_state(p, state)
+            need.remove(p)
+    if not need:
+        return []
+    if store.count("samples", "split = 'train'") == 0:
+        raise ValueError(f"encoder {encoder.name} product(s) {need} are fitted on the train split, but store "
+                         f"{store.root} has no samples with split 'train'")
+    plan = _plan(store, split="train", limit=limit, views=0, done={"fit": {}})
+    stream = _SampleStream(store.root, plan.samples_version, store.storage_options, plan.positions, plan.needed,
+                           _ViewMaker(encoder.transform, views=0, augment=None, seed=0),
+                           batch_size=batch_size, views=0)
+
+    def batches() -> Iterator["torch.Tensor"]:
+        for b in _loader(stream, num_workers=num_workers, pin_memory=False):
+            if b["x"] is not None:
+                yield b["x"].to(device)
+
+    encoder.fit(batches())
+    return need
+
+
+# --------------------------------------------------------------------------- provenance
+def _provenance_rows(encoder: "Encoder", sets: dict[str, str], fingerprints: dict[str, str], added: dict[str, int],
+                     *, dtype: str, read_versions: dict[str, int], store_version: int, views: int,
+                     augment: str | None, split: str | None, limit: int | None, engine: str,
+                     device: str) -> pa.Table:
+    from featurelt import __version__
+
+    base = dict(encoder.provenance())
+    rows = []
+    now = utcnow()
+    for product, set_name in sets.items():
+        prov = {**base, "encoder": encoder.name, "product": product, "dim": int(encoder.products[product]),
+                "dtype": dtype, "featurelt_version": __version__, "time": now.isoformat() + "Z",
+                "store_version_read": store_version, "tables_read": read_versions, "split": split,
+                "limit": limit, "views": views, "augment": augment, "engine": engine, "device": device,
+                "command": command_line()}
+        if views:
+            prov["augmentation"] = {"op": "torchvision.transforms.RandAugment", "num_ops": RANDAUGMENT_NUM_OPS,
+                                    "num_magnitude_bins": RANDAUGMENT_BINS,
+                                    "magnitude": "round(aug_strength * 30)", "aug_strength": "view / views",
+                                    "seed": "sha256(seed:sample_id:view)", "methods": "METHODS.md section 5"}
+        rows.append({"name": set_name, "encoder": encoder.name, "product": product,
+                     "dim": int(encoder.products[product]), "dtype": dtype, "fingerprint": fingerprints[product],
+                     "provenance": json.dumps(prov, sort_keys=True, default=str), "rows": int(added[product]),
+                     "time": now})
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("name", pa.string()), ("encoder", pa.string()), ("product", pa.string()), ("dim", pa.int32()),
+        ("dtype", pa.string()), ("fingerprint", pa.string()), ("provenance", pa.string()), ("rows", pa.int64()),
+        ("time", pa.timestamp("us"))]))
+
+
+# --------------------------------------------------------------------------- text embeddings
+def _read_classes(store: Store) -> tuple[list[int], list[str]]:
+    if not store.has_table("classes"):
+        raise StoreError(f"store {store.root} has no classes table; class text embeddings need class names "
+                         "(run `featurelt ingest` first)")
+    t = store.read("classes", columns=["label", "name"]).sort_by("label")
+    return [int(v) for v in t.column("label").to_pylist()], [str(v) for v in t.column("name").to_pylist()]
+
+
+def read_templates(path: str | os.PathLike[str] | None) -> list[str] | None:
+    """Prompt templates from a file, one per line, each with one ``{}`` (blank lines and ``#`` skipped)."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln.strip() for ln in fh]
+    templates = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not templates:
+        raise ValueError(f"{path}: no templates (one per line, e.g. 'a photo of a {{}}.')")
+    for i, t in enumerate(templates, 1):
+        if t.count("{}") != 1:
+            raise ValueError(f"{path}: template {i} {t!r} must contain exactly one '{{}}' for the class name")
+    return templates
+
+
+def _text_rows(store: Store, text_encoder: Any, encoder_name: str, set_name: str) -> tuple[pa.Table | None, int, bool]:
+    """Rows for ``text_embeddings`` that are missing for this set and fingerprint.
+
+    Returns ``(table or None, rows skipped, replace)``; ``replace`` means the set exists with another
+    fingerprint, so its old rows must be deleted first (one set = one encoder configuration).
+    """
+    labels, names = _read_classes(store)
+    fp = text_encoder.fingerprint("embedding")
+    done: set[int] = set()
+    replace = False
+    if store.has_table("text_embeddings"):
+        old = store.read("text_embeddings", columns=["label", "fingerprint"], filter=f"set_name = {_sql_str(set_name)}")
+        fps = set(old.column("fingerprint").to_pylist())
+        if fps and fps != {fp}:
+            replace = True
+        else:
+            done = set(old.column("label").to_pylist())
+    todo = [(lab, nm) for lab, nm in zip(labels, names) if lab not in done]
+    if not todo:
+        return None, len(done), False
+    vecs = text_encoder.encode_classes([nm for _, nm in todo])
+    vecs = vecs.detach().float().cpu().numpy()
+    if vecs.shape[0] != len(todo):
+        raise ValueError(f"text encoder {encoder_name} returned {vecs.shape[0]} vectors for {len(todo)} class names")
+    templates = getattr(text_encoder, "templates", None) or ["{}"]
+    table = pa.table({
+        "set_name": [set_name] * len(todo), "encoder": [encoder_name] * len(todo),
+        "label": pa.array([lab for lab, _ in todo], pa.int32()), "class_name": [nm for _, nm in todo],
+        "templates": [" | ".join(templates)] * len(todo), "dim": pa.array([vecs.shape[1]] * len(todo), pa.int32()),
+        "vector": pa.array([v.tolist() for v in vecs], pa.list_(pa.float32())), "fingerprint": [fp] * len(todo)})
+    return table, len(done), replace
+
+
+def _write_text(tx: Any, table: pa.Table | None, set_name: str, replace: bool) -> int:
+    if replace:
+        tx.delete("text_embeddings", f"set_name = {_sql_str(set_name)}")
+    if table is None:
+        return 0
+    return tx.append("text_embeddings", table)
+
+
+def extract_text(store: Store, encoder_name: str, *, name: str | None = None, checkpoint: str | None = None,
+                 templates: list[str] | str | os.PathLike[str] | None = None, device: str = "auto",
+                 seed: int = 0, untrained: bool = False, message: str | None = None) -> TextExtractResult:
+    """Class-name text embeddings (METHODS.md sections 1, 3 and 6) into ``text_embeddings``.
+
+    One row per class of the ``classes`` table, for a text encoder (``text:minilm``) or the text
+    tower of an image-text encoder (``clip:<model>``), averaged over prompt ``templates`` (a list, or
+    a file with one template per line). Labels already embedded with the same fingerprint are
+    skipped; a set that exists with another fingerprint is replaced.
+    """
+    from featurelt.encoders import build_text_encoder
+
+    if isinstance(templates, (str, os.PathLike)):
+        templates = read_templates(templates)
+    dev = resolve_device(device)
+    enc = build_text_encoder(encoder_name, checkpoint=checkpoint, templates=templates, device=dev, seed=seed,
+                             untrained=untrained)
+    set_name = name or enc.default_set_name()
+    table, skipped, replace = _text_rows(store, enc, encoder_name, set_name)
+    added = 0
+    if table is not None or replace:
+        with store.transaction(message) as tx:
+            added = _write_text(tx, table, set_name, replace)
+    return TextExtractResult(encoder_name, set_name, added, skipped, store.version)
+
+
+# --------------------------------------------------------------------------- the pipeline
+def _progress(total: int, *, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None = None, name: str | None = None,
+            split: str | None = None, limit: int | None = None, batch_size: int = 64, num_workers: int = 0,
+            device: str = "auto", dtype: VecDtype = "float32", views: int = 0, augment: str | None = None,
+            strict: bool = False, checkpoint: str | None = None, map_size: int = 16,
+            image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
+            seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
+            chunk_rows: int = 2048, progress: bool = True, message: str | None = None) -> ExtractResult:
+    """Embed the store's samples with ``encoder_name``; one embedding set per product.
+
+    ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
+    ``views`` / ``augment``: augmented views, METHODS.md section 5 (see the module docstring).
+    ``strict``: a sample that fails to decode raises (naming the sample) instead of going to
+    ``rejects``. ``chunk_rows``: samples per store transaction (the unit kept by an interrupted
+    run). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
+    local Ray with 2 CPUs). Encoders with a text tower (``clip:*``) also write class text
+    embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
+    """
+    from featurelt.encoders import ENCODERS
+
+    spec = ENCODERS.get(encoder_name)
+    if spec.kind == "text":
+        raise ValueError(f"encoder '{encoder_name}' is a text encoder: use extract_text (CLI: the same "
+                         "`featurelt extract` command dispatches to it)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if views < 0:
+        raise ValueError(f"views must be >= 0, got {views}")
+    if views and augment is None:
+        raise ValueError(f"--views {views} needs --augment (one of: {', '.join(AUGMENTS)})")
+    if augment is not None and augment not in AUGMENTS:
+        raise ValueError(f"unknown augment '{augment}'; available: {', '.join(AUGMENTS)}")
+    if augment is not None and not views:
+        raise ValueError(f"--augment {augment} needs --views N (N >= 1 augmented views per sample)")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"unknown engine '{engine}'; choose local or ray")
+    if isinstance(templates, (str, os.PathLike)):
+        templates = read_templates(templates)
+    if store._as_of is not None:
+        raise StoreError(f"this Store is pinned to --as-of {store._as_of}; extract writes to the latest version")
+
+    _check_split(store, split)
+    dev = resolve_device(device)
+    encoder = _build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
+                             image_size=image_size, seed=seed, untrained=untrained)
+    encoder.to(dev)
+    prods = list(products) if products else list(encoder.products)
+    unknown = [p for p in prods if p not in encoder.products]
+    if unknown:
+        raise ValueError(f"encoder {encoder_name} has no product(s) {unknown}; products: "
+                         f"{', '.join(f'{p} ({d}-d)' for p, d in encoder.products.items())}")
+    sets = _set_names(encoder, prods, name)
+    read_versions = store.table_versions()
+    store_version = store.version
+    notes: list[str] = []
+    fitted = _fit_encoder(store, encoder, prods, sets, batch_size=batch_size, num_workers=num_workers, device=dev,
+                          limit=None)
+    if fitted:
+        notes.append(f"fitted {', '.join(fitted)} on the train split")
+    fingerprints = {p: encoder.fingerprint(p) for p in prods}
+    for p, set_name in sets.items():  # an existing set keeps its dim / dtype: refuse a mismatch up front
+        if store.has_table(f"emb_{set_name}"):
+            from featurelt.store.schema import embedding_params
+
+            have = embedding_params(store.dataset(f"emb_{set_name}").schema)
+            if have != {"dim": int(encoder.products[p]), "dtype": dtype}:
+                raise ValueError(f"embedding set '{set_name}' holds {have['dim']}-d {have['dtype']} vectors; this run "
+                                 f"makes {encoder.products[p]}-d {dtype}: pass --name for a new set")
+    done = {p: _done_views(store, f"emb_{sets[p]}", fingerprints[p]) for p in prods}
+    plan = _plan(store, split=split, limit=limit, views=views, done=done)
+
+    text = None
+    if spec.has_text:
+        if store.has_table("classes"):
+            from featurelt.encoders import build_text_encoder
+
+            tenc = build_text_encoder(encoder_name, checkpoint=checkpoint, templates=templates, device=dev,
+                                      seed=seed, untrained=untrained)
+            tname = tenc.default_set_name() if name is None else name
+            text = _text_rows(store, tenc, encoder_name, tname) + (tname,)
+        else:
+            notes.append("no classes table: class text embeddings not written")
+
+    make_view = _ViewMaker(encoder.transform, views=views, augment=augment, seed=seed)
+    msg = message or command_line()
+    run = _RayRun if engine == "ray" else _LocalRun
+    runner = run(store, encoder, prods, sets, fingerprints, done, plan, make_view, dtype=dtype, views=views,
+                 batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict, chunk_rows=chunk_rows,
+                 progress=progress, message=msg, ray_address=ray_address)
+
+    def finalize(tx: Any, added: dict[str, int]) -> int:
+        """Provenance (and text) rows: written in the last transaction of the run."""
+        if any(added.values()):
+            tx.append("embedding_sets", _provenance_rows(
+                encoder, sets, fingerprints, added, dtype=dtype, read_versions=read_versions,
+                store_version=store_version, views=views, augment=augment, split=split, limit=limit,
+                engine=engine, device=dev))
+        if text is not None:
+            return _write_text(tx, text[0], text[3], text[2])
+        return 0
+
+    t0 = time.perf_counter()
+    added, embedded, rejected, chunks, text_rows = runner.run(finalize)
+    seconds = time.perf_counter() - t0
+    if text is not None and text[0] is None:
+        notes.append(f"class text embeddings '{text[3]}' already present")
+    return ExtractResult(encoder_name, sets, added, embedded, plan.skipped, rejected, chunks, store.version, seconds,
+                         device=dev, text_rows=text_rows, notes=notes)
+
+
+class _LocalRun:
+    """The local engine: a DataLoader over the plan, chunked commits."""
+
+    def __init__(self, store: Store, encoder: "Encoder", products: list[str], sets: dict[str, str],
+                 fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], plan: _Plan,
+                 make_view: _ViewMaker, *, dtype: str, views: int, batch_size: int, num_workers: int, device: str,
+                 strict: bool, chunk_rows: int, progress: bool, message: str, ray_address: str | None) -> None:
+        self.store, self.encoder, self.products, self.sets = store, encoder, products, sets
+        self.fingerprints, self.done, self.plan, self.make_view = fingerprints, done, plan, make_view
+        self.dtype, self.views, self.batch_size, self.num_workers = dtype, views, batch_size, num_workers
+        self.device, self.strict, self.chunk_rows, self.progress, self.message = device, strict, chunk_rows, progress, message
+
+    def _rows(self, product: str, sids: list[str], vlist: list[int], strengths: list[float],
+              vectors: np.ndarray) -> pa.RecordBatch | None:
+        """This product's rows of a batch, minus (sample, view) pairs the set already has."""
+        done = self.done[product]
+        keep = [i for i, (s, v) in enumerate(zip(sids, vlist)) if v not in done.get(s, ())]
+        if not keep:
+            return None
+        if len(keep) != len(sids):
+            sids, vlist, strengths = [sids[i] for i in keep], [vlist[i] for i in keep], [strengths[i] for i in keep]
+            vectors = vectors[keep]
+        return embedding_batch(sids, vlist, strengths, self.fingerprints[product], vectors, self.dtype)
+
+    def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
+                finalize: Callable[[Any, dict[str, int]], int] | None, added: dict[str, int]) -> int:
+        """One chunk = one store transaction. Returns text rows written (last chunk only)."""
+        text_rows = 0
+        with self.store.transaction(self.message) as tx:
+            for p, batches in pending.items():
+                if batches:
+                    added[p] += tx.append(f"emb_{self.sets[p]}", batches)
+            if rejects:
+                tx.append("rejects", _rejects_table(rejects, self.message))
+            if finalize is not None:
+                text_rows = finalize(tx, added)
+        return text_rows
+
+    def run(self, finalize: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
+        plan = self.plan
+        added = {p: 0 for p in self.products}
+        stream = _SampleStream(self.store.root, plan.samples_version, self.store.storage_options, plan.positions,
+                               plan.needed, self.make_view, batch_size=self.batch_size, views=self.views)
+        pending: dict[str, list[pa.RecordBatch]] = {p: [] for p in self.products}
+        rejects: list[tuple[str, str]] = []
+        chunk_samples = embedded = rejected = chunks = 0
+        bar = _progress(len(plan.positions), enabled=self.progress, desc=f"extract {self.encoder.name}")
+        try:
+            for batch in _loader(stream, num_workers=self.num_workers, pin_memory=self.device.startswith("cuda")):
+                if batch["rejects"]:
+                    if self.strict:
+                        sid, reason = batch["rejects"][0]
+                        raise ValueError(f"--strict: sample {sid} failed to decode: {reason}")
+                    rejects.extend(batch["rejects"])
+                    rejected += len(batch["rejects"])
+                if batch["x"] is not None:
+                    vecs = encode_batch(self.encoder, batch["x"], self.products, device=self.device)
+                    for p in self.products:
+                        rb = self._rows(p, batch["sample_id"], batch["view"], batch["aug_strength"], vecs[p])
+                        if rb is not None:
+                            pending[p].append(rb)
+                    embedded += len(set(batch["sample_id"]))
+                chunk_samples += batch["samples"]
+                bar.update(batch["samples"])
+                if chunk_samples >= self.chunk_rows:
+                    self._commit(pending, rejects, None, added)
+                    chunks += 1
+                    pending = {p: [] for p in self.products}
+                    rejects = []
+                    chunk_samples = 0
+            text_rows = 0
+            if any(pending.values()) or rejects or any(added.values()) or chunks == 0:
+                text_rows = self._commit(pending, rejects, finalize, added)
+                chunks += 1
+        finally:
+            bar.close()
+        return added, embedded, rejected, chunks, text_rows
+
+
+# --------------------------------------------------------------------------- Ray engine
+def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_version: int, positions: np.ndarray,
+               needed: list[tuple[int, ...]], encoder: "Encoder", make_view: _ViewMaker, products: list[str],
+               sets: dict[str, str], fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], *,
+               dtype: str, views: int, batch_size: int) -> dict[str, Any]:
+    """One Ray task: decode + encode a shard, write its rows as Lance fragments (no commit).
+
+    Returns ``{"fragments": {product: [FragmentMetadata]}, "rows": {product: n}, "rejects": [...],
+    "embedded": n}``; the driver commits all shards' fragments at once.
+    """
+    import lance
+    import torch
+
+    from featurelt.store.schema import arrow_schema
+
+    torch.set_num_threads(1)
+    stream = _SampleStream(root, samples_version, storage_options, positions, needed, make_view,
+                           batch_size=batch_size, views=views)
+    out: dict[str, list[pa.RecordBatch]] = {p: [] for p in products}
+    rejects: list[tuple[str, str]] = []
+    embedded = 0
+    for batch in stream:
+        rejects.extend(batch["rejects"])
+        if batch["x"] is None:
+            continue
+        vecs = encode_batch(encoder, batch["x"], products, device="cpu")
+        for p in products:
+            d = done[p]
+            keep = [i for i, (s, v) in enumerate(zip(batch["sample_id"], batch["view"])) if v not in d.get(s, ())]
+            if keep:
+                out[p].append(embedding_batch([batch["sample_id"][i] for i in keep], [batch["view"][i] for i in keep],
+                                              [batch["aug_strength"][i] for i in keep], fingerprints[p], vecs[p][keep],
+                                              dtype))
+        embedded += len(set(batch["sample_id"]))
+    frags: dict[str, list[Any]] = {}
+    rows: dict[str, int] = {}
+    for p in products:
+        rows[p] = sum(b.num_rows for b in out[p])
+        if not rows[p]:
+            frags[p] = []
+            continue
+        schema = arrow_schema(f"emb_{sets[p]}", dim=int(encoder.products[p]), dtype=dtype)
+        table = pa.Table.from_batches(out[p]).cast(schema)
+        frags[p] = lance.fragment.write_fragments(table, f"{root}/emb_{sets[p]}.lance", schema=schema,
+                                                  storage_options=storage_options)
+    return {"fragments": frags, "rows": rows, "rejects": rejects, "embedded": embedded}
+
+
+class _RayRun(_LocalRun):
+    """The Ray engine: shards as remote tasks writing fragments; one store commit on the driver."""
+
+    def __init__(self, *args: Any, ray_address: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, ray_address=ray_address, **kwargs)
+        self.ray_address = ray_address
+
+    def run(self, finalize: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
+        import ray
+
+        from featurelt.store.schema import arrow_schema
+
+        if self.device != "cpu":
+            raise ValueError("--engine ray runs its tasks on CPU workers here; pass --device cpu "
+                             "(GPU Ray tasks are not implemented)")
+        started = False
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            started = True
+        plan = self.plan
+        added = {p: 0 for p in self.products}
+        try:
+            n = len(plan.positions)
+            n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            n_shards = max(1, min(n_cpus * 2, math.ceil(n / max(self.batch_size, 1)))) if n else 0
+            bounds = np.linspace(0, n, n_shards + 1).astype(int) if n_shards else []
+            task = ray.remote(num_cpus=1)(_ray_shard)
+            bar = _progress(n, enabled=self.progress, desc=f"extract {self.encoder.name} (ray)")
+            rejects: list[tuple[str, str]] = []
+            embedded = 0
+            with self.store.transaction(self.message) as tx:
+                for p in self.products:  # drop leftovers of killed runs before tasks write fragments
+                    tx.reconcile(f"emb_{self.sets[p]}")
+                enc_ref = ray.put(self.encoder.to("cpu"))
+                refs = {task.remote(self.store.root, self.store.storage_options, plan.samples_version,
+                                    plan.positions[a:b], plan.needed[a:b], enc_ref, self.make_view, self.products,
+                                    self.sets, self.fingerprints, self.done, dtype=self.dtype, views=self.views,
+                                    batch_size=self.batch_size): b - a
+                        for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
+                results = []
+                pending = list(refs)
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    res = ray.get(ready[0])
+                    bar.update(refs[ready[0]])
+                    if res["rejects"] and self.strict:
+                        sid, reason = res["rejects"][0]
+                        raise ValueError(f"--strict: sample {sid} failed to decode: {reason}")
+                    results.append(res)
+                bar.close()
+                for res in results:
+                    rejects.extend(res["rejects"])
+                    embedded += res["embedded"]
+                for p in self.products:
+                    frags = [f for res in results for f in res["fragments"][p]]
+                    if frags:
+                        schema = arrow_schema(f"emb_{self.sets[p]}", dim=int(self.encoder.products[p]), dtype=self.dtype)
+                        tx.append_fragments(f"emb_{self.sets[p]}", frags, schema)
+                        added[p] = sum(res["rows"][p] for res in results)
+                if rejects:
+                    tx.append("rejects", _rejects_table(rejects, self.message))
+                text_rows = finalize(tx, added)
+        finally:
+            if started:
+                ray.shutdown()
+        return added, embedded, len(rejects), 1, text_rows
+
+
+__all__ = ["extract", "extract_text", "ExtractResult", "TextExtractResult", "resolve_device", "view_strength",
+           "randaugment_magnitude", "read_templates", "encode_batch", "embedding_batch", "AUGMENTS"]

@@ -1,0 +1,86 @@
+"""The head registry, the context every head is built from, and the common base class."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from featurelt._registry import Registry
+
+HEADS: Registry = Registry("head")
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What a head may know about its inputs and label space."""
+
+    in_dims: list[int]                      # D of each cached source, in --features order (sum = D_total)
+    num_classes: int                        # K: target + auxiliary classes (logit columns)
+    text_embeddings: Tensor | None = None   # [K, Dt] class text embeddings (row y = label y), or None
+
+    def __post_init__(self) -> None:
+        if not self.in_dims or any(int(d) <= 0 for d in self.in_dims):
+            raise ValueError(f"in_dims must be a non-empty list of positive ints, got {self.in_dims!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        t = self.text_embeddings
+        if t is not None and (t.ndim != 2 or t.shape[0] != self.num_classes):
+            raise ValueError(f"text_embeddings must be [K={self.num_classes}, Dt], got shape={tuple(t.shape)}")
+
+    @property
+    def in_dim(self) -> int:
+        """D_total = sum of in_dims."""
+        return int(sum(self.in_dims))
+
+    def require_text(self, head: str) -> Tensor:
+        """The text embeddings, or a ``ValueError`` telling the user to pass --text-set."""
+        if self.text_embeddings is None:
+            raise ValueError(f"head '{head}' needs class text embeddings: pass --text-set NAME "
+                             "(a set_name of the text_embeddings table, made by `featurelt extract text:...`)")
+        return self.text_embeddings
+
+
+class Head(nn.Module):
+    """Base class: ``forward`` = ``classify(features(x))``; subclasses define both halves."""
+
+    def __init__(self, ctx: HeadContext) -> None:
+        super().__init__()
+        self.in_dims = [int(d) for d in ctx.in_dims]
+        self.num_classes = int(ctx.num_classes)
+
+    def check_input(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != sum(self.in_dims):
+            raise ValueError(f"{type(self).__name__} expects features [B, {sum(self.in_dims)}], got shape={tuple(x.shape)}")
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: [B, D_total]. Returns [B, D_latent], the latent the classifier reads."""
+        raise NotImplementedError
+
+    def classify(self, z: Tensor) -> Tensor:
+        """z: [B, D_latent] from :meth:`features`. Returns [B, K] logits."""
+        raise NotImplementedError
+
+    def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [B, D_total]. Returns (logits [B, K], latent [B, D_latent]) in one pass."""
+        self.check_input(x)
+        z = self.features(x)
+        return self.classify(z), z
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, D_total]. Returns [B, K] logits."""
+        return self.logits_and_features(x)[0]
+
+
+def unit(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def check_tau(name: str, tau: float) -> float:
+    if not float(tau) > 0:
+        raise ValueError(f"head option {name} must be > 0, got {tau!r}")
+    return float(tau)
+
+
+__all__ = ["HEADS", "HeadContext", "Head", "unit", "check_tau", "torch"]

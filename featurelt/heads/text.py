@@ -1,0 +1,108 @@
+"""Cosine classifiers, optionally over class text embeddings (METHODS.md sections 1, 5, 6).
+
+All three heads score ``logits_k = cos(g(f), c_k) / tau``:
+
+- ``cosine``: ``g`` = identity, classifier rows ``c_k`` learned; ``init="text"`` starts them as the class
+  text embeddings (the zero-shot CLIP classifier, section 1 "semantic init").
+- ``adapter``: ECVL stage 2 (section 5), ``f* = lambda ReLU(W^T f + b) + (1 - lambda) f``, ``c_k`` = the
+  fixed class text embeddings ``t_k``.
+- ``lfm-projection``: LFM stage 2 (section 6), ``f_I = W_I f`` with ``W_I`` initialised to the identity,
+  ``c_k = t_k`` fixed.
+
+Image and text dims: when the cached image features (D) and text embeddings (Dt) have the same width,
+the maps above are exactly the papers'. When they differ (e.g. pixel features with a MiniLM text set),
+``E = eye(Dt, D)`` -- the rectangular identity, which keeps the first min(D, Dt) coordinates and pads
+with zeros -- stands in for the identity: ``W_I`` starts as ``E``, and the adapter's residual branch is
+``(1 - lambda) E f``. The learned maps then carry the features into the text space.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from featurelt.heads.base import HEADS, Head, HeadContext, check_tau, unit
+
+
+@HEADS.register("cosine")
+class CosineHead(Head):
+    """Cosine classifier with temperature: ``z_k = cos(f, w_k) / tau`` (section 1); --head-opt init=text."""
+
+    def __init__(self, ctx: HeadContext, *, tau: float = 0.05, init: Literal["random", "text"] = "random") -> None:
+        """tau: temperature, > 0. init: ``random`` (normal rows) or ``text`` (rows = class text embeddings,
+        which needs text embeddings of width D_total)."""
+        super().__init__(ctx)
+        self.tau = check_tau("tau", tau)
+        if init == "text":
+            t = ctx.require_text("cosine --head-opt init=text")
+            if t.shape[1] != ctx.in_dim:
+                raise ValueError(f"cosine init=text needs text embeddings as wide as the features: text "
+                                 f"[{t.shape[0]}, {t.shape[1]}] vs features D_total={ctx.in_dim} "
+                                 f"(use a text set of the same encoder, or head lfm-projection)")
+            weight = unit(t.detach().float().clone())
+        elif init == "random":
+            weight = unit(torch.randn(ctx.num_classes, ctx.in_dim))
+        else:
+            raise ValueError(f"cosine option init must be 'random' or 'text', got {init!r}")
+        self.weight = nn.Parameter(weight)  # [K, D]
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: [B, D]. Returns unit(x) [B, D]."""
+        return unit(x)
+
+    def classify(self, z: Tensor) -> Tensor:
+        return unit(z) @ unit(self.weight).T / self.tau
+
+
+def rect_identity(rows: int, cols: int) -> Tensor:
+    """``eye(rows, cols)``: the identity when square, else truncation / zero padding (module docstring)."""
+    return torch.eye(rows, cols)
+
+
+class TextHead(Head):
+    """Scores ``cos(g(f), t_k) / tau`` against fixed class text embeddings (buffer ``text``)."""
+
+    def __init__(self, ctx: HeadContext, name: str, tau: float) -> None:
+        super().__init__(ctx)
+        self.tau = check_tau("tau", tau)
+        self.register_buffer("text", unit(ctx.require_text(name).detach().float().clone()))  # [K, Dt]
+
+    def classify(self, z: Tensor) -> Tensor:
+        return unit(z) @ self.text.T / self.tau
+
+
+@HEADS.register("adapter")
+class AdapterHead(TextHead):
+    """ECVL residual adapter ``f* = lambda ReLU(W^T f + b) + (1 - lambda) f``, cosine to text / tau (section 5)."""
+
+    def __init__(self, ctx: HeadContext, *, lam: float = 0.2, tau: float = 0.05) -> None:
+        """lam: adapter ratio lambda in [0, 1]. tau: temperature, > 0."""
+        super().__init__(ctx, "adapter", tau)
+        if not 0 <= float(lam) <= 1:
+            raise ValueError(f"adapter option lam must be in [0, 1], got {lam!r}")
+        self.lam = float(lam)
+        d, dt = ctx.in_dim, self.text.shape[1]
+        self.fc = nn.Linear(d, dt)  # W^T f + b
+        self.register_buffer("residual", rect_identity(dt, d))  # [Dt, D]; identity when D == Dt
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: [B, D]. Returns f* [B, Dt]."""
+        res = x if self.residual.shape[0] == self.residual.shape[1] else x @ self.residual.T
+        return self.lam * torch.relu(self.fc(x)) + (1 - self.lam) * res
+
+
+@HEADS.register("lfm-projection")
+class LFMProjectionHead(TextHead):
+    """LFM stage 2: ``f_I = W_I f`` (W_I initialised to identity), prediction = cosine to text / tau (section 6)."""
+
+    def __init__(self, ctx: HeadContext, *, tau: float = 0.05) -> None:
+        """tau: temperature, > 0."""
+        super().__init__(ctx, "lfm-projection", tau)
+        self.proj = nn.Linear(ctx.in_dim, self.text.shape[1], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(rect_identity(self.text.shape[1], ctx.in_dim))  # W_I [Dt, D]
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: [B, D]. Returns f_I = W_I x [B, Dt]."""
+        return self.proj(x)

@@ -1,0 +1,494 @@
+"""Train a head from cached features, evaluate it, and record the run in the store.
+
+``train_head(store, cfg)`` is what ``featurelt train-head`` runs:
+
+1. pin the store (``cfg.as_of``, default the latest version) and read, at that version, the classes
+   table, the embedding sets of the train and eval splits (:func:`featurelt.data.features.load_features`)
+   and, for heads and samplers that use them, the class text embeddings;
+2. put the features on the device once (CPU, or CUDA when it fits in free GPU memory; otherwise they
+   stay in pinned host memory and each batch is gathered and copied);
+3. for each epoch, draw the sampler's batches (METHODS.md sections 1, 3-6), mix inputs and one-hot
+   labels where the sampler gives a partner (``x = lam_x x_i + (1 - lam_x) x_j``, soft target
+   ``lam_y e_{y_i} + (1 - lam_y) e_{y_j}``), step the optimizer on the loss (plus the prototype add-on of
+   section 2), cosine-anneal the learning rate per epoch;
+4. evaluate on the eval split: original rows of target classes only, logits of auxiliary classes
+   dropped (only the first K_target columns are kept, section 3), optional post-hoc logit adjustment
+   (section 1); metrics of section 0 (:mod:`featurelt.metrics`);
+5. save the head's ``state_dict`` (``head.pt``) and the resolved config (``config.yaml``) in the run
+   directory, and write ONE store transaction: a ``runs`` row and the ``predictions`` rows.
+
+No encoder is imported anywhere here: re-running a head never re-extracts.
+Reproducibility: every seed is set from ``cfg.seed`` and deterministic algorithms are switched on
+while training, so the same config at the same store version (``--as-of``) gives the same metrics
+and predictions on the same device type.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featurelt.config import TrainCfg
+from featurelt.data.features import FeatureSet, load_features, load_text_embeddings
+from featurelt.heads import HEADS, HeadContext
+from featurelt.losses import LOSSES, LossContext, post_hoc_logit_adjust
+from featurelt.losses.prototype import ProtoLoss
+from featurelt.metrics import buckets_from_classes, compute_metrics
+from featurelt.samplers import SAMPLERS, Sampler, SamplerContext
+from featurelt.store import Store, command_line, utcnow
+
+if TYPE_CHECKING:
+    from featurelt.heads.base import Head
+
+EVAL_BATCH = 8192        # rows per evaluation forward pass
+DEVICE_FRACTION = 0.5    # features go to the GPU when they take at most this fraction of free memory
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """Everything the training loop reads, already on its device (see :func:`place`)."""
+
+    x: Tensor                       # [N, D_total] float32 train features (device, or pinned host when streamed)
+    y: Tensor                       # [N] long labels (same device as x)
+    source: np.ndarray              # [N] str: original | auxiliary | generated
+    class_counts: Tensor            # [K] float n_y (original rows; auxiliary classes: their rows), CPU
+    neighbor_of: Tensor             # [K] long, -1 for target classes, CPU
+    num_target: int                 # K_target
+    in_dims: list[int]              # D of each embedding set
+    text: Tensor | None = None      # [K, Dt] class text embeddings, CPU
+    views: Tensor | None = None     # [N, V, D_total] augmented views (momentum sampler), same device as x
+    view_strength: np.ndarray | None = None  # [N, V] aug_strength of each view
+    streamed: bool = False          # True: x lives on the host and each batch is copied to `device`
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.numel())
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(device)
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of features may live on ``device`` (always on CPU: they are in RAM already)."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_FRACTION * free
+
+
+def place(array: np.ndarray, device: torch.device, *, stream: bool) -> Tensor:
+    """numpy -> tensor on ``device`` (``stream``: pinned host memory, copied per batch instead)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if stream:
+        return t.pin_memory() if device.type == "cuda" else t
+    return t.to(device)
+
+
+def class_counts_of(labels: np.ndarray, source: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[K]`` n_y of the train rows: original and auxiliary rows count, generated rows do not (METHODS.md notation)."""
+    keep = source != "generated"
+    return np.bincount(labels[keep], minlength=num_classes)[:num_classes].astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------- results
+@dataclass
+class RunResult:
+    """What one ``train_head`` call did."""
+
+    run_id: str
+    config: TrainCfg                 # resolved config (as_of = the store version read)
+    metrics: dict[str, Any]          # see featurelt.metrics.compute_metrics
+    train_seconds: float             # wall time of the training epochs
+    epoch_seconds: list[float]       # wall time of each epoch
+    eval_seconds: float              # wall time of evaluation
+    load_seconds: float              # wall time of reading features from the store
+    pinned_versions: dict[str, Any]  # store version and per-table Lance versions read
+    checkpoint: str | None           # head.pt path (None when not written)
+    device: str                      # device trained on
+    streamed: bool                   # features streamed from host memory per batch
+    predictions: pa.Table | None = None  # the predictions rows written
+
+
+# ---------------------------------------------------------------------------------------- determinism
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic torch algorithms while training (restored afterwards).
+
+    On CUDA this also needs ``CUBLAS_WORKSPACE_CONFIG``; it is set if the user has not set it.
+    ``warn_only``: an op without a deterministic implementation warns rather than failing the run.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        torch.backends.cudnn.benchmark = cudnn
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _accepts(cls: Any, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
+
+
+class HeadTrainer:
+    """Head + loss + sampler + optimizer over :class:`TrainData`; :meth:`run_epoch` is one epoch.
+
+    Built from the resolved config; used by :func:`train_head` and by ``bench/train_head.py``.
+    """
+
+    def __init__(self, cfg: TrainCfg, data: TrainData) -> None:
+        self.cfg, self.data, self.device = cfg, data, data.device
+        k = data.num_classes
+        ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
+        self.head: Head = HEADS.get(cfg.head)(ctx, **cfg.head_opts).to(self.device)
+        loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target)
+        self.loss = LOSSES.get(cfg.loss)(loss_ctx, **cfg.loss_opts).to(self.device)
+        self.proto: ProtoLoss | None = None
+        if cfg.proto:
+            dim = self._latent_dim()
+            self.proto = ProtoLoss(loss_ctx, dim=dim, M=cfg.proto_m, terms=cfg.proto, tau_head=cfg.proto_tau_head,
+                                   tau_tail_std=cfg.proto_tau_tail_std, tau_tail_dist=cfg.proto_tau_tail_dist,
+                                   beta=cfg.proto_beta, seed=cfg.seed).to(self.device)
+        sampler_cls = SAMPLERS.get(cfg.sampler)
+        text_sim = None
+        if data.text is not None:
+            t = F.normalize(data.text.double(), dim=1)
+            text_sim = (t @ t.T).numpy()
+        labels = data.y.cpu().numpy()
+        sctx = SamplerContext(labels=labels, class_counts=data.class_counts.numpy(), source=data.source,
+                              neighbor_of=data.neighbor_of.numpy(), num_target=data.num_target, text_sim=text_sim,
+                              num_views=1 if data.views is None else int(data.views.shape[1]),
+                              batch_size=cfg.batch_size, seed=cfg.seed, aux_cap=cfg.aux_cap)
+        opts = dict(cfg.sampler_opts)
+        if data.view_strength is not None and _accepts(sampler_cls, "view_strength"):
+            opts.setdefault("view_strength", data.view_strength)
+        self.sampler: Sampler = sampler_cls(sctx, **opts)
+        # only samplers that override feedback() need per-sample losses (ECVL momentum, section 5)
+        self.wants_feedback = type(self.sampler).feedback is not Sampler.feedback
+        params = list(self.head.parameters())
+        if cfg.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                              weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+
+    def _latent_dim(self) -> int:
+        with torch.no_grad():
+            was = self.head.training
+            self.head.eval()
+            d = self.head.features(self.data.x[:1].to(self.device)).shape[1]
+            self.head.train(was)
+        return int(d)
+
+    def _gather(self, rows: Tensor, view: Tensor | None) -> Tensor:
+        """Features of ``rows`` ([B] long, CPU) on the device; ``view`` [B] picks cached views."""
+        d = self.data
+        if d.streamed:
+            x = d.x[rows] if view is None else d.views[rows, view]  # type: ignore[index]
+            return x.to(self.device, non_blocking=True)
+        rows = rows.to(self.device, non_blocking=True)
+        if view is None:
+            return d.x.index_select(0, rows)
+        return d.views[rows, view.to(self.device, non_blocking=True)]  # type: ignore[index]
+
+    def _labels(self, rows: Tensor) -> Tensor:
+        d = self.data
+        return (d.y[rows] if d.streamed else d.y.index_select(0, rows.to(self.device))).to(self.device)
+
+    def run_epoch(self, epoch: int) -> float:
+        """One pass of the sampler. Returns the mean training loss (one host sync per epoch)."""
+        self.head.train()
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        k = self.data.num_classes
+        for batch in self.sampler.epoch(epoch):
+            x = self._gather(batch.index, batch.view)
+            y = self._labels(batch.index)
+            target: Tensor = y
+            if batch.partner is not None:
+                lam_x = batch.lam_x.to(self.device, torch.float32)  # type: ignore[union-attr]
+                lam_y = (batch.lam_y if batch.lam_y is not None else batch.lam_x).to(self.device, torch.float32)  # type: ignore[union-attr]
+                x = lam_x[:, None] * x + (1 - lam_x[:, None]) * self._gather(batch.partner, None)
+                y_j = self._labels(batch.partner)
+                target = lam_y[:, None] * F.one_hot(y, k).float() + (1 - lam_y[:, None]) * F.one_hot(y_j, k).float()
+            logits, z = self.head.logits_and_features(x)
+            if self.wants_feedback:
+                per = self.loss.per_sample(logits, target, epoch=epoch)
+                loss = per.mean()
+                self.sampler.feedback(batch.index, per.detach(), batch.view)
+            else:
+                loss = self.loss(logits, target, epoch=epoch)
+            if self.proto is not None:
+                loss = loss + self.proto(z, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()
+            steps += 1
+        self.sched.step()
+        if steps == 0:
+            raise ValueError(f"sampler '{self.cfg.sampler}' yielded no batch in epoch {epoch}")
+        mean = float(total) / steps
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training loss is {mean} in epoch {epoch} (lr {self.cfg.lr} too high?)")
+        return mean
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray | Tensor) -> Tensor:
+        """Logits [N, K] (all classes) of features [N, D_total], in batches; on the device."""
+        self.head.eval()
+        out = []
+        for start in range(0, len(x), EVAL_BATCH):
+            chunk = x[start:start + EVAL_BATCH]
+            chunk = torch.as_tensor(chunk).to(self.device, non_blocking=True)
+            out.append(self.head(chunk))
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------- entry point
+def new_run_id() -> str:
+    return f"{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _classes(store: Store) -> tuple[pa.Table, int]:
+    if not store.has_table("classes"):
+        raise ValueError(f"store {store.root} has no classes table at version {store.version}: run `featurelt ingest` first")
+    classes = store.read("classes").sort_by("label")
+    source = classes.column("source").to_pylist()
+    num_target = sum(1 for s in source if s != "auxiliary")
+    if any(s == "auxiliary" for s in source[:num_target]):
+        raise ValueError("classes table: auxiliary classes must come after the target classes (labels K..K+A-1)")
+    return classes, num_target
+
+
+def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views: bool) -> tuple[TrainData, FeatureSet, pa.Table]:
+    """Read the train split, classes and text embeddings at the pinned version; place them on ``device``."""
+    classes, num_target = _classes(store)
+    k = classes.num_rows
+    train = load_features(store, list(cfg.features), split=cfg.train_split, views=views)
+    if train.labels.max() >= k or train.labels.min() < 0:
+        raise ValueError(f"train split has label {int(train.labels.max())} outside the classes table (0..{k - 1})")
+    counts = class_counts_of(train.labels, train.source, k)
+    neighbor = np.array([-1 if v is None else v for v in classes.column("neighbor_of").to_pylist()], dtype=np.int64)
+    neighbor[:num_target] = -1
+    text = None
+    if cfg.text_set:
+        text = torch.from_numpy(load_text_embeddings(store, cfg.text_set, num_classes=k))
+    nbytes = train.x.nbytes + (train.views.nbytes if train.views is not None else 0)
+    stream = not fits_on_device(nbytes, device)
+    data = TrainData(
+        x=place(train.x, device, stream=stream), y=place(train.labels, device, stream=stream),
+        source=train.source, class_counts=torch.from_numpy(counts).float(), neighbor_of=torch.from_numpy(neighbor),
+        num_target=num_target, in_dims=list(train.dims), text=text,
+        views=place(train.views, device, stream=stream) if train.views is not None else None,
+        view_strength=train.view_strength, streamed=stream, device=device)
+    return data, train, classes
+
+
+def evaluate(trainer: HeadTrainer, feats: FeatureSet, *, num_target: int, post_hoc_tau: float,
+             class_counts: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels [N], prediction [N], top5 [N, min(5, K_target)], score [N]) over target classes only.
+
+    Auxiliary logits are dropped before the softmax (METHODS.md section 3); with ``post_hoc_tau > 0``
+    the kept logits become ``z_j - tau log pi_j`` (section 1).
+    """
+    logits = trainer.predict(feats.x)[:, :num_target]
+    if post_hoc_tau > 0:
+        logits = post_hoc_logit_adjust(logits, class_counts.to(logits.device), post_hoc_tau)
+    probs = torch.softmax(logits.float(), dim=1)
+    score, top = probs.topk(min(5, num_target), dim=1)
+    top = top.cpu().numpy().astype(np.int32)
+    return feats.labels, top[:, 0], top, score[:, 0].cpu().numpy().astype(np.float32)
+
+
+def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: bool = True,
+               progress: bool = False, message: str | None = None) -> RunResult:
+    """Train, evaluate and record one head (module docstring). ``store``: a Store or its root path.
+
+    write: save the checkpoint + config and write the runs / predictions rows (False: only compute).
+    progress: show a tqdm bar over the epochs (on stderr).
+    """
+    if not cfg.features:
+        raise ValueError("no embedding sets given: --features NAME[,NAME...] (see `featurelt embeddings`)")
+    root = store.root if isinstance(store, Store) else str(store)
+    storage_options = store.storage_options if isinstance(store, Store) else None
+    pinned = Store(root, as_of=cfg.as_of, storage_options=storage_options)
+    if pinned.version == 0:
+        raise ValueError(f"store {root} is empty: ingest data and extract features first")
+    device = resolve_device(cfg.device)
+    run_id = new_run_id()
+    resolved = cfg.replace(as_of=str(pinned.version))
+    seed_everything(cfg.seed)
+
+    t0 = time.perf_counter()
+    sampler_cls = SAMPLERS.get(cfg.sampler)
+    HEADS.get(cfg.head), LOSSES.get(cfg.loss)  # fail on unknown names before reading features
+    data, _train, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
+    evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split)
+    keep = (evalset.source == "original") & (evalset.labels < data.num_target)
+    if not keep.any():
+        raise ValueError(f"eval split '{cfg.eval_split}' has no original rows of target classes")
+    evalset = FeatureSet(sample_ids=evalset.sample_ids[keep], labels=evalset.labels[keep], source=evalset.source[keep],
+                         x=evalset.x[keep], sets=evalset.sets, dims=evalset.dims)
+    load_seconds = time.perf_counter() - t0
+
+    epoch_seconds: list[float] = []
+    with deterministic(device):
+        seed_everything(cfg.seed)
+        trainer = HeadTrainer(cfg, data)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.epochs, desc=f"train-head {cfg.head}/{cfg.loss}/{cfg.sampler}", unit="epoch",
+                       leave=False)
+        t_train = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            te = time.perf_counter()
+            loss = trainer.run_epoch(epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_seconds.append(time.perf_counter() - te)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+        train_seconds = time.perf_counter() - t_train
+        if bar is not None:
+            bar.close()
+        te = time.perf_counter()
+        labels, pred, top5, score = evaluate(trainer, evalset, num_target=data.num_target,
+                                             post_hoc_tau=cfg.post_hoc_tau, class_counts=data.class_counts)
+        metrics = compute_metrics(labels, pred, buckets_from_classes(classes))
+        eval_seconds = time.perf_counter() - te
+
+    read_tables = ["samples", "classes", *(f"emb_{s}" for s in cfg.features)] + (["text_embeddings"] if cfg.text_set else [])
+    versions = pinned.table_versions()
+    pinned_versions = {"store_version": pinned.version, "as_of": cfg.as_of,
+                       "tables": {t: versions[t] for t in read_tables if t in versions}}
+    metrics = {**metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "load_seconds": load_seconds,
+               "epoch_seconds": epoch_seconds, "device": str(device), "streamed": data.streamed,
+               "num_train": int(len(data.y))}
+    preds = pa.table({
+        "run_id": pa.array([run_id] * len(labels), pa.string()),
+        "sample_id": pa.array(evalset.sample_ids.tolist(), pa.string()),
+        "split": pa.array([cfg.eval_split] * len(labels), pa.string()),
+        "label": pa.array(labels.astype(np.int32)),
+        "prediction": pa.array(pred.astype(np.int32)),
+        "top5": pa.array(top5.tolist(), pa.list_(pa.int32())),
+        "score": pa.array(score.astype(np.float32)),
+    })
+    checkpoint = None
+    if write:
+        checkpoint = save_checkpoint(trainer.head, resolved, root=root, run_id=run_id)
+        row = pa.table({
+            "run_id": [run_id], "time": pa.array([utcnow()], pa.timestamp("us")), "head": [cfg.head],
+            "loss": [cfg.loss], "sampler": [cfg.sampler], "features": [",".join(cfg.features)],
+            "config": [resolved.to_yaml()], "pinned_versions": [json.dumps(pinned_versions, sort_keys=True)],
+            "metrics": [json.dumps(metrics, sort_keys=True)], "acc_all": [metrics["acc_all"]],
+            "acc_many": pa.array([metrics["acc_many"]], pa.float64()),
+            "acc_medium": pa.array([metrics["acc_medium"]], pa.float64()),
+            "acc_few": pa.array([metrics["acc_few"]], pa.float64()),
+            "macro_f1": [metrics["macro_f1"]], "head_tail_gap": pa.array([metrics["head_tail_gap"]], pa.float64()),
+            "train_seconds": [train_seconds], "epochs": pa.array([cfg.epochs], pa.int32()),
+            "seed": pa.array([cfg.seed], pa.int64()), "checkpoint": [checkpoint],
+        })
+        writer = Store(root, storage_options=storage_options)
+        with writer.transaction(message or command_line()) as tx:
+            tx.append("runs", row)
+            tx.append("predictions", preds)
+    return RunResult(run_id=run_id, config=resolved, metrics=metrics, train_seconds=train_seconds,
+                     epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, load_seconds=load_seconds,
+                     pinned_versions=pinned_versions, checkpoint=checkpoint, device=str(device),
+                     streamed=data.streamed, predictions=preds)
+
+
+def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -> str:
+    """``head.pt`` (state_dict) and ``config.yaml`` in ``cfg.out_dir`` or ``<store>/checkpoints/<run_id>/``."""
+    if cfg.out_dir:
+        out = Path(cfg.out_dir).expanduser() / run_id
+    elif "://" not in root or root.startswith("file://"):
+        out = Path(root.removeprefix("file://")) / "checkpoints" / run_id
+    else:
+        raise ValueError(f"store {root} is not a local directory: pass --out-dir for the checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "head.pt"
+    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, path)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------- sweeps
+SWEEP_COLUMNS = ["acc_many", "acc_medium", "acc_few", "acc_all", "macro_f1"]
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of ``{field: [values]}`` in the given key order (first key varies slowest)."""
+    import itertools
+
+    keys = list(grid)
+    for k in keys:
+        if not grid[k]:
+            raise ValueError(f"sweep key '{k}' has no values")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def sweep(store: Store | str | os.PathLike[str], base: TrainCfg, grid: dict[str, list[Any]], *, write: bool = True,
+          progress: bool = False) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """Train every point of ``grid`` over ``base``; returns the results and one comparison row per point
+    (the grid values, run_id, many / medium / few / all accuracy and macro-F1)."""
+    results, rows = [], []
+    for point in expand_grid(grid):
+        changes: dict[str, Any] = {}
+        for key, value in point.items():
+            if "." in key:  # head_opts.tau=... : one option of a *_opts field
+                name, opt = key.split(".", 1)
+                changes.setdefault(name, dict(getattr(base, name)))[opt] = value
+            else:
+                changes[key] = value
+        cfg = base.replace(**changes)
+        res = train_head(store, cfg, write=write, progress=progress)
+        results.append(res)
+        rows.append({**{k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in point.items()},
+                     "run_id": res.run_id, **{c: res.metrics[c] for c in SWEEP_COLUMNS}})
+    return results, rows
+
+
+__all__ = ["TrainData", "HeadTrainer", "RunResult", "train_head", "sweep", "expand_grid", "evaluate",
+           "load_train_data", "resolve_device", "save_checkpoint", "SWEEP_COLUMNS"]

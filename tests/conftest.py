@@ -1,0 +1,49 @@
+"""Shared pytest fixtures.
+
+``tmp_store``
+    An empty :class:`featurelt.Store` rooted at ``tmp_path / "store"`` (function scope).
+
+``digits_store``
+    Session-scoped *path* (``pathlib.Path``) of a store built once per test session through the CLI:
+
+    1. ``featurelt ingest --builtin digits`` -- scikit-learn's 1797 8x8 digits as PNG, a deterministic
+       stratified 80/20 train/test split (about 144 train rows per class, 10 classes);
+    2. ``featurelt make-lt --imbalance 10 --profile exp --seed 0 --many 60 --few 20`` -- exponential
+       profile ``n_y = floor(n_max * (1/10)^(y/9))`` with ``n_max`` the smallest balanced train count,
+       so the classes table has all three buckets (many > 60, medium 20..60, few < 20).
+
+    Store versions: 1 = balanced ingest, 2 = long-tailed. The store is shared by all tests of the
+    session: tests that write must copy it first::
+
+        root = tmp_path / "store"
+        shutil.copytree(digits_store, root)
+        store = Store(root)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featurelt.store import Store
+
+DIGITS_MAKE_LT = ["--imbalance", "10", "--profile", "exp", "--seed", "0", "--many", "60", "--few", "20"]
+
+
+@pytest.fixture()
+def tmp_store(tmp_path: Path) -> Store:
+    """An empty store in ``tmp_path / "store"``."""
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a read-only-by-convention store: builtin digits ingested (v1), then make-lt (v2)."""
+    from featurelt.cli import main
+
+    root = tmp_path_factory.mktemp("digits") / "store"
+    rc = main(["--store", str(root), "ingest", "--builtin", "digits"])
+    assert rc == 0, f"ingest --builtin digits failed with exit status {rc}"
+    rc = main(["--store", str(root), "make-lt", *DIGITS_MAKE_LT])
+    assert rc == 0, f"make-lt {' '.join(DIGITS_MAKE_LT)} failed with exit status {rc}"
+    return root

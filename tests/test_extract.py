@@ -1,0 +1,340 @@
+"""featurelt extract end to end on a tiny store (METHODS.md sections 2 and 5; issue 3 items 2-8).
+
+The store here is written directly (``samples`` + ``classes``, 3 classes x 8 PNG images of 12x12,
+train/test), so these tests do not depend on the ingest command and stay fast. When the
+session's ``digits_store`` (ingest + make-lt) is available, one test also runs on it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from featurelt.cli import main
+from featurelt.data.images import encode_png, sample_id_for, sha256_hex
+from featurelt.store import Store
+
+torch = pytest.importorskip("torch")
+encoders = pytest.importorskip("featurelt.encoders")
+
+K = 3  # classes
+PER_CLASS = 8  # images per class: 6 train + 2 test
+SIZE = 12
+
+
+def _sample_rows(seed: int, n_per_class: int, *, split_train: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in range(K):
+        for i in range(n_per_class):
+            arr = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+            arr[..., label] = 255 - 20 * i  # class-dependent colour
+            data = encode_png(arr)
+            rows.append({"sample_id": sample_id_for(data), "dataset": "toy", "split": "train" if i < split_train else "test",
+                         "label": label, "source": "original", "uri": None, "image": data,
+                         "content_sha256": sha256_hex(data), "width": SIZE, "height": SIZE, "description": None})
+    return rows
+
+
+def _samples_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("label", pa.int32()),
+        ("source", pa.string()), ("uri", pa.string()), ("image", pa.large_binary()), ("content_sha256", pa.string()),
+        ("width", pa.int32()), ("height", pa.int32()), ("description", pa.string())]))
+
+
+def _write_toy_store(root: Path) -> Store:
+    store = Store(root)
+    rows = _sample_rows(0, PER_CLASS, split_train=6)
+    classes = pa.table({"label": pa.array(range(K), pa.int32()), "name": ["red thing", "green thing", "blue thing"],
+                        "source": ["original"] * K, "neighbor_of": pa.array([None] * K, pa.int32()),
+                        "train_count": pa.array([6] * K, pa.int64()), "bucket": ["few"] * K,
+                        "bucket_many": pa.array([100] * K, pa.int64()), "bucket_few": pa.array([20] * K, pa.int64())})
+    with store.transaction("test: write toy samples") as tx:
+        tx.append("samples", _samples_table(rows))
+        tx.append("classes", classes)
+    return store
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy") / "store"
+    _write_toy_store(root)
+    return root
+
+
+@pytest.fixture()
+def store_root(toy_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    shutil.copytree(toy_root, root)
+    return root
+
+
+def run(root: Path, *args: str) -> int:
+    return main(["--store", str(root), "extract", *args, "--no-progress"])
+
+
+def _ids(store: Store, table: str, where: str = "view = 0") -> list[str]:
+    return store.read(table, columns=["sample_id"], filter=where).column("sample_id").to_pylist()
+
+
+def _image_encoders() -> list[str]:
+    names = [n for n in encoders.ENCODERS.names() if n == "pixels" or n.endswith(":tiny")]
+    return sorted(n for n in names if not n.startswith("text:"))
+
+
+# --------------------------------------------------------------------------- every tiny encoder + SQL
+@pytest.mark.parametrize("name", _image_encoders())
+def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(store_root, name, "--batch-size", "8") == 0
+    out = capsys.readouterr().out
+    store = Store(store_root)
+    enc = encoders.build_encoder(name)
+    n = K * PER_CLASS
+    for product, dim in enc.products.items():
+        set_name = enc.default_set_name(product)
+        table = f"emb_{set_name}"
+        assert store.count(table) == n, (table, out)
+        vec = store.dataset(table).schema.field("vector").type
+        assert vec.list_size == dim and vec.value_type == pa.float32()
+        # SQL over the embedding table joined to samples
+        res = store.sql(f"SELECT s.split, count(*) AS n, count(DISTINCT e.sample_id) AS d FROM {table} e "
+                        "JOIN samples s USING (sample_id) GROUP BY 1 ORDER BY 1").to_pylist()
+        assert res == [{"split": "test", "n": 2 * K, "d": 2 * K}, {"split": "train", "n": 6 * K, "d": 6 * K}]
+        prov = store.read("embedding_sets", filter=f"name = '{set_name}'").to_pylist()
+        assert len(prov) == 1 and prov[0]["rows"] == n and prov[0]["dim"] == dim and prov[0]["product"] == product
+        p = json.loads(prov[0]["provenance"])
+        assert p["encoder"] == name and p["store_version_read"] == 1 and p["featurelt_version"]
+        assert "samples" in p["tables_read"]
+    assert f"{n * len(enc.products)} rows added" in out or f"{n} rows added" in out
+    # the vectors are what the encoder gives for the decoded images (pixels + first product)
+    product = next(iter(enc.products))
+    table = store.read(f"emb_{enc.default_set_name(product)}")
+    first = table.slice(0, 2)
+    samples = {r["sample_id"]: r for r in store.read("samples").to_pylist()}
+    from featurelt.data.images import load_sample_image
+
+    x = torch.stack([enc.preprocess(load_sample_image(samples[s])) for s in first.column("sample_id").to_pylist()])
+    with torch.inference_mode():
+        want = enc.encode(x)[product].float().numpy()
+    got = np.asarray(first.column("vector").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # embeddings lists the sets
+    capsys.readouterr()
+    assert main(["--store", str(store_root), "embeddings", "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for product, dim in enc.products.items():
+        assert listed[enc.default_set_name(product)]["rows"] == n
+        assert listed[enc.default_set_name(product)]["dim"] == dim
+
+
+def test_text_minilm_and_clip_text_tower(store_root: Path) -> None:
+    if "text:minilm" not in encoders.ENCODERS.names():
+        pytest.skip("text:minilm not registered")
+    try:
+        encoders.build_text_encoder("text:minilm")
+    except (FileNotFoundError, ImportError, OSError) as exc:  # model package not installed here
+        pytest.skip(f"text:minilm unavailable: {exc}")
+    assert run(store_root, "text:minilm") == 0
+    store = Store(store_root)
+    rows = store.read("text_embeddings").sort_by("label").to_pylist()
+    assert [r["label"] for r in rows] == [0, 1, 2]
+    assert [r["class_name"] for r in rows] == ["red thing", "green thing", "blue thing"]
+    v = np.asarray([r["vector"] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert rows[0]["dim"] == v.shape[1]
+    version = store.version
+    assert run(store_root, "text:minilm") == 0  # nothing new: no new store version
+    store.refresh()
+    assert store.version == version and store.count("text_embeddings") == 3
+    # clip tiny: image embeddings and its text tower's class embeddings in one run
+    assert run(store_root, "clip:tiny", "--limit", "4") == 0
+    store.refresh()
+    sets = set(store.read("text_embeddings", columns=["set_name"]).column("set_name").to_pylist())
+    assert len(sets) == 2
+
+
+# --------------------------------------------------------------------------- resume, incremental
+def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import featurelt.extract as fx
+
+    real_commit = fx._LocalRun._commit
+    calls = {"n": 0}
+
+    def commit_then_die(self, *args, **kwargs):
+        out = real_commit(self, *args, **kwargs)
+        calls["n"] += 1
+        raise KeyboardInterrupt("simulated kill after the first chunk commit")
+
+    monkeypatch.setattr(fx._LocalRun, "_commit", commit_then_die)
+    rc = run(store_root, "pixels", "--batch-size", "4", "--chunk-rows", "8")
+    assert rc == 130 and calls["n"] == 1
+    store = Store(store_root)
+    assert store.count("emb_pixels") == 8  # the first chunk survives
+    assert not store.has_table("embedding_sets")  # provenance comes with the last chunk
+    monkeypatch.setattr(fx._LocalRun, "_commit", real_commit)
+
+    assert run(store_root, "pixels", "--batch-size", "4", "--chunk-rows", "8") == 0
+    store.refresh()
+    ids = _ids(store, "emb_pixels")
+    assert len(ids) == K * PER_CLASS and len(set(ids)) == len(ids)
+    assert store.read("embedding_sets").column("rows").to_pylist() == [K * PER_CLASS - 8]
+
+    # a third run changes nothing
+    version = store.version
+    assert run(store_root, "pixels") == 0
+    store.refresh()
+    assert store.version == version
+
+    # new samples ingested later: only they get embedded
+    new_rows = _sample_rows(7, 2, split_train=2)
+    with store.transaction("test: more samples") as tx:
+        tx.append("samples", _samples_table(new_rows))
+    assert run(store_root, "pixels") == 0
+    store.refresh()
+    ids = _ids(store, "emb_pixels")
+    assert len(ids) == K * PER_CLASS + len(new_rows) and len(set(ids)) == len(ids)
+    assert store.read("embedding_sets").column("rows").to_pylist()[-1] == len(new_rows)
+
+
+def test_split_limit_and_missing_split(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(store_root, "pixels", "--split", "test", "--limit", "4") == 0
+    store = Store(store_root)
+    assert store.count("emb_pixels") == 4
+    assert store.sql("SELECT count(*) AS n FROM emb_pixels JOIN samples USING (sample_id) WHERE split='test'"
+                     ).column("n").to_pylist() == [4]
+    capsys.readouterr()
+    assert run(store_root, "pixels", "--split", "val") == 1
+    err = capsys.readouterr().err
+    assert "no samples with split 'val'" in err and "test, train" in err
+
+
+# --------------------------------------------------------------------------- bad input
+def _add_corrupt(store: Store) -> str:
+    row = _sample_rows(3, 1, split_train=1)[0]
+    row["image"] = row["image"][:40]  # truncated PNG
+    row["sample_id"] = "corrupt0"
+    with store.transaction("test: corrupt sample") as tx:
+        tx.append("samples", _samples_table([row]))
+    return row["sample_id"]
+
+
+def test_corrupt_image_goes_to_rejects_and_strict_fails(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(store_root)
+    sid = _add_corrupt(store)
+    capsys.readouterr()
+    assert run(store_root, "pixels", "--strict") == 1
+    err = capsys.readouterr().err
+    assert sid in err and "decode" in err
+    store.refresh()
+    assert not store.has_table("emb_pixels")
+    assert run(store_root, "pixels") == 0
+    assert "1 rejected" in capsys.readouterr().out
+    store.refresh()
+    assert store.count("emb_pixels") == K * PER_CLASS
+    rej = store.read("rejects").to_pylist()
+    assert len(rej) == 1 and rej[0]["sample_id"] == sid and rej[0]["stage"] == "extract"
+    assert "cannot decode" in rej[0]["reason"]
+
+
+# --------------------------------------------------------------------------- views, dtype
+def test_views_store_strengths(store_root: Path) -> None:
+    from featurelt.extract import randaugment_magnitude, view_strength
+
+    assert [view_strength(v, 2) for v in range(3)] == [0.0, 0.5, 1.0]
+    assert [randaugment_magnitude(s) for s in (0.0, 0.5, 1.0)] == [0, 15, 30]
+    assert run(store_root, "pixels", "--views", "2", "--augment", "randaugment", "--limit", "6") == 0
+    store = Store(store_root)
+    t = store.sql("SELECT view, aug_strength, count(*) AS n, count(DISTINCT sample_id) AS d FROM emb_pixels "
+                  "GROUP BY 1, 2 ORDER BY 1").to_pylist()
+    assert t == [{"view": 0, "aug_strength": 0.0, "n": 6, "d": 6}, {"view": 1, "aug_strength": 0.5, "n": 6, "d": 6},
+                 {"view": 2, "aug_strength": 1.0, "n": 6, "d": 6}]
+    vecs = {(r["sample_id"], r["view"]): np.asarray(r["vector"]) for r in store.read("emb_pixels").to_pylist()}
+    sid = next(iter(vecs))[0]
+    assert not np.allclose(vecs[(sid, 0)], vecs[(sid, 2)])  # the strong view differs from the plain image
+    # re-run is a no-op; views are reproducible (seeded per sample and view)
+    version = store.version
+    assert run(store_root, "pixels", "--views", "2", "--augment", "randaugment", "--limit", "6") == 0
+    store.refresh()
+    assert store.version == version
+    assert run(store_root, "pixels", "--views", "2", "--name", "again", "--augment", "randaugment", "--limit", "6") == 0
+    store.refresh()
+    again = {(r["sample_id"], r["view"]): np.asarray(r["vector"]) for r in store.read("emb_again").to_pylist()}
+    for key, v in vecs.items():
+        np.testing.assert_array_equal(again[key], v)
+    assert run(store_root, "pixels", "--views", "2") == 1  # needs --augment
+
+
+def test_float16(store_root: Path) -> None:
+    assert run(store_root, "pixels", "--dtype", "float16", "--name", "px16", "--limit", "5") == 0
+    assert run(store_root, "pixels", "--limit", "5") == 0
+    store = Store(store_root)
+    assert store.dataset("emb_px16").schema.field("vector").type.value_type == pa.float16()
+    a = store.read("emb_px16").sort_by("sample_id").column("vector").to_pylist()
+    b = store.read("emb_pixels").sort_by("sample_id").column("vector").to_pylist()
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-3, atol=1e-3)
+    assert store.read("embedding_sets", filter="name = 'px16'").column("dtype").to_pylist() == ["float16"]
+
+
+def test_workers_give_the_same_rows(store_root: Path) -> None:
+    assert run(store_root, "pixels", "--num-workers", "2", "--batch-size", "5", "--name", "w2") == 0
+    assert run(store_root, "pixels", "--batch-size", "7") == 0
+    store = Store(store_root)
+    a = store.read("emb_w2").sort_by("sample_id")
+    b = store.read("emb_pixels").sort_by("sample_id")
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+    np.testing.assert_array_equal(np.asarray(a.column("vector").to_pylist()), np.asarray(b.column("vector").to_pylist()))
+
+
+def test_unknown_product_and_named_set_mismatch(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(store_root, "pixels", "--products", "nope") == 1
+    assert "no product" in capsys.readouterr().err
+    assert run(store_root, "pixels", "--limit", "2") == 0
+    assert run(store_root, "pixels", "--limit", "2", "--dtype", "float16") == 1
+    assert "pass --name" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Ray
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_engine_equals_local(store_root: Path) -> None:
+    pytest.importorskip("ray")
+    name = "clip:tiny" if "clip:tiny" in encoders.ENCODERS.names() else "pixels"
+    assert run(store_root, name, "--name", "loc", "--batch-size", "8", "--device", "cpu") == 0
+    store = Store(store_root)
+    version = store.version
+    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--batch-size", "8", "--device", "cpu") == 0
+    store.refresh()
+    assert store.version == version + 1  # one commit
+    enc = encoders.build_encoder(name)
+    for product in enc.products:
+        suffix = "" if len(enc.products) == 1 else f"_{product}"
+        a = store.read(f"emb_loc{suffix}").sort_by("sample_id")
+        b = store.read(f"emb_ray{suffix}").sort_by("sample_id")
+        assert b.schema.field("vector").type == a.schema.field("vector").type
+        assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+        np.testing.assert_allclose(np.asarray(b.column("vector").to_pylist()), np.asarray(a.column("vector").to_pylist()),
+                                   rtol=1e-5, atol=1e-6)
+    # re-run with ray: nothing left, no duplicates
+    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--device", "cpu") == 0
+    store.refresh()
+    assert store.version == version + 1
+
+
+# --------------------------------------------------------------------------- the shared digits store
+def test_digits_store_pixels(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    pytest.importorskip("featurelt.commands.ingest_cmds")
+    digits_store = request.getfixturevalue("digits_store")
+    root = tmp_path / "digits"
+    shutil.copytree(digits_store, root)
+    assert run(root, "pixels", "--split", "train") == 0
+    store = Store(root)
+    n_train = store.count("samples", "split = 'train'")
+    assert store.count("emb_pixels") == n_train
+    res = store.sql("SELECT c.bucket, count(*) AS n FROM emb_pixels e JOIN samples s USING (sample_id) "
+                    "JOIN classes c USING (label) GROUP BY 1").to_pylist()
+    assert sum(r["n"] for r in res) == n_train

@@ -1,0 +1,335 @@
+"""Reports: files, valid PNG/HTML, every number table equal to SQL over runs / predictions / classes."""
+from __future__ import annotations
+
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from featurelt.cli import main
+from featurelt.report import (collect, confusion_counts, project_2d, sample_embeddings, select_confused_classes,
+                              top_confused_pairs, write_report)
+from featurelt.store import Store
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAIN_COUNTS = [300, 150, 80, 40, 12, 4]          # many, many, medium, medium, few, few (100 / 20 thresholds)
+BUCKETS = ["many", "many", "medium", "medium", "few", "few"]
+NAMES = ["t-shirt", "trouser", "pull<over>", "dress & co", "coat \"long\"", "sandal"]
+PER_TEST = 10
+
+
+def _classes() -> pa.Table:
+    k = len(TRAIN_COUNTS)
+    return pa.table({"label": pa.array(range(k), pa.int32()), "name": NAMES, "source": ["original"] * k,
+                     "neighbor_of": pa.array([None] * k, pa.int32()), "train_count": TRAIN_COUNTS,
+                     "bucket": BUCKETS, "bucket_many": [100] * k, "bucket_few": [20] * k})
+
+
+def _samples() -> pa.Table:
+    ids, labels, splits = [], [], []
+    for y, n in enumerate(TRAIN_COUNTS):
+        for i in range(n):
+            ids.append(f"tr{y}_{i}"), labels.append(y), splits.append("train")
+        for i in range(PER_TEST):
+            ids.append(f"te{y}_{i}"), labels.append(y), splits.append("test")
+    n = len(ids)
+    return pa.table({"sample_id": ids, "dataset": ["synthetic"] * n, "split": splits,
+                     "label": pa.array(labels, pa.int32()), "source": ["original"] * n, "uri": [None] * n,
+                     "image": pa.array([None] * n, pa.large_binary()), "content_sha256": ids,
+                     "width": pa.array([8] * n, pa.int32()), "height": pa.array([8] * n, pa.int32()),
+                     "description": [None] * n})
+
+
+def _embeddings(samples: pa.Table, dim: int = 12) -> pa.Table:
+    rng = np.random.default_rng(0)
+    labels = np.asarray(samples.column("label"))
+    x = (rng.normal(size=(len(labels), dim)) + 3.0 * np.eye(dim)[labels]).astype(np.float32)
+    n = len(labels)
+    return pa.table({"sample_id": samples.column("sample_id"), "view": pa.array([0] * n, pa.int32()),
+                     "aug_strength": pa.array([0.0] * n, pa.float32()), "fingerprint": ["fp"] * n,
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)})
+
+
+def _predictions(run_id: str, n_wrong: list[int]) -> tuple[pa.Table, dict[str, float]]:
+    """Test predictions with ``n_wrong[y]`` errors in class y (predicted as class y-1, top5 filled),
+    and the metrics they imply (computed here by hand, per bucket over samples)."""
+    rows = []
+    for y in range(len(TRAIN_COUNTS)):
+        for i in range(PER_TEST):
+            pred = (y - 1) % len(TRAIN_COUNTS) if i < n_wrong[y] else y
+            rows.append({"run_id": run_id, "sample_id": f"te{y}_{i}", "split": "test", "label": y,
+                         "prediction": pred, "top5": [pred, (pred + 1) % 6, (pred + 2) % 6, (pred + 3) % 6,
+                                                      (pred + 4) % 6], "score": 0.9})
+    table = pa.Table.from_pylist(rows)
+    acc = {b: 1 - sum(w for w, bb in zip(n_wrong, BUCKETS) if bb == b) / (PER_TEST * BUCKETS.count(b))
+           for b in ("many", "medium", "few")}
+    acc["all"] = 1 - sum(n_wrong) / (PER_TEST * len(TRAIN_COUNTS))
+    return table, acc
+
+
+def _run_row(run_id: str, head: str, loss: str, acc: dict[str, float], macro_f1: float) -> dict:
+    return {"run_id": run_id, "time": np.datetime64("2026-01-01T00:00:00").astype("datetime64[us]").item(),
+            "head": head, "loss": loss, "sampler": "instance", "features": "pixels",
+            "config": f"head: {head}\nloss: {loss}\nnote: '<script>alert(1)</script>'\n",
+            "pinned_versions": json.dumps({"store_version": 3, "tables": {"samples": 1, "emb_pixels": 1}}),
+            "metrics": json.dumps({"acc_all": acc["all"]}), "acc_all": acc["all"], "acc_many": acc["many"],
+            "acc_medium": acc["medium"], "acc_few": acc["few"], "macro_f1": macro_f1,
+            "head_tail_gap": acc["many"] - acc["few"], "train_seconds": 1.25, "epochs": 3, "seed": 0,
+            "checkpoint": None}
+
+
+RUNS = {"run-ce": ("linear", "ce", [0, 1, 2, 3, 6, 8], 0.61),
+        "run-bs": ("linear", "balanced_softmax", [1, 1, 2, 2, 4, 5], 0.7)}
+
+
+@pytest.fixture(scope="module")
+def report_store(tmp_path_factory) -> Store:
+    """A store with classes, samples, emb_pixels and two runs with predictions, written as train-head would."""
+    store = Store(tmp_path_factory.mktemp("report") / "store")
+    samples = _samples()
+    with store.transaction("synthetic data") as tx:
+        tx.append("samples", samples)
+        tx.append("classes", _classes())
+        tx.append("emb_pixels", _embeddings(samples))
+    for run_id, (head, loss, wrong, f1) in RUNS.items():
+        preds, acc = _predictions(run_id, wrong)
+        with store.transaction(f"train-head {run_id}") as tx:
+            tx.append("runs", pa.Table.from_pylist([_run_row(run_id, head, loss, acc, f1)]))
+            tx.append("predictions", preds)
+    store.refresh()
+    return store
+
+
+class _Page(HTMLParser):
+    """Collects images, tables (id -> rows of cell text) and checks that tags balance."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.images: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.stack: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "img":
+            self.images.append(a["src"])
+        elif tag == "table":
+            self._table = a.get("id", f"table{len(self.tables)}")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>; open: {self.stack[-3:]}"
+        self.stack.pop()
+        if tag in ("td", "th") and self._table is not None and self._cell is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    assert page.stack == [], f"unclosed tags {page.stack}"
+    return page
+
+
+def table_dicts(page: _Page, table_id: str) -> list[dict[str, str]]:
+    rows = page.tables[table_id]
+    return [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def same(cell: str, value) -> bool:
+    """An HTML cell (4-decimal text) shows ``value`` from SQL."""
+    if value is None:
+        return cell == "–"
+    if isinstance(value, float):
+        return cell == f"{value:.4f}"
+    return cell == str(value)
+
+
+# ---------------------------------------------------------------- unit pieces
+def test_confusion_counts_and_top_pairs(report_store: Store) -> None:
+    labels, names, counts = confusion_counts(report_store, "run-ce", "test")
+    assert labels == list(range(6)) and names == NAMES
+    assert counts.sum() == 6 * PER_TEST
+    # class 4 has 6 errors, all predicted as class 3; class 0 none
+    assert counts[4, 4] == 4 and counts[4, 3] == 6 and counts[0, 0] == PER_TEST
+    top = top_confused_pairs(labels, names, counts, k=3)
+    assert [(t["label"], t["prediction"], t["n"]) for t in top] == [(5, 4, 8), (4, 3, 6), (3, 2, 3)]
+    assert top[0]["row_fraction"] == pytest.approx(0.8)
+
+
+def test_select_confused_classes_keeps_the_most_confused() -> None:
+    counts = np.diag([10] * 30)
+    counts[7, 21] = 5
+    counts[12, 7] = 2
+    keep = select_confused_classes(counts, 3)
+    assert list(keep) == [7, 12, 21]
+    assert list(select_confused_classes(counts, 40)) == list(range(30))
+
+
+def test_sample_embeddings_streams_a_bounded_sample(report_store: Store) -> None:
+    x, rows = sample_embeddings(report_store, "pixels", "test", max_points=25, batch_size=7)
+    assert x.shape == (25, 12) and len(rows) == 25
+    # the vectors are the stored ones for those samples
+    stored = report_store.sql("SELECT sample_id, vector FROM emb_pixels").to_pylist()
+    by_id = {r["sample_id"]: r["vector"] for r in stored}
+    for r, v in zip(rows, x):
+        np.testing.assert_allclose(v, by_id[r["sample_id"]], rtol=1e-6)
+        assert r["sample_id"].startswith("te")
+    # deterministic
+    x2, rows2 = sample_embeddings(report_store, "pixels", "test", max_points=25, batch_size=1000)
+    assert [r["sample_id"] for r in rows2] == [r["sample_id"] for r in rows]
+    with pytest.raises(ValueError, match="embedding set 'nope' does not exist.*pixels"):
+        sample_embeddings(report_store, "nope", "test", max_points=5)
+
+
+def test_project_2d_pca_matches_sklearn() -> None:
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 5)).astype(np.float32) * np.array([5, 3, 1, 0.5, 0.1], np.float32)
+    y, desc = project_2d(x, method="pca")
+    ref = PCA(n_components=2, random_state=0).fit_transform(x)
+    np.testing.assert_allclose(np.abs(y), np.abs(ref), rtol=1e-4, atol=1e-4)
+    assert desc.startswith("PCA")
+    with pytest.raises(ValueError, match="at least 3"):
+        project_2d(x[:2])
+
+
+# ---------------------------------------------------------------- the report
+def test_report_files_figures_and_numbers(report_store: Store, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "rep"
+    index = write_report(report_store, "run-ce", compare=["run-bs"], out_dir=out)
+    assert index == out / "index.html"
+    page = parse_page(index)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["buckets.png", "confusion.png", "per_class_accuracy.png", "projection.png"]
+    assert sorted(page.images) == pngs
+    for name in pngs:
+        raw = (out / name).read_bytes()
+        assert raw[:8] == PNG_MAGIC, name
+        with Image.open(out / name) as im:
+            im.verify()
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
+            # a real plot: not a blank canvas
+            assert len(np.unique(np.asarray(im.convert("L")))) > 20
+
+    # -- runs table in the HTML and in report.json == SQL over runs
+    sql_runs = {r["run_id"]: r for r in report_store.sql(
+        "SELECT run_id, head, loss, acc_all, acc_many, acc_medium, acc_few, macro_f1, head_tail_gap, epochs, "
+        "train_seconds FROM runs").to_pylist()}
+    html_runs = table_dicts(page, "runs")
+    assert [r["run_id"] for r in html_runs] == ["run-ce", "run-bs"]
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["run_id"] for r in doc["runs"]] == ["run-ce", "run-bs"] and doc["compare"] == ["run-bs"]
+    for html_row, json_row in zip(html_runs, doc["runs"]):
+        ref = sql_runs[html_row["run_id"]]
+        for col, value in ref.items():
+            assert same(html_row[col], value), (col, html_row[col], value)
+            assert json_row[col] == value, (col, json_row[col], value)
+    # the hand-computed metrics of the fixture
+    _, acc = _predictions("run-ce", RUNS["run-ce"][2])
+    assert html_runs[0]["acc_few"] == f"{acc['few']:.4f}" == "0.3000"
+
+    # -- per-class tables == predictions JOIN classes
+    for run_id in RUNS:
+        ref = report_store.sql(
+            "SELECT c.label, c.name, c.bucket, c.train_count, count(*) AS n, "
+            "sum((p.prediction = p.label)::INT) AS correct, avg((p.prediction = p.label)::INT) AS accuracy "
+            f"FROM predictions p JOIN classes c USING (label) WHERE p.run_id = '{run_id}' "
+            "GROUP BY ALL ORDER BY c.label").to_pylist()
+        html_rows = table_dicts(page, f"per_class-{run_id}")
+        assert len(html_rows) == len(ref) == 6
+        for h, j, r in zip(html_rows, doc["per_class"][run_id], ref):
+            for col in ("label", "name", "bucket", "train_count", "n", "correct", "accuracy"):
+                assert same(h[col], r[col]), (run_id, col, h[col], r[col])
+                assert j[col] == pytest.approx(r[col]) if isinstance(r[col], float) else j[col] == r[col]
+        assert html_rows[2]["name"] == "pull<over>"   # escaped in the file, text again once parsed
+
+    # -- bucket accuracy recomputed from predictions agrees with the runs table
+    check = table_dicts(page, "bucket_from_predictions")
+    assert len(check) == 2 * 4
+    for row in check:
+        col = "acc_all" if row["bucket"] == "all" else f"acc_{row['bucket']}"
+        assert row["accuracy"] == f"{sql_runs[row['run_id']][col]:.4f}", row
+    for j in doc["bucket_from_predictions"]:
+        col = "acc_all" if j["bucket"] == "all" else f"acc_{j['bucket']}"
+        assert math.isclose(j["accuracy"], sql_runs[j["run_id"]][col], abs_tol=1e-12)
+
+    # -- confusion
+    conf = report_store.sql("SELECT label, prediction, count(*) AS n FROM predictions WHERE run_id = 'run-ce' "
+                            "GROUP BY ALL").to_pylist()
+    counts = np.array(doc["confusion"]["counts"])
+    for r in conf:
+        assert counts[r["label"], r["prediction"]] == r["n"]
+    assert counts.sum() == sum(r["n"] for r in conf)
+    top = table_dicts(page, "top_confusions")
+    assert (top[0]["label"], top[0]["prediction"], top[0]["n"]) == ("5", "4", "8")
+
+    # -- projection, config and pinned versions, escaping
+    assert doc["projection"]["embedding_set"] == "pixels" and doc["projection"]["n"] == 6 * PER_TEST
+    assert sum(doc["projection"]["points_per_bucket"].values()) == len(doc["projection"]["points"])
+    raw = index.read_text()
+    assert "<script>" not in raw and "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
+    text = "".join(page.text)
+    assert "head: linear" in text and '"store_version": 3' in text and "emb_pixels" in text
+
+
+def test_report_single_run_and_many_classes_confusion(report_store: Store, tmp_path: Path) -> None:
+    index = write_report(report_store, "run-bs", out_dir=tmp_path / "one", max_confusion_classes=3,
+                         max_points=20)
+    doc = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert doc["compare"] == [] and len(doc["runs"]) == 1
+    assert len(doc["confusion"]["shown_labels"]) == 3
+    assert len(doc["projection"]["points"]) == 20
+    page = parse_page(index)
+    assert "3 classes with the most errors" in "".join(page.text)
+
+
+def test_report_errors(report_store: Store, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown run id\(s\) nope; latest runs: .*run-ce"):
+        write_report(report_store, "nope", out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="embedding set 'clip' does not exist"):
+        write_report(report_store, "run-ce", out_dir=tmp_path / "x", embedding_set="clip")
+    data, points = collect(report_store, "run-ce", compare=["run-bs"])
+    assert data.eval_split == "test" and points is not None and points.shape == (60, 2)
+
+
+def test_report_cli(report_store: Store, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli"
+    rc = main(["report", "--store", report_store.root, "--run", "run-bs", "--compare", "run-ce", "--out", str(out),
+               "--embedding-set", "pixels"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert str(out / "index.html") in captured.out
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["run_id"] for r in doc["runs"]] == ["run-bs", "run-ce"]
+    rc = main(["report", "--store", report_store.root, "--run", "missing", "--out", str(out)])
+    assert rc == 1
+    assert "featurelt report: error: unknown run id(s) missing" in capsys.readouterr().err
