@@ -64,8 +64,9 @@ def peak_rss_mib() -> tuple[float, float]:
     return own, children
 
 
-def bench_encoder(store: Store, name: str, *, batch_size: int, num_workers: int, device: str, runs: int,
-                  untrained: bool) -> dict:
+def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_workers: int, device: str,
+                  runs: int, untrained: bool) -> dict:
+    """Median forward and extract throughput of ``name`` over the first ``images`` samples of ``store``."""
     import torch
 
     from featurelt.encoders import build_encoder
@@ -75,7 +76,7 @@ def bench_encoder(store: Store, name: str, *, batch_size: int, num_workers: int,
     enc = build_encoder(name, device=dev, untrained=untrained)
     enc.to(dev)
     products = list(enc.products)
-    rows = store.read("samples", columns=["sample_id", "image", "uri"]).to_pylist()
+    rows = store.read("samples", columns=["sample_id", "image", "uri"]).slice(0, images).to_pylist()
     x_all = torch.stack([enc.preprocess(load_sample_image(r)) for r in rows])  # decoded + preprocessed in memory
     if dev.startswith("cuda"):
         x_all = x_all.pin_memory()
@@ -90,22 +91,32 @@ def bench_encoder(store: Store, name: str, *, batch_size: int, num_workers: int,
         return n / (time.perf_counter() - t0)
 
     forward()  # warm-up (kernels, allocator)
+    extract(store, name, name=f"bench_warmup_{time.time_ns()}", limit=batch_size, batch_size=batch_size,
+            num_workers=num_workers, device=dev, untrained=untrained, progress=False)  # lazy imports, fork server
     fwd, e2e_loop, e2e_call = [], [], []
+    ratios_loop, ratios_call = [], []
     for r in range(runs):
-        fwd.append(forward())
+        before = forward()
         t0 = time.perf_counter()
-        res = extract(store, name, name=f"bench_{r}_{time.time_ns()}", batch_size=batch_size, num_workers=num_workers,
+        res = extract(store, name, name=f"bench_{r}_{time.time_ns()}", limit=n, batch_size=batch_size,
+                      num_workers=num_workers,
                       device=dev, untrained=untrained, progress=False, chunk_rows=max(2048, batch_size),
                       message=f"bench extract {name}")
         call = time.perf_counter() - t0
         if res.samples_embedded != n or res.rejected:
             raise RuntimeError(f"extract embedded {res.samples_embedded} of {n} samples ({res.rejected} rejected)")
+        after = forward()
+        # the baseline brackets the extract run (mean of before and after), so drifting load on a shared
+        # machine affects both sides of the ratio alike; the ratio is taken per run, then the median
+        fwd.append((before + after) / 2)
         e2e_loop.append(res.images_per_second)
         e2e_call.append(n / call)
+        ratios_loop.append(e2e_loop[-1] / fwd[-1])
+        ratios_call.append(e2e_call[-1] / fwd[-1])
     f, lo, ca = statistics.median(fwd), statistics.median(e2e_loop), statistics.median(e2e_call)
     return {"encoder": name + (" (random weights)" if untrained else ""), "images": n, "batch": batch_size,
             "workers": num_workers, "device": dev, "forward": f, "extract_loop": lo, "extract_call": ca,
-            "ratio_loop": lo / f, "ratio_call": ca / f, "runs": runs,
+            "ratio_loop": statistics.median(ratios_loop), "ratio_call": statistics.median(ratios_call), "runs": runs,
             "all_forward": fwd, "all_loop": e2e_loop}
 
 
@@ -113,10 +124,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
     cmd = "python bench/extract.py " + " ".join(sys.argv[1:])
     lines = [SECTION, "",
              f"Machine: {machine}. Command: `{cmd}`. Median of {args.runs} runs; each run: baseline forward over "
-             f"the in-memory preprocessed tensor, then `extract()` into a fresh set from the store "
-             f"({args.images} random {args.size}x{args.size} PNGs). Ratio = extract / forward (target >= 0.85); "
+             f"the in-memory preprocessed tensor before and after `extract()` into a fresh set from the store "
+             f"(random {args.size}x{args.size} PNGs; `images` per encoder). Ratio = extract / forward (target >= 0.85); "
              "`loop` times the embedding loop (read, decode, preprocess, encode, write, commit), `call` the "
-             "whole call (encoder build and planning too).", "",
+             "whole call (encoder build and planning too). img/s columns are medians over runs; ratios are the "
+             "median of the per-run ratios.", "",
              "| encoder | device | images | batch | workers | forward img/s | extract loop img/s | ratio loop | "
              "extract call img/s | ratio call |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,7 +136,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
         lines.append(f"| {r['encoder']} | {r['device']} | {r['images']} | {r['batch']} | {r['workers']} | "
                      f"{r['forward']:.1f} | {r['extract_loop']:.1f} | {r['ratio_loop']:.2f} | "
                      f"{r['extract_call']:.1f} | {r['ratio_call']:.2f} |")
-    lines += ["", f"Peak RSS: {rss[0]:.0f} MiB (this process), {rss[1]:.0f} MiB (largest worker process).", ""]
+    lines += ["", f"Peak RSS: {rss[0]:.0f} MiB (this process: both encoders, the in-memory tensors and the extract "
+              f"runs), {rss[1]:.0f} MiB (largest child process).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -145,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=256, help="number of images in the benchmark store (default 256)")
     p.add_argument("--size", type=int, default=64, help="side of the random PNG images in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both measurements (default 64)")
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers for extract (default 1)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers for extract (default: 0 on cpu, min(8, cores - 2) on cuda)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device (default auto)")
-    p.add_argument("--runs", type=int, default=3, help="runs per encoder; the median is reported (default 3)")
-    p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"],
-                   help="encoders to time (default clip:ViT-B-32 with random weights, clip:tiny)")
+    p.add_argument("--runs", type=int, default=5, help="runs per encoder; the median is reported (default 3)")
+    p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"], metavar="NAME[=IMAGES]",
+                   help="encoders to time, each optionally with its own image count (default clip:ViT-B-32 with "
+                   "random weights, clip:tiny; both --images)")
     p.add_argument("--machine", default=None, help="machine label for RESULTS.md (default: hostname, cores)")
     p.add_argument("--results", type=Path, default=None,
                    help="replace the '## bench/extract.py' section of this RESULTS.md with the table")
@@ -159,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = args.machine or (f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    if args.num_workers is None:
+        on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.num_workers = max(1, min(8, (os.cpu_count() or 4) - 2)) if on_cuda else 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
-        store = make_store(Path(tmp) / "store", args.images, args.size)
-        for name in args.encoders:
-            untrained = not name.endswith(":tiny") and name != "pixels"
-            row = bench_encoder(store, name, batch_size=args.batch_size, num_workers=args.num_workers,
+        wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]
+        store = make_store(Path(tmp) / "store", max(n for _, n in wanted), args.size)
+        for name, n in wanted:
+            untrained = not name.endswith(":tiny") and not name.startswith("pixels")
+            row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,
                                 device=args.device, runs=args.runs, untrained=untrained)
             rows.append(row)
             print(f"{row['encoder']}: forward {row['forward']:.1f} img/s, extract loop {row['extract_loop']:.1f} img/s "

@@ -226,9 +226,10 @@ def render(rows: list[dict[str, object]], notes: dict[str, str], args: argparse.
     ]
     for r in rows:
         lines.append(f"| {r['what']} | {r['featurelt']} | {r['baseline']} | {r['ratio']} | {r['runs']} | {r['rss']} |")
-    if notes:
-        lines.append("")
-        lines += [f"- {v}" for v in notes.values()]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines += ["", f"- load average (1/5/15 min) when the run ended: {load}"
+              f"{' -- other work shared the cores' if os.getloadavg()[0] > (os.cpu_count() or 1) else ''}"]
+    lines += [f"- {v}" for v in notes.values()]
     return "\n".join(lines) + "\n"
 
 

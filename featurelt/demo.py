@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +29,9 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz
 IMAGE_ENCODERS = ("pixels", "clip:tiny", "sam:tiny", "dinov2:tiny")
 TEXT_ENCODER = "text:minilm"
 IMBALANCE = 100.0
-FASHION_MNIST_LIMIT = 6000   # train images ingested by default (test: a third of it)
+FASHION_MNIST_LIMIT = 4000   # train images ingested by default (test: a third of it)
 # columns of the printed comparison table (all from the runs table)
-TABLE_COLUMNS = ("run_id", "head", "loss", "sampler", "features", "acc_all", "acc_many", "acc_medium", "acc_few",
-                 "macro_f1")
+TABLE_COLUMNS = ("run_id", "head", "loss", "sampler", "acc_all", "acc_many", "acc_medium", "acc_few", "macro_f1")
 
 Dataset = Literal["auto", "digits", "fashion-mnist"]
 
@@ -108,7 +105,14 @@ def default_sizes(dataset: str, *, limit: int | None, image_size: int | None, ep
 
     counts = exp_profile(per_class_train, k, IMBALANCE)
     many, few = bucket_thresholds(counts)
-    return DemoSizes(limit=limit, image_size=image_size or 32, epochs=epochs or 15, many=many, few=few)
+    return DemoSizes(limit=limit, image_size=image_size or 32, epochs=epochs or 20, many=many, few=few)
+
+
+def input_size(encoder: str, size: int) -> int:
+    """``size`` for ``encoder``, rounded to a multiple of 14 for DINOv2 (its ViT patch size)."""
+    if encoder.startswith("dinov2:"):
+        return max(14, round(size / 14) * 14)
+    return size
 
 
 class StepFailed(RuntimeError):
@@ -135,7 +139,10 @@ class Pipeline:
         out, err = io.StringIO(), io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(full)
+            try:
+                rc = main(full)
+            except SystemExit as exc:  # argparse usage errors exit; report them like a failed step
+                rc = exc.code if isinstance(exc.code, int) else 2
         dt = time.perf_counter() - t0
         self.timings[name] = self.timings.get(name, 0.0) + dt
         text = out.getvalue()
@@ -179,21 +186,29 @@ def _run_ids(store_path: str) -> list[str]:
     return store.sql("SELECT run_id FROM runs ORDER BY time").column(0).to_pylist()
 
 
-# The sweep: (label, train-head arguments). Feature sets follow ARCHITECTURE.md's default names.
+# The sweep: (label, train-head arguments). Embedding set names are ARCHITECTURE.md's defaults.
+SINGLE_FEATURES = "pixels"                                   # the single-source heads read raw pixels
+FUSED_FEATURES = "pixels,clip_tiny,dinov2_tiny_cls,sam_tiny_latent"  # the fusion head reads every image set
+TEXT_SET = "minilm"                                          # class-name embeddings of text:minilm
+RERUN = 1                                                    # index of the head trained a second time
+
+
 def sweep_specs(epochs: int, seed: int) -> list[tuple[str, list[str]]]:
-    """The heads the demo trains: CE, balanced softmax, LFM, fusion with prototype losses, ECVL adapter."""
+    """The heads the demo trains (METHODS.md sections): CE and balanced softmax (1), LFM text-guided mixup
+    (6), fusion of all cached sources (token width 64) with the prototype losses (2), the ECVL adapter with
+    class-balanced sampling (5). SGD, lr 0.1 cosine-annealed (0.01 for the LFM projection, whose cosine logits diverge at 0.1)."""
     common = ["--epochs", str(epochs), "--seed", str(seed)]
-    fused = "clip_tiny,dinov2_tiny_cls,sam_tiny_latent"
     return [
-        ("linear + CE", ["--head", "linear", "--loss", "ce", "--features", "clip_tiny", *common]),
-        ("linear + balanced softmax", ["--head", "linear", "--loss", "balanced_softmax", "--features", "clip_tiny",
-                                       *common]),
-        ("LFM text-guided mixup", ["--head", "lfm", "--loss", "balanced_softmax", "--features", "clip_tiny",
-                                   "--text", "minilm", *common]),
-        ("fusion + prototype losses", ["--head", "fusion", "--loss", "balanced_softmax", "--features", fused,
-                                       "--proto", *common]),
-        ("ECVL adapter", ["--head", "adapter", "--loss", "ce", "--features", "clip_tiny", "--text", "minilm",
-                          "--sampler", "class_balanced", *common]),
+        ("linear + CE", ["--head", "linear", "--loss", "ce", "--features", SINGLE_FEATURES, "--lr", "0.1", *common]),
+        ("linear + balanced softmax", ["--head", "linear", "--loss", "balanced-softmax",
+                                       "--features", SINGLE_FEATURES, "--lr", "0.1", *common]),
+        ("LFM text-guided mixup", ["--head", "lfm-projection", "--sampler", "lfm", "--loss", "ce",
+                                   "--features", SINGLE_FEATURES, "--text-set", TEXT_SET, "--lr", "0.01", *common]),
+        ("fusion + prototype losses", ["--head", "fusion", "--head-opt", "width=64", "--loss", "balanced-softmax",
+                                       "--proto", "head,tail-std,tail-dist", "--features", FUSED_FEATURES,
+                                       "--lr", "0.1", *common]),
+        ("ECVL adapter", ["--head", "adapter", "--sampler", "class-balanced", "--loss", "ce",
+                          "--features", SINGLE_FEATURES, "--text-set", TEXT_SET, "--lr", "0.1", *common]),
     ]
 
 
@@ -213,7 +228,7 @@ def run_demo(store_path: str | Path, *, dataset: Dataset = "auto", out_dir: str 
     if "://" not in store_path and root.exists() and any(root.iterdir()):
         if not fresh:
             raise ValueError(f"store {root} exists and is not empty; the demo writes a new store: pass "
-                                  f"--fresh to delete it first, or --store NEW_DIR")
+                             f"--fresh to delete it first, or --store NEW_DIR")
         if not (root / "commits.lance").exists():
             raise ValueError(f"--fresh refuses to delete {root}: it is not a featurelt store (no commits.lance)")
         shutil.rmtree(root)
@@ -242,7 +257,8 @@ def run_demo(store_path: str | Path, *, dataset: Dataset = "auto", out_dir: str 
     # only the splits heads read: the rows make-lt moved to train_unused are not embedded
     for enc in IMAGE_ENCODERS:
         for split in ("train", "test"):
-            pipe.run(f"extract {enc}", ["extract", enc, "--split", split, "--image-size", str(sizes.image_size),
+            size = input_size(enc, sizes.image_size)
+            pipe.run(f"extract {enc}", ["extract", enc, "--split", split, "--image-size", str(size),
                                         "--seed", str(seed), "--no-progress"])
     pipe.run(f"extract {TEXT_ENCODER}", ["extract", TEXT_ENCODER, "--no-progress"])
 
@@ -256,12 +272,13 @@ def run_demo(store_path: str | Path, *, dataset: Dataset = "auto", out_dir: str 
             raise StepFailed(f"train-head ({label}) should add one run to the runs table, added {len(new)}")
         run_ids.extend(new)
     table, query = comparison_table(store_path, run_ids)
-    print("\nComparison (top-1 accuracy per bucket on the balanced test split; from the runs table):")
+    print(f"\nComparison: top-1 accuracy per bucket on the test split, macro-F1; read back from the runs table. "
+          f"Features: {SINGLE_FEATURES} (fusion: {FUSED_FEATURES}); text: {TEXT_SET}.")
     print(table, end="")
     print(f"same numbers: featurelt --store {store_path} sql \"{query}\"")
 
     pipeline_seconds = time.perf_counter() - t_start
-    rerun_label, rerun_argv = specs[1]
+    rerun_label, rerun_argv = specs[RERUN]
     before = set(_run_ids(store_path))
     t0 = time.perf_counter()
     pipe.run("re-run", ["train-head", *rerun_argv])
@@ -270,8 +287,20 @@ def run_demo(store_path: str | Path, *, dataset: Dataset = "auto", out_dir: str 
     print(f"\nre-trained {rerun_label} from the cached features in {rerun_seconds:.1f} s (run {rerun_id}) vs "
           f"full pipeline {pipeline_seconds:.1f} s (ingest + make-lt + extract + sweep): "
           f"{pipeline_seconds / max(rerun_seconds, 1e-9):.0f}x faster; no encoder ran again")
+    if rerun_id is not None:
+        from featurelt.report import sql_literal
 
-    out = Path(out_dir) if out_dir is not None else (root / "report" if "://" not in store_path else Path("demo-report"))
+        pair = Store(store_path).sql(
+            f"SELECT run_id, acc_all, macro_f1 FROM runs WHERE run_id IN ({sql_literal(run_ids[RERUN])}, "
+            f"{sql_literal(rerun_id)})").to_pylist()
+        same = len(pair) == 2 and all(pair[0][c] == pair[1][c] for c in ("acc_all", "macro_f1"))
+        print(f"     same seed, same cached features: acc_all and macro_f1 {'identical' if same else 'DIFFER'} "
+              f"to run {run_ids[RERUN]}")
+
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = root / "report" if "://" not in store_path else Path("demo-report")
     report_argv = ["report", "--run", run_ids[0], "--out", str(out)]
     for r in run_ids[1:]:
         report_argv += ["--compare", r]

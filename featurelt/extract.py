@@ -64,10 +64,6 @@ RANDAUGMENT_BINS = 31  # magnitude bins 0..30; magnitude = round(strength * 30)
 AUGMENTS = ("randaugment",)
 
 
-class ExtractInterrupted(RuntimeError):
-    """Raised (only by tests' monkeypatches) to simulate a kill between chunk commits."""
-
-
 @dataclass
 class ExtractResult:
     """What one extraction run did."""
@@ -208,6 +204,7 @@ def _plan(store: Store, *, split: str | None, limit: int | None, views: int,
           done: dict[str, dict[str, set[int]]]) -> _Plan:
     """Scan ``sample_id, split`` of the samples table and list what is left to embed."""
     want = set(range(views + 1))
+    interned: dict[tuple[int, ...], tuple[int, ...]] = {}
     positions: list[int] = []
     needed: list[tuple[int, ...]] = []
     skipped = 0
@@ -227,8 +224,9 @@ def _plan(store: Store, *, split: str | None, limit: int | None, views: int,
             for views_done in done.values():
                 missing |= want - views_done.get(sid, set())
             if missing:
+                key = tuple(sorted(missing))
                 positions.append(offset + i)
-                needed.append(tuple(sorted(missing)))
+                needed.append(interned.setdefault(key, key))  # one tuple object per distinct view set
             else:
                 skipped += 1
         offset += b.num_rows
@@ -334,7 +332,8 @@ class _SampleStream:
                 part = tensors[s:s + self.batch_size]
                 yield {"x": torch.stack(part) if part else None, "sample_id": sids[s:s + self.batch_size],
                        "view": vlist[s:s + self.batch_size], "aug_strength": strengths[s:s + self.batch_size],
-                       "rejects": rejects if s == 0 else [], "samples": len(pos) if s == 0 else 0}
+                       "rejects": rejects if s == 0 else [], "samples": len(pos) if s == 0 else 0,
+                       "embedded": len(pos) - len(rejects) if s == 0 else 0}
 
 
 def _make_torch_stream_class() -> type:
@@ -371,8 +370,12 @@ def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any
 
     ctx = None
     if num_workers > 0:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            # the fork server imports these once; each worker then starts in well under a second
+            ctx.set_forkserver_preload(["torch", "torchvision.transforms", "PIL.Image", "numpy", "pyarrow"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
     return DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
                       persistent_workers=False, multiprocessing_context=ctx)
@@ -483,7 +486,10 @@ def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: di
             if b["x"] is not None:
                 yield b["x"].to(device)
 
-    encoder.fit(batches())
+    import torch
+
+    with torch.inference_mode():
+        encoder.fit(batches())
     return need
 
 
@@ -622,12 +628,15 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             strict: bool = False, checkpoint: str | None = None, map_size: int = 16,
             image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
-            chunk_rows: int = 2048, progress: bool = True, message: str | None = None) -> ExtractResult:
+            chunk_rows: int = 2048, fit_samples: int | None = 4096, progress: bool = True,
+            message: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
 
     ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
     ``views`` / ``augment``: augmented views, METHODS.md section 5 (see the module docstring).
-    ``strict``: a sample that fails to decode raises (naming the sample) instead of going to
+    ``fit_samples``: products that are fitted (SAM ``pca_map``, METHODS.md section 2) are fitted on
+    the first ``fit_samples`` train-split samples (None: all), once per set; later runs reuse the
+    state stored in the set's provenance. ``strict``: a sample that fails to decode raises (naming the sample) instead of going to
     ``rejects``. ``chunk_rows``: samples per store transaction (the unit kept by an interrupted
     run). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
     local Ray with 2 CPUs). Encoders with a text tower (``clip:*``) also write class text
@@ -665,7 +674,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         raise StoreError(f"this Store is pinned to --as-of {store._as_of}; extract writes to the latest version")
 
     _check_split(store, split)
-    dev = resolve_device(device)
+    # Ray tasks encode on CPU workers: --device auto means cpu there (an explicit cuda is refused below)
+    dev = resolve_device("cpu" if engine == "ray" and device == "auto" else device)
     encoder = _build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
                              image_size=image_size, seed=seed, untrained=untrained)
     encoder.to(dev)
@@ -679,7 +689,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     store_version = store.version
     notes: list[str] = []
     fitted = _fit_encoder(store, encoder, prods, sets, batch_size=batch_size, num_workers=num_workers, device=dev,
-                          limit=None)
+                          limit=fit_samples)
     if fitted:
         notes.append(f"fitted {', '.join(fitted)} on the train split")
     fingerprints = {p: encoder.fingerprint(p) for p in prods}
@@ -794,7 +804,7 @@ class _LocalRun:
                         rb = self._rows(p, batch["sample_id"], batch["view"], batch["aug_strength"], vecs[p])
                         if rb is not None:
                             pending[p].append(rb)
-                    embedded += len(set(batch["sample_id"]))
+                embedded += batch["embedded"]
                 chunk_samples += batch["samples"]
                 bar.update(batch["samples"])
                 if chunk_samples >= self.chunk_rows:
@@ -805,8 +815,9 @@ class _LocalRun:
                     chunk_samples = 0
             text_rows = 0
             if any(pending.values()) or rejects or any(added.values()) or chunks == 0:
+                before = self.store.version
                 text_rows = self._commit(pending, rejects, finalize, added)
-                chunks += 1
+                chunks += int(self.store.version != before)
         finally:
             bar.close()
         return added, embedded, rejected, chunks, text_rows
@@ -835,6 +846,7 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
     embedded = 0
     for batch in stream:
         rejects.extend(batch["rejects"])
+        embedded += batch["embedded"]
         if batch["x"] is None:
             continue
         vecs = encode_batch(encoder, batch["x"], products, device="cpu")
@@ -845,7 +857,6 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
                 out[p].append(embedding_batch([batch["sample_id"][i] for i in keep], [batch["view"][i] for i in keep],
                                               [batch["aug_strength"][i] for i in keep], fingerprints[p], vecs[p][keep],
                                               dtype))
-        embedded += len(set(batch["sample_id"]))
     frags: dict[str, list[Any]] = {}
     rows: dict[str, int] = {}
     for p in products:
@@ -887,7 +898,7 @@ class _RayRun(_LocalRun):
         try:
             n = len(plan.positions)
             n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            n_shards = max(1, min(n_cpus * 2, math.ceil(n / max(self.batch_size, 1)))) if n else 0
+            n_shards = max(1, min(n_cpus, math.ceil(n / max(self.batch_size, 1)))) if n else 0
             bounds = np.linspace(0, n, n_shards + 1).astype(int) if n_shards else []
             task = ray.remote(num_cpus=1)(_ray_shard)
             bar = _progress(n, enabled=self.progress, desc=f"extract {self.encoder.name} (ray)")

@@ -283,7 +283,8 @@ def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...]
     split = evaluation_split(store, run_id)
     notes: list[str] = []
     for r in run_ids[1:]:
-        other = store.sql(f"SELECT DISTINCT split FROM predictions WHERE run_id = {sql_literal(r)}").column(0).to_pylist()
+        other = store.sql(f"SELECT DISTINCT split FROM predictions WHERE run_id = {sql_literal(r)}")
+        other = other.column(0).to_pylist()
         if split not in other:
             notes.append(f"run {r} has no predictions on split '{split}' (it has: {', '.join(other) or 'none'}); "
                          "its per-class points are missing")
@@ -292,6 +293,16 @@ def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...]
                            "WHERE source = 'original'").to_pylist()[0]
     if (thresholds["n_many"] or 0) > 1 or (thresholds["n_few"] or 0) > 1:
         notes.append("the classes table holds more than one pair of bucket thresholds; the smallest is shaded")
+    current_classes = store.table_versions().get("classes")
+    for run in runs:
+        try:
+            read = json.loads(run["pinned_versions"] or "{}").get("tables", {}).get("classes")
+        except (ValueError, AttributeError):
+            read = None
+        if read is not None and current_classes is not None and read != current_classes:
+            notes.append(f"run {run['run_id']} read the classes table at Lance version {read}; this report joins "
+                         f"its predictions to classes at Lance version {current_classes} (store version "
+                         f"{store.version}): train counts and buckets may have changed since (make-lt / ingest)")
     labels, names, counts = confusion_counts(store, run_id, split)
     data = ReportData(
         store_root=store.root, store_version=store.version, run_ids=run_ids, runs=runs, eval_split=split,
@@ -382,12 +393,12 @@ def plot_per_class(data: ReportData, path: Path) -> None:
         ax.scatter(xs * jitter, ys, s=34, marker=RUN_MARKERS[i % len(RUN_MARKERS)],
                    color=RUN_COLORS[i % len(RUN_COLORS)], alpha=0.85, edgecolor="white", linewidth=0.5,
                    label=run_label(run), zorder=3)
-        if len(xs) >= 4:  # trend: mean accuracy in log-spaced bins of train count
-            edges = np.geomspace(xs.min(), xs.max() * 1.0001, num=min(8, len(xs) // 2) + 1)
+        if len(xs) > 30:  # many classes: a trend line, mean accuracy in log-spaced bins of train count
+            edges = np.geomspace(xs.min(), xs.max() * 1.0001, num=9)
             idx = np.clip(np.digitize(xs, edges) - 1, 0, len(edges) - 2)
-            cx = [math.sqrt(edges[b] * edges[b + 1]) for b in range(len(edges) - 1) if (idx == b).any()]
-            cy = [ys[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
-            ax.plot(cx, cy, color=RUN_COLORS[i % len(RUN_COLORS)], alpha=0.6, lw=1.5, zorder=2)
+            used = [b for b in range(len(edges) - 1) if (idx == b).any()]
+            ax.plot([math.sqrt(edges[b] * edges[b + 1]) for b in used], [ys[idx == b].mean() for b in used],
+                    color=RUN_COLORS[i % len(RUN_COLORS)], alpha=0.7, lw=1.8, zorder=2)
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     from matplotlib.ticker import FuncFormatter
@@ -397,7 +408,10 @@ def plot_per_class(data: ReportData, path: Path) -> None:
     ax.set_xlabel("train images of the class (log scale)")
     ax.set_ylabel(f"top-1 accuracy on '{data.eval_split}'")
     ax.set_title("Per-class accuracy against train count", pad=26)
-    ax.legend(loc="lower right", framealpha=0.9, title="run (line: binned mean)", title_fontsize=9)
+    n_classes = max((len(v) for v in data.per_class.values()), default=0)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=min(2, n_runs), frameon=False,
+              title="run" + (" (line: mean over log-spaced bins of train count)" if n_classes > 30 else ""),
+              title_fontsize=9)
     _save(fig, path)
 
 
@@ -505,7 +519,8 @@ def plot_projection(data: ReportData, points: np.ndarray, path: Path) -> None:
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.t, th.t { text-align: left; }

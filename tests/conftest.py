@@ -7,10 +7,13 @@
     Session-scoped *path* (``pathlib.Path``) of a store built once per test session through the CLI:
 
     1. ``featurelt ingest --builtin digits`` -- scikit-learn's 1797 8x8 digits as PNG, a deterministic
-       stratified 80/20 train/test split (about 144 train rows per class, 10 classes);
+       stratified 80/20 train/test split: 1437 train rows (139..146 per class, 10 classes "0".."9"),
+       360 test rows;
     2. ``featurelt make-lt --imbalance 10 --profile exp --seed 0 --many 60 --few 20`` -- exponential
-       profile ``n_y = floor(n_max * (1/10)^(y/9))`` with ``n_max`` the smallest balanced train count,
-       so the classes table has all three buckets (many > 60, medium 20..60, few < 20).
+       profile ``n_y = floor(n_max * (1/10)^(y/9))`` with ``n_max`` = 139 (the smallest balanced train
+       count): train counts 139, 107, 83, 64, 49, 38, 29, 23, 17, 13 (562 rows; the other 875 train rows
+       move to split ``train_unused``), so the classes table has all three buckets: many (> 60) labels
+       0-3, medium labels 4-7, few (< 20) labels 8-9.
 
     Store versions: 1 = balanced ingest, 2 = long-tailed. The store is shared by all tests of the
     session: tests that write must copy it first::

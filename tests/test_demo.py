@@ -39,6 +39,17 @@ def test_exponential_profile_and_thresholds() -> None:
         bucket_thresholds([5, 5, 5])
 
 
+def test_demo_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    assert main(["demo", "--store", str(other), "--dataset", "digits"]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["demo", "--store", str(other), "--dataset", "digits", "--fresh"]) == 1
+    assert "not a featurelt store" in capsys.readouterr().err
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
 # ---------------------------------------------------------------- end to end
 def _printed_table(out: str) -> list[dict[str, str]]:
     """Rows of the comparison table the demo printed (between its header line and the row count)."""
@@ -67,14 +78,15 @@ def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     runs = store.sql(f"SELECT {', '.join(TABLE_COLUMNS)} FROM runs").to_pylist()
     by_id = {r["run_id"]: r for r in runs}
     printed = _printed_table(out)
-    sweep = [r for r in printed]
-    # at least the five heads / losses the issue asks for
-    assert len(sweep) >= 5
-    losses = {r["loss"] for r in sweep}
-    heads = {r["head"] for r in sweep}
-    assert {"ce", "balanced_softmax"} <= losses
-    assert any("lfm" in h or "lfm" in lo for h, lo in zip(heads, losses)) or any("lfm" in r["head"] for r in sweep)
-    assert any("fusion" in r["head"] for r in sweep) and any("adapter" in r["head"] for r in sweep)
+    assert len(printed) == 5
+    sweep = printed
+    # the heads the issue asks for: CE, balanced softmax, LFM, fusion with prototype losses, adapter
+    kinds = {(r["head"], r["loss"], r["sampler"]) for r in sweep}
+    assert ("linear", "ce", "instance") in kinds and ("linear", "balanced-softmax", "instance") in kinds
+    assert ("lfm-projection", "ce", "lfm") in kinds and ("adapter", "ce", "class-balanced") in kinds
+    assert any(h == "fusion" for h, _, _ in kinds)
+    fusion_cfg = store.sql("SELECT config, features FROM runs WHERE head = 'fusion'").to_pylist()[0]
+    assert "tail-dist" in fusion_cfg["config"] and fusion_cfg["features"].count(",") >= 3
     # every printed number is the runs row, as featurelt sql prints it
     for row in sweep:
         ref = by_id[row["run_id"]]
@@ -94,6 +106,7 @@ def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     m = re.search(r"re-trained .* in ([\d.]+) s .* full pipeline ([\d.]+) s", out)
     assert m, out[-2000:]
     assert 0 < float(m.group(1)) < float(m.group(2))
+    assert "acc_all and macro_f1 identical" in out     # same seed, same features: the same run again
     # the report of the sweep
     doc = json.loads((report_dir / "report.json").read_text())
     assert [r["run_id"] for r in doc["runs"]] == [r["run_id"] for r in sweep]

@@ -83,7 +83,7 @@ def _ids(store: Store, table: str, where: str = "view = 0") -> list[str]:
 
 
 def _image_encoders() -> list[str]:
-    names = [n for n in encoders.ENCODERS.names() if n == "pixels" or n.endswith(":tiny")]
+    names = [n for n in encoders.ENCODERS.names() if n.startswith("pixels") or n.endswith(":tiny")]
     return sorted(n for n in names if not n.startswith("text:"))
 
 
@@ -112,7 +112,7 @@ def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.Cap
         assert "samples" in p["tables_read"]
     assert f"{n * len(enc.products)} rows added" in out or f"{n} rows added" in out
     # the vectors are what the encoder gives for the decoded images (pixels + first product)
-    product = next(iter(enc.products))
+    product = next(p for p in enc.products if not enc.requires_fit(p))
     table = store.read(f"emb_{enc.default_set_name(product)}")
     first = table.slice(0, 2)
     samples = {r["sample_id"]: r for r in store.read("samples").to_pylist()}
@@ -120,7 +120,7 @@ def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.Cap
 
     x = torch.stack([enc.preprocess(load_sample_image(samples[s])) for s in first.column("sample_id").to_pylist()])
     with torch.inference_mode():
-        want = enc.encode(x)[product].float().numpy()
+        want = enc.encode(x, products=[product])[product].float().numpy()
     got = np.asarray(first.column("vector").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # embeddings lists the sets
@@ -130,6 +130,22 @@ def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.Cap
     for product, dim in enc.products.items():
         assert listed[enc.default_set_name(product)]["rows"] == n
         assert listed[enc.default_set_name(product)]["dim"] == dim
+
+
+def test_sam_pca_map_basis_is_reused(store_root: Path) -> None:
+    if "sam:tiny" not in encoders.ENCODERS.names():
+        pytest.skip("sam:tiny not registered")
+    assert run(store_root, "sam:tiny", "--products", "pca_map", "--map-size", "4", "--split", "test") == 0
+    store = Store(store_root)
+    prov = json.loads(store.read("embedding_sets").column("provenance")[0].as_py())
+    assert prov["fit"]["pca_map"]["n_components"] == 1  # fitted on train, stored with the set
+    assert store.count("emb_sam_tiny_pca_map") == 2 * K
+    # the train rows come later and use the stored basis: same fingerprint, no refit, no duplicates
+    assert run(store_root, "sam:tiny", "--products", "pca_map", "--map-size", "4") == 0
+    store.refresh()
+    fps = store.read("emb_sam_tiny_pca_map", columns=["fingerprint"]).column("fingerprint").to_pylist()
+    assert len(fps) == K * PER_CLASS and len(set(fps)) == 1
+    assert len(set(_ids(store, "emb_sam_tiny_pca_map"))) == K * PER_CLASS
 
 
 def test_text_minilm_and_clip_text_tower(store_root: Path) -> None:
@@ -296,6 +312,45 @@ def test_unknown_product_and_named_set_mismatch(store_root: Path, capsys: pytest
     assert run(store_root, "pixels", "--limit", "2") == 0
     assert run(store_root, "pixels", "--limit", "2", "--dtype", "float16") == 1
     assert "pass --name" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- device, OOM, weights
+def test_device_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurelt.extract import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_out_of_memory_retries_with_half_batch() -> None:
+    from featurelt.extract import encode_batch
+
+    enc = encoders.build_encoder("pixels")
+    seen: list[int] = []
+    real = enc.encode
+
+    def encode(x, *, products=None):  # a GPU that fits at most 3 images
+        seen.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, products=products)
+
+    enc.encode = encode
+    x = torch.rand(10, 3, enc.image_size, enc.image_size)
+    out = encode_batch(enc, x, ["pixels"], device="cpu")
+    assert seen == [10, 5, 2, 3, 5, 2, 3]
+    np.testing.assert_array_equal(out["pixels"], real(x)["pixels"].numpy())
+
+
+def test_named_model_without_weights_is_an_error(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(store_root, "clip:ViT-B-32") == 1
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "clip:ViT-B-32" in err
+    assert not Store(store_root).embedding_sets()
 
 
 # --------------------------------------------------------------------------- Ray

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--builtin", choices=_BUILTINS, default=None,
                    help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
                    "fashion-mnist (/usr/share/datasets/fashion-mnist, or PATH)")
+    p.add_argument("--path", dest="builtin_path", default=None, metavar="DIR",
+                   help="with --builtin fashion-mnist: the folder holding its four IDX files "
+                   "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--format", dest="fmt", choices=_FORMATS, default="auto",
                    help="input format (default auto: by file name and folder contents)")
     p.add_argument("--root", default=None,
@@ -109,6 +112,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.path is None and args.builtin is None:
         raise ValueError("give a PATH to ingest or --builtin digits|fashion-mnist")
+    if args.builtin_path is not None:
+        if args.builtin != "fashion-mnist":
+            raise ValueError("--path is the folder of --builtin fashion-mnist; other inputs are given as PATH")
+        if args.path is not None:
+            raise ValueError(f"give the fashion-mnist folder once: PATH {args.path!r} or --path {args.builtin_path!r}")
+        args.path = args.builtin_path
     store = open_store(args, write=True)
     result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
                     source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,

@@ -48,10 +48,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="directory of the sweep's HTML report (default: STORE/report)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="ingest at most N images per split (default: 6000 for fashion-mnist, all of digits)")
+                   help="fashion-mnist: ingest the first N train and N/3 test images (default 4000); digits: the "
+                   "first N of its 1797 images (default all)")
     p.add_argument("--image-size", dest="image_size", type=int, default=None, metavar="PX",
                    help="input size of the tiny encoders (default 32)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="epochs per head (default 15)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="epochs per head (default 20)")
     p.add_argument("--fresh", action="store_true",
                    help="delete the store directory first if it exists (otherwise an existing store is refused)")
     p.add_argument("--seed", type=int, default=0, help="seed of the long-tailed split and the heads (default 0)")

@@ -13,6 +13,13 @@ Formats (``--format``, auto-detected by default):
 - ``idx``: MNIST-style IDX files (``*-images-idx3-ubyte[.gz]`` + ``*-labels-idx1-ubyte[.gz]``);
 - builtins ``digits`` (scikit-learn's bundled 8x8 digits) and ``fashion-mnist`` (Debian's files).
 
+Labels: the ``classes`` table is the registry across ingests. Named classes (folders, CIFAR, iNat,
+Fashion-MNIST, manifest names) keep their label if the name is known and otherwise get the next free
+label after the existing ones (in the source's class order). Integer labels without names (split lists,
+manifests with integer ``label``, plain IDX files) *are* store labels: they join the class with that
+label, or create it named ``str(label)``; a manifest ``class_name`` that disagrees with the store's
+name for that label is refused.
+
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
 transaction (``samples`` via ``insert_new``, ``rejects``, ``classes``), so memory does not grow with the
@@ -29,7 +36,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +96,8 @@ class Input:
     records: Iterator[Record]
     total: int | None = None
     files: bool = True  # records point at files (so --reference is possible)
+    class_ids: dict[str, int] = field(default_factory=dict)  # integer labels the source gives: name -> label
+    named: set[str] = field(default_factory=set)  # of those, names the source states (not just str(label))
 
 
 @dataclass
@@ -305,7 +314,9 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
             yield Record(location=loc, row=i, class_name=name, split=split or sp or "train", path=full,
                          sample_id=sid, description=desc, error=ferr)
 
-    return Input(dataset=path.stem, classes=classes, records=records(), total=n)
+    class_ids = {int_names.get(i, str(i)): i for i in int_labels}
+    return Input(dataset=path.stem, classes=classes, records=records(), total=n, class_ids=class_ids,
+                 named={int_names[i] for i in int_names})
 
 
 def read_split_list(path: Path, *, root: Path | None, split: str | None = None) -> Input:
@@ -354,7 +365,8 @@ def read_split_list(path: Path, *, root: Path | None, split: str | None = None) 
                 yield Record(location=loc, row=i, class_name=str(lab), split=sp, path=full, error=ferr)
 
     dataset = path.stem.split("_")[0] if "_" in path.stem else path.stem
-    return Input(dataset=dataset, classes=[str(i) for i in sorted(labels)], records=records(), total=n)
+    return Input(dataset=dataset, classes=[str(i) for i in sorted(labels)], records=records(), total=n,
+                 class_ids={str(i): i for i in labels})
 
 
 def read_inat(path: Path, *, root: Path | None = None, split: str | None = None) -> Input:
@@ -470,11 +482,13 @@ def read_cifar(path: Path, *, split: str | None = None) -> Input:
     return Input(dataset=dataset, classes=names, records=records(), total=None, files=False)
 
 
-def _open_maybe_gz(path: Path):
+def _open_maybe_gz(path: Path) -> BinaryIO:
+    """A binary reader of ``path``, decompressing ``.gz``."""
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _idx_header(fh, path: Path, ndim: int) -> list[int]:
+def _idx_header(fh: BinaryIO, path: Path, ndim: int) -> list[int]:
+    """Dimensions from an IDX header (unsigned-byte data of ``ndim`` dimensions), or ValueError naming the file."""
     head = fh.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic {head!r})")
@@ -556,7 +570,8 @@ def read_idx(path: Path, *, split: str | None = None, class_names: Sequence[str]
                     done += k
 
     name = dataset or (path.name if path.is_dir() else path.name.split("-")[0])
-    return Input(dataset=name, classes=classes, records=records(), total=total, files=False)
+    class_ids = {} if class_names is not None else {str(i): i for i in labels_seen}
+    return Input(dataset=name, classes=classes, records=records(), total=total, files=False, class_ids=class_ids)
 
 
 def read_digits(*, split: str | None = None) -> Input:
@@ -646,6 +661,7 @@ class ClassRegistry:
         self.rows = {r["name"]: dict(r) for r in rows}
         self.by_label = {r["label"]: r["name"] for r in rows}
         self.new: list[str] = []
+        self.alias: dict[str, int] = {}  # integer-label keys that joined an existing class of another name
 
     def resolve(self, key: str) -> int:
         """Label of a class given by name or label number (``--neighbor-of``)."""
@@ -656,11 +672,30 @@ class ClassRegistry:
         known = ", ".join(f"{lab}:{name}" for lab, name in sorted(self.by_label.items())[:20])
         raise ValueError(f"unknown class '{key}'; known classes: {known or '(none: ingest the target classes first)'}")
 
-    def add(self, name: str, *, source: str, neighbor_of: int | None) -> int:
-        """Label of ``name``, registering it after the existing labels if new."""
-        if name in self.rows:
+    def add(self, name: str, *, source: str, neighbor_of: int | None, label_id: int | None = None,
+            named: bool = True) -> int:
+        """Label of ``name``, registering it after the existing labels if new.
+
+        label_id: the integer label the source gives (split lists, manifests and IDX files without names):
+        it is the store label. If that label exists, the source's rows join it (``named``: the source also
+        states a name, which must then agree); if not, the class is created with exactly that label.
+        """
+        if label_id is not None:
+            if label_id in self.by_label:
+                existing = self.by_label[label_id]
+                if named and name != existing:
+                    raise ValueError(f"the input names label {label_id} '{name}', but the store's class {label_id} "
+                                     f"is '{existing}'")
+                self.alias[name] = label_id
+                return label_id
+            if name in self.rows:
+                raise ValueError(f"the input gives class '{name}' label {label_id}, but the store has it as label "
+                                 f"{self.rows[name]['label']}")
+            label = label_id
+        elif name in self.rows:
             return int(self.rows[name]["label"])
-        label = max(self.by_label, default=-1) + 1
+        else:
+            label = max(self.by_label, default=-1) + 1
         self.rows[name] = {"label": label, "name": name,
                            "source": "auxiliary" if source == "auxiliary" else "original",
                            "neighbor_of": neighbor_of if source == "auxiliary" else None}
@@ -669,6 +704,9 @@ class ClassRegistry:
         return label
 
     def label(self, name: str) -> int:
+        """Label of a registered class key."""
+        if name in self.alias:
+            return self.alias[name]
         return int(self.rows[name]["label"])
 
     def as_rows(self) -> list[dict[str, Any]]:
@@ -702,12 +740,12 @@ def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, s
         width, height = rec.size
     else:
         try:
-            img = decode_bytes(data, name=rec.path or rec.location)
-        except ImageDecodeError as exc:
-            return None, str(exc)
+            img = decode_bytes(data, name=rec.location)
+        except ImageDecodeError as exc:  # the location is reported beside the reason already
+            return None, str(exc).removeprefix(f"{rec.location}: ")
         width, height = img.size
     digest = sha256_hex(data)
-    return {"sample_id": rec.sample_id or digest[:32], "uri": rec.path,
+    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": rec.path,
             "image": None if reference else data, "content_sha256": digest,
             "width": width, "height": height, "description": rec.description}, None
 
@@ -752,11 +790,12 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: F
     registry = ClassRegistry(existing)
     neighbor_label = registry.resolve(neighbor_of) if neighbor_of is not None else None
     for cname in inp.classes:
-        registry.add(cname, source=source, neighbor_of=neighbor_label)
+        registry.add(cname, source=source, neighbor_of=neighbor_label, label_id=inp.class_ids.get(cname),
+                     named=cname in inp.named)
     has_samples = store.has_table("samples")
 
     bad: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}   # sample_id -> content sha of this ingest (duplicate detection)
+    seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
     stats = {"good": 0, "input_dup": 0, "read": 0}
     bar = tqdm(total=min(inp.total, limit) if inp.total is not None and limit else inp.total, unit="img",
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
@@ -808,13 +847,15 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: F
                 continue
             sid = row["sample_id"]
             prev = seen.get(sid)
+            # content-hash ids imply their content: keep the sha only for ids the source gave (less memory)
+            digest = row["content_sha256"] if rec.sample_id is not None else ""
             if prev is not None:
-                if prev != row["content_sha256"]:
+                if prev != digest:
                     reject(rec, f"duplicate sample_id {sid} with different content within the input", sid)
                 else:
                     stats["input_dup"] += 1
                 continue
-            seen[sid] = row["content_sha256"]
+            seen[sid] = digest
             row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source,
                        _given=rec.sample_id is not None, _loc=rec.location, _row=rec.row)
             stats["good"] += 1

@@ -84,7 +84,7 @@ class EncoderSpec:
     def build_text(self, **kwargs: Any) -> TextEncoder:
         if not self.has_text:
             raise ValueError(f"encoder '{self.name}' has no text tower; text encoders: "
-                             f"{', '.join(n for n in ENCODERS.names() if ENCODERS.get(n).has_text)}")
+                             f"{', '.join(s.name for s in ENCODERS.specs() if s.has_text)}")
         return (self._build if self.kind == "text" else self._build_text)(**kwargs)  # type: ignore[misc]
 
 
@@ -99,6 +99,22 @@ class EncoderRegistry(Registry[EncoderSpec]):
 
             return clip_spec(name[len("clip:"):])
         return super().get(name)
+
+    def help(self, name: str) -> str:
+        return self.get(name).help
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.get(name)
+        except KeyError:
+            return False
+        return True
+
+    def specs(self) -> list[EncoderSpec]:
+        """The registered entries (the ``clip:<model>`` family entry included), sorted by name."""
+        return [self._entries[n] for n in self.names()]
 
 
 ENCODERS: EncoderRegistry = EncoderRegistry("encoder")
@@ -134,44 +150,21 @@ def _clip_family_build(**kw: Any) -> Any:
     raise KeyError("'clip:<model>' is a family: name a model, e.g. clip:ViT-B-32 (see `featurelt encoders --all`)")
 
 
-def _register_clip() -> None:
-    from featurelt.encoders import clip as _c  # light: open_clip is imported inside its functions
+def _register_all() -> None:
+    import importlib
 
+    clip = importlib.import_module("featurelt.encoders.clip")  # light: libraries load inside factories
     _register(EncoderSpec(CLIP_FAMILY, "image",
                           "any open_clip model (open_clip.list_models()), --checkpoint FILE; unit-norm "
-                          "`embedding` + class text embeddings", True, "file", _clip_family_build, None,
-                          lambda m: {}))
-    _register(_c.tiny_spec())
+                          "`embedding` + class text embeddings", True, "file", _clip_family_build,
+                          _clip_family_build, lambda m: {}))
+    _register(clip.tiny_spec())
+    for family in ("sam", "dinov2", "text"):
+        for spec in importlib.import_module(f"featurelt.encoders.{family}").specs():
+            _register(spec)
 
 
-def _register_sam() -> None:
-    from featurelt.encoders import sam as _s
-
-    for spec in _s.specs():
-        _register(spec)
-
-
-def _register_dinov2() -> None:
-    from featurelt.encoders import dinov2 as _d
-
-    for spec in _d.specs():
-        _register(spec)
-
-
-def _register_text() -> None:
-    from featurelt.encoders import text as _t
-
-    for spec in _t.specs():
-        _register(spec)
-
-
-for _reg in (_register_clip, _register_sam, _register_dinov2, _register_text):
-    try:
-        _reg()
-    except ImportError as _exc:  # a family module not written yet / missing: say so, never hide
-        import warnings
-
-        warnings.warn(f"featurelt.encoders: {_reg.__name__[len('_register_'):]} encoders unavailable: {_exc}")
+_register_all()
 
 
 # -- public functions ------------------------------------------------------------------------------
@@ -218,7 +211,7 @@ def list_encoders(*, expand_clip: bool = False, map_size: int = 16) -> list[dict
         names = [n for n in names if n != CLIP_FAMILY] + [f"clip:{m}" for m in open_clip.list_models()]
     rows = []
     for n in names:
-        spec = ENCODERS.get(n) if n != CLIP_FAMILY else ENCODERS._entries[CLIP_FAMILY]
+        spec = ENCODERS._entries[n] if n in ENCODERS._entries else ENCODERS.get(n)
         rows.append({"name": n, "kind": spec.kind, "text": spec.has_text,
                      "products": spec.products(map_size=map_size),
                      "needs_checkpoint": spec.needs_checkpoint, "checkpoint": spec.checkpoint_kind,

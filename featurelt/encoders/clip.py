@@ -98,6 +98,8 @@ def _load_clip(model: str, *, checkpoint: str | os.PathLike | None, image_size: 
     oc = _open_clip()
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
+    if untrained and checkpoint is not None:
+        raise ValueError(f"clip:{model}: pass either checkpoint= or untrained=True, not both")
     if model == "tiny":
         cfg = _tiny_config(image_size)
         with seeded(seed):
@@ -114,8 +116,6 @@ def _load_clip(model: str, *, checkpoint: str | os.PathLike | None, image_size: 
         return net, transform, arch, None if path is None else str(path)
 
     _check_model(model)
-    if untrained and checkpoint is not None:
-        raise ValueError(f"clip:{model}: pass either checkpoint= or untrained=True, not both")
     if untrained:
         path = None
         with seeded(seed):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from featurelt._registry import Registry
@@ -83,4 +82,4 @@ def check_tau(name: str, tau: float) -> float:
     return float(tau)
 
 
-__all__ = ["HEADS", "HeadContext", "Head", "unit", "check_tau", "torch"]
+__all__ = ["HEADS", "HeadContext", "Head", "unit", "check_tau"]

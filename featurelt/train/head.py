@@ -73,6 +73,8 @@ class TrainData:
     text: Tensor | None = None      # [K, Dt] class text embeddings, CPU
     views: Tensor | None = None     # [N, V, D_total] augmented views (momentum sampler), same device as x
     view_strength: np.ndarray | None = None  # [N, V] aug_strength of each view
+    bucket_many: int | None = None  # classes-table thresholds (many > bucket_many, few < bucket_few),
+    bucket_few: int | None = None   #   passed to samplers that take them (auxiliary ratio rule, section 3)
     streamed: bool = False          # True: x lives on the host and each batch is copied to `device`
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -164,6 +166,16 @@ def _accepts(cls: Any, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
 
 
+def build(kind: str, name: str, cls: Any, ctx: Any, opts: dict[str, Any]) -> Any:
+    """``cls(ctx, **opts)``; a bad option becomes a ``ValueError`` naming the component and its options."""
+    try:
+        return cls(ctx, **opts)
+    except TypeError as exc:
+        accepted = [n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        raise ValueError(f"{kind} '{name}': bad option(s) {sorted(opts)} ({exc}); accepted: "
+                         f"{', '.join(accepted) or '(none)'}") from None
+
+
 class HeadTrainer:
     """Head + loss + sampler + optimizer over :class:`TrainData`; :meth:`run_epoch` is one epoch.
 
@@ -174,9 +186,9 @@ class HeadTrainer:
         self.cfg, self.data, self.device = cfg, data, data.device
         k = data.num_classes
         ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
-        self.head: Head = HEADS.get(cfg.head)(ctx, **cfg.head_opts).to(self.device)
+        self.head: Head = build("head", cfg.head, HEADS.get(cfg.head), ctx, cfg.head_opts).to(self.device)
         loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target)
-        self.loss = LOSSES.get(cfg.loss)(loss_ctx, **cfg.loss_opts).to(self.device)
+        self.loss = build("loss", cfg.loss, LOSSES.get(cfg.loss), loss_ctx, cfg.loss_opts).to(self.device)
         self.proto: ProtoLoss | None = None
         if cfg.proto:
             dim = self._latent_dim()
@@ -196,7 +208,10 @@ class HeadTrainer:
         opts = dict(cfg.sampler_opts)
         if data.view_strength is not None and _accepts(sampler_cls, "view_strength"):
             opts.setdefault("view_strength", data.view_strength)
-        self.sampler: Sampler = sampler_cls(sctx, **opts)
+        for name, value in (("many", data.bucket_many), ("few", data.bucket_few)):
+            if value is not None and _accepts(sampler_cls, name):
+                opts.setdefault(name, value)
+        self.sampler: Sampler = build("sampler", cfg.sampler, sampler_cls, sctx, opts)
         # only samplers that override feedback() need per-sample losses (ECVL momentum, section 5)
         self.wants_feedback = type(self.sampler).feedback is not Sampler.feedback
         params = list(self.head.parameters())
@@ -218,19 +233,46 @@ class HeadTrainer:
         return int(d)
 
     def _gather(self, rows: Tensor, view: Tensor | None) -> Tensor:
-        """Features of ``rows`` ([B] long, CPU) on the device; ``view`` [B] picks cached views."""
+        """Features of ``rows`` ([B] long, on the device -- or on the host when streamed); ``view`` [B]
+        picks cached views. Returns [B, D_total] on the device."""
         d = self.data
         if d.streamed:
             x = d.x[rows] if view is None else d.views[rows, view]  # type: ignore[index]
             return x.to(self.device, non_blocking=True)
-        rows = rows.to(self.device, non_blocking=True)
         if view is None:
             return d.x.index_select(0, rows)
-        return d.views[rows, view.to(self.device, non_blocking=True)]  # type: ignore[index]
+        return d.views[rows, view]  # type: ignore[index]
 
     def _labels(self, rows: Tensor) -> Tensor:
         d = self.data
-        return (d.y[rows] if d.streamed else d.y.index_select(0, rows.to(self.device))).to(self.device)
+        return d.y[rows].to(self.device, non_blocking=True) if d.streamed else d.y.index_select(0, rows)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[Any, dict[str, Tensor | None]]]:
+        """``(sampler batch, its fields where the features live)`` for one epoch.
+
+        When the features are on an accelerator and the sampler needs no feedback, the epoch's batches
+        are drawn up front and their index tensors copied to the device in one transfer per field
+        (instead of one small host-to-device copy per field and step).
+        """
+        fields = ("index", "partner", "lam_x", "lam_y", "view")
+        on_host = self.data.streamed or self.device.type == "cpu"
+        if on_host or self.wants_feedback:
+            for b in self.sampler.epoch(epoch):
+                yield b, {f: (None if getattr(b, f) is None else
+                              getattr(b, f) if on_host else getattr(b, f).to(self.device, non_blocking=True))
+                          for f in fields}
+            return
+        batches = list(self.sampler.epoch(epoch))
+        sizes = [len(b.index) for b in batches]
+        moved: dict[str, list[Tensor] | None] = {}
+        for f in fields:
+            parts = [getattr(b, f) for b in batches]
+            if any(p is None for p in parts):
+                moved[f] = None
+                continue
+            moved[f] = list(torch.cat(parts).pin_memory().to(self.device, non_blocking=True).split(sizes))
+        for i, b in enumerate(batches):
+            yield b, {f: (None if moved[f] is None else moved[f][i]) for f in fields}  # type: ignore[index]
 
     def run_epoch(self, epoch: int) -> float:
         """One pass of the sampler. Returns the mean training loss (one host sync per epoch)."""
@@ -238,16 +280,16 @@ class HeadTrainer:
         total = torch.zeros((), device=self.device)
         steps = 0
         k = self.data.num_classes
-        for batch in self.sampler.epoch(epoch):
-            x = self._gather(batch.index, batch.view)
-            y = self._labels(batch.index)
+        for batch, b in self._batches(epoch):
+            x = self._gather(b["index"], b["view"])  # type: ignore[arg-type]
+            y = self._labels(b["index"])  # type: ignore[arg-type]
             target: Tensor = y
-            if batch.partner is not None:
-                lam_x = batch.lam_x.to(self.device, torch.float32)  # type: ignore[union-attr]
-                lam_y = (batch.lam_y if batch.lam_y is not None else batch.lam_x).to(self.device, torch.float32)  # type: ignore[union-attr]
-                x = lam_x[:, None] * x + (1 - lam_x[:, None]) * self._gather(batch.partner, None)
-                y_j = self._labels(batch.partner)
-                target = lam_y[:, None] * F.one_hot(y, k).float() + (1 - lam_y[:, None]) * F.one_hot(y_j, k).float()
+            if b["partner"] is not None:
+                lam_x = b["lam_x"].to(torch.float32)[:, None]  # type: ignore[union-attr]
+                lam_y = (b["lam_y"] if b["lam_y"] is not None else b["lam_x"]).to(torch.float32)[:, None]  # type: ignore[union-attr]
+                x = lam_x * x + (1 - lam_x) * self._gather(b["partner"], None)
+                y_j = self._labels(b["partner"])
+                target = lam_y * F.one_hot(y, k).float() + (1 - lam_y) * F.one_hot(y_j, k).float()
             logits, z = self.head.logits_and_features(x)
             if self.wants_feedback:
                 per = self.loss.per_sample(logits, target, epoch=epoch)
@@ -318,7 +360,8 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
         source=train.source, class_counts=torch.from_numpy(counts).float(), neighbor_of=torch.from_numpy(neighbor),
         num_target=num_target, in_dims=list(train.dims), text=text,
         views=place(train.views, device, stream=stream) if train.views is not None else None,
-        view_strength=train.view_strength, streamed=stream, device=device)
+        view_strength=train.view_strength, streamed=stream, device=device,
+        bucket_many=int(classes.column("bucket_many")[0].as_py()), bucket_few=int(classes.column("bucket_few")[0].as_py()))
     return data, train, classes
 
 
@@ -377,7 +420,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.epochs, desc=f"train-head {cfg.head}/{cfg.loss}/{cfg.sampler}", unit="epoch",
+            bar = tqdm(total=cfg.epochs, desc=f"train-head {cfg.head}/{cfg.loss}/{cfg.sampler}", unit="epoch", disable=None,
                        leave=False)
         t_train = time.perf_counter()
         for epoch in range(cfg.epochs):

@@ -1,0 +1,129 @@
+"""Heads (featurelt.heads): every registered head's shapes, and the formulas of METHODS.md sections 1, 2, 5, 6."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from featurelt.heads import HEADS, HeadContext
+
+B, K = 7, 5
+IN_DIMS = [6, 10]                 # two cached sources, D_total = 16
+DT = 16                           # text width (= D_total, so every head's square case applies)
+NEEDS_TEXT = {"adapter", "lfm-projection"}
+
+
+def ctx(*, in_dims=IN_DIMS, text_dim: int | None = DT, k: int = K) -> HeadContext:
+    g = torch.Generator().manual_seed(0)
+    text = None if text_dim is None else F.normalize(torch.randn(k, text_dim, generator=g), dim=1)
+    return HeadContext(in_dims=list(in_dims), num_classes=k, text_embeddings=text)
+
+
+def feats(d: int = sum(IN_DIMS)) -> torch.Tensor:
+    return torch.randn(B, d, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_every_head_shapes_and_backward(name):
+    torch.manual_seed(0)
+    head = HEADS.get(name)(ctx())
+    x = feats()
+    logits = head(x)
+    assert logits.shape == (B, K)
+    z = head.features(x)
+    assert z.ndim == 2 and z.shape[0] == B
+    logits2, z2 = head.logits_and_features(x)
+    head.eval()
+    assert_close(head.logits_and_features(x)[0], head(x))
+    logits.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    with pytest.raises(ValueError, match="expects features"):
+        head(torch.randn(B, 3))
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_TEXT))
+def test_text_heads_fail_clearly_without_text(name):
+    with pytest.raises(ValueError, match="--text-set"):
+        HEADS.get(name)(ctx(text_dim=None))
+
+
+def test_cosine_text_init_is_zero_shot_classifier():
+    c = ctx()
+    head = HEADS.get("cosine")(c, init="text", tau=0.1)
+    x = feats()
+    expected = F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.1
+    assert_close(head(x), expected)
+    with pytest.raises(ValueError, match="--text-set"):
+        HEADS.get("cosine")(ctx(text_dim=None), init="text")
+    with pytest.raises(ValueError, match="as wide as the features"):
+        HEADS.get("cosine")(ctx(text_dim=8), init="text")
+
+
+def test_adapter_residual_formula():
+    c = ctx()
+    head = HEADS.get("adapter")(c, lam=0.3, tau=0.07)
+    x = feats()
+    f_star = 0.3 * torch.relu(x @ head.fc.weight.T + head.fc.bias) + 0.7 * x
+    assert_close(head.features(x), f_star)
+    expected = F.normalize(f_star, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.07
+    assert_close(head(x), expected)
+    # lam = 0: the adapter is the zero-shot classifier
+    zs = HEADS.get("adapter")(c, lam=0.0, tau=0.07)
+    assert_close(zs(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.07)
+
+
+def test_lfm_projection_identity_init():
+    c = ctx()
+    head = HEADS.get("lfm-projection")(c, tau=0.05)
+    x = feats()
+    assert_close(head.proj.weight, torch.eye(DT))
+    assert_close(head.features(x), x)
+    assert_close(head(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.05)
+
+
+def test_lfm_projection_rectangular_identity():
+    wide = HEADS.get("lfm-projection")(ctx(text_dim=10))      # D=16 > Dt=10: first 10 coordinates
+    x = feats()
+    assert_close(wide.features(x), x[:, :10])
+    narrow = HEADS.get("lfm-projection")(ctx(in_dims=[4], text_dim=DT))  # D=4 < Dt=16: zero padding
+    x4 = feats(4)
+    assert_close(narrow.features(x4), torch.cat([x4, torch.zeros(B, DT - 4)], dim=1))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_fusion_alpha_mix(alpha):
+    torch.manual_seed(0)
+    head = HEADS.get("fusion")(ctx(), alpha=alpha, width=8, num_heads=2).eval()
+    x = feats()
+    z_backbone = x[:, :6] @ head.fc_backbone.weight.T + head.fc_backbone.bias
+    # fused path by hand: per-source projection -> tokens -> MHA + residual -> LayerNorm -> flatten -> FC
+    tokens = torch.stack([head.proj[0](x[:, :6]), head.proj[1](x[:, 6:])], dim=1)
+    attended, _ = head.attn(tokens, tokens, tokens)
+    z = head.norm(tokens + attended).flatten(1)
+    assert_close(head.features(x), z)
+    z_fused = z @ head.fc_fused.weight.T + head.fc_fused.bias
+    assert_close(head(x), (1 - alpha) * z_fused + alpha * z_backbone)
+
+
+def test_fusion_any_number_of_sources_and_dropout():
+    for dims in ([5], [3, 4, 5, 6]):
+        head = HEADS.get("fusion")(ctx(in_dims=dims, text_dim=None), width=8, num_heads=2)
+        assert head(feats(sum(dims))).shape == (B, K)
+        assert head.features(feats(sum(dims))).shape == (B, 8 * len(dims))
+    head = HEADS.get("fusion")(ctx(), width=8, num_heads=2, alpha=0.0)
+    assert head.drop.p == 0.5
+    x = feats()
+    head.train()
+    assert not torch.allclose(head(x), head(x))  # dropout active in training
+    head.eval()
+    assert_close(head(x), head(x))
+
+
+def test_registry_errors():
+    with pytest.raises(KeyError, match="unknown head 'nope'; available: adapter"):
+        HEADS.get("nope")
+    with pytest.raises(TypeError):
+        HEADS.get("linear")(ctx(), tau=1.0)
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        HEADS.get("fusion")(ctx(), width=10, num_heads=3)
