@@ -263,13 +263,19 @@ def test_encoders_unavailable(lt_root, tmp_path, monkeypatch):
 
     class Forbidden(types.ModuleType):
         def __getattr__(self, name):
+            if name.startswith("__"):  # module introspection (inspect.getmodule scans sys.modules)
+                raise AttributeError(name)
             raise RuntimeError(f"train-head touched featurelt.encoders.{name}")
 
     for mod in [m for m in sys.modules if m == "featurelt.encoders" or m.startswith("featurelt.encoders.")
                 or m == "featurelt.extract"]:
         monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setitem(sys.modules, "featurelt.encoders", Forbidden("featurelt.encoders"))
-    monkeypatch.setitem(sys.modules, "featurelt.extract", Forbidden("featurelt.extract"))
+    import featurelt
+
+    for name in ("encoders", "extract"):
+        forbidden = Forbidden(f"featurelt.{name}")
+        monkeypatch.setitem(sys.modules, f"featurelt.{name}", forbidden)
+        monkeypatch.setattr(featurelt, name, forbidden, raising=False)  # the package attribute, too
     for lib in ("open_clip", "segment_anything", "transformers", "sentence_transformers"):
         monkeypatch.setitem(sys.modules, lib, None)  # `import open_clip` now raises ImportError
     with pytest.raises(RuntimeError):

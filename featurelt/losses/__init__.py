@@ -148,9 +148,16 @@ class Loss(nn.Module):
     def per_sample(self, logits: Tensor, target: Tensor, *, epoch: int = 0) -> Tensor:
         """logits: [B, K]; target: [B] long or [B, K] soft. Returns [B]: ``sum_k y_k w_k per_class[:, k]``."""
         self._check(logits)
-        y = soft_targets(target, self.num_classes).to(logits)
         losses = self.per_class(logits, epoch=epoch)
         w = self.class_weights(epoch=epoch)
+        if target.dim() == 1 and not target.dtype.is_floating_point:
+            # hard labels: pick the label's column (same value as the one-hot sum, fewer kernels)
+            if target.numel() and target.device.type == "cpu" and (target.min() < 0 or target.max() >= self.num_classes):
+                raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got min={int(target.min())} max={int(target.max())}")
+            idx = target.long()[:, None]
+            picked = losses.gather(1, idx).squeeze(1)
+            return picked * w.to(logits)[idx.squeeze(1)] if w is not None else picked
+        y = soft_targets(target, self.num_classes).to(logits)
         if w is not None:
             losses = losses * w.to(logits)
         # y_k = 0 entries must not turn an infinite per-class loss into nan

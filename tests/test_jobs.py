@@ -1,0 +1,52 @@
+"""Job specs: YAML steps become the same featurelt commands a user types."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featurelt.cli import main
+from featurelt.jobs import load_job, step_argv
+from featurelt.store import Store
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_step_argv() -> None:
+    assert step_argv("extract", {"encoder": "clip:tiny", "batch-size": 8, "strict": True, "split": None}) == \
+        ["extract", "clip:tiny", "--batch-size", "8", "--strict"]
+    assert step_argv("train-head", {"sweep": ["loss=ce,focal", "sampler=instance"]}) == \
+        ["train-head", "--sweep", "loss=ce,focal", "--sweep", "sampler=instance"]
+
+
+def test_every_job_file_parses() -> None:
+    files = sorted(JOBS.glob("*.yaml"))
+    assert files
+    for f in files:
+        _, steps = load_job(f)
+        assert steps and all(argv[0] for argv in steps)
+
+
+def test_bad_job_names_the_step(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - ingest: {builtin: digits}\n  - [extract, pixels]\n")
+    with pytest.raises(ValueError, match="step 2 must be one mapping"):
+        load_job(bad)
+    assert main(["job", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_job_runs_the_commands(digits_store, tmp_path, capsys) -> None:
+    root = tmp_path / "store"
+    shutil.copytree(digits_store, root)
+    job = tmp_path / "job.yaml"
+    job.write_text("steps:\n  - extract: {encoder: pixels, no-progress: true}\n"
+                   "  - train-head: {features: pixels, loss: balanced-softmax, epochs: 2}\n"
+                   "  - train-head: {features: nope}\n  - tag: {name: never}\n")
+    before = Store(root).version
+    assert main(["job", str(job), "--store", str(root)]) == 1  # step 3 fails, step 4 never runs
+    store = Store(root)
+    assert store.count("runs") == 1 and store.has_table("emb_pixels")
+    assert store.version == before + 2
+    assert "[job step 3/4] failed" in capsys.readouterr().out
+    assert store.tags() == []
