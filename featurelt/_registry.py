@@ -42,8 +42,12 @@ class Registry(Generic[T]):
             ) from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """``get(name)(*args, **kwargs)``."""
-        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+        """``get(name)(*args, **kwargs)``; a bad option's ``TypeError`` names the entry (``loss 'focal': ...``)."""
+        factory = self.get(name)
+        try:
+            return factory(*args, **kwargs)  # type: ignore[operator]
+        except TypeError as exc:
+            raise TypeError(f"{self.kind} '{name}': {exc}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -178,11 +178,7 @@ from featurelt.losses.softmax import (  # noqa: E402
 
 def build_loss(name: str, ctx: LossContext, **opts: Any) -> Loss:
     """``LOSSES.get(name)(ctx, **opts)``; the error of a bad option names the loss."""
-    cls = LOSSES.get(name)
-    try:
-        return cls(ctx, **opts)
-    except TypeError as exc:
-        raise TypeError(f"loss '{name}': {exc}") from None
+    return LOSSES.build(name, ctx, **opts)
 
 
 __all__ = ["LOSSES", "LossContext", "Loss", "build_loss", "check_options", "post_hoc_logit_adjust",

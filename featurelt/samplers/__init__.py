@@ -173,11 +173,7 @@ from featurelt.samplers.momentum import momentum_strength, momentum_update  # no
 
 def build_sampler(name: str, ctx: SamplerContext, **opts: Any) -> "Sampler":
     """``SAMPLERS.get(name)(ctx, **opts)``; the error of a bad option names the sampler."""
-    cls = SAMPLERS.get(name)
-    try:
-        return cls(ctx, **opts)
-    except TypeError as exc:
-        raise TypeError(f"sampler '{name}': {exc}") from None
+    return SAMPLERS.build(name, ctx, **opts)
 
 
 __all__ = ["SAMPLERS", "SamplerContext", "Batch", "Sampler", "build_sampler", "class_sampling_probs",
