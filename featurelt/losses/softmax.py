@@ -29,6 +29,13 @@ class CrossEntropy(Loss):
     def per_class(self, logits: Tensor, *, epoch: int = 0) -> Tensor:
         return -F.log_softmax(logits, dim=1)
 
+    def forward(self, logits: Tensor, target: Tensor, *, epoch: int = 0) -> Tensor:
+        """Hard labels go through ``F.cross_entropy`` (one fused kernel path); soft targets through the base."""
+        if target.dim() == 1 and not target.dtype.is_floating_point:
+            self._check(logits)
+            return F.cross_entropy(logits, target.long())
+        return super().forward(logits, target, epoch=epoch)
+
 
 @LOSSES.register("balanced-softmax")
 class BalancedSoftmax(Loss):
