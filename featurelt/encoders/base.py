@@ -22,6 +22,8 @@ when asked for with ``untrained=True`` (benchmarks, tests) and are recorded as `
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import os
@@ -206,7 +208,7 @@ class Preprocess:
 
 
 # ---------------------------------------------------------------------------------------------
-class _Provenanced:
+class _Provenanced(abc.ABC):
     """Shared provenance / fingerprint logic of image and text encoders."""
 
     name: str
@@ -214,8 +216,9 @@ class _Provenanced:
     # provenance keys that do not change the numbers and stay out of the fingerprint
     _not_fingerprinted: ClassVar[tuple[str, ...]] = ("checkpoint", "library_versions")
 
-    def provenance(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """The provenance dict recorded with every embedding set."""
 
     def fingerprint(self, product: str) -> str:
         """sha256 hex of the provenance (checkpoint path and library versions excluded; checkpoint
@@ -286,7 +289,7 @@ class Encoder(_Provenanced):
         t = self.transform
         if hasattr(t, "describe"):
             return t.describe()
-        raise NotImplementedError(f"{type(self).__name__} must describe its preprocessing")
+        raise TypeError(f"{type(self).__name__}: its transform must have describe() for the provenance")
 
     # -- encoding ---------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:
@@ -309,10 +312,10 @@ class Encoder(_Provenanced):
                                    f"products=[...] without it")
         return wanted
 
+    @abc.abstractmethod
     def encode(self, x: Tensor, *, products: Sequence[str] | None = None) -> dict[str, Tensor]:
         """x: ``[B, 3, H, W]`` preprocessed images. Returns ``{product: [B, D] float32}`` on the
         encoder's device for ``products`` (default: all). Runs without gradients."""
-        raise NotImplementedError
 
     # -- stateful products --------------------------------------------------------------------
     def requires_fit(self, product: str) -> bool:
@@ -334,9 +337,9 @@ class Encoder(_Provenanced):
         raise RuntimeError(f"product '{product}' of encoder '{self.name}' has no fitted state")
 
     # -- provenance ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def architecture(self) -> dict[str, Any]:
         """Model architecture description (subclasses)."""
-        raise NotImplementedError
 
     def product_details(self, product: str) -> dict[str, Any] | None:
         """How ``product`` is computed from the model output when that has options (e.g. SAM's map size)."""
@@ -446,9 +449,9 @@ class TextEncoder(_Provenanced):
             model.to(self.device)
         return self
 
-    def _encode(self, texts: list[str]) -> Tensor:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def _encode(self, texts: list[str]) -> Tensor:
         """Raw (not necessarily normalised) embeddings [N, D]."""
-        raise NotImplementedError
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
@@ -468,8 +471,9 @@ class TextEncoder(_Provenanced):
         e = self.encode_text(prompts).view(len(names), len(self.templates), self.dim)
         return torch.nn.functional.normalize(e.mean(1), dim=-1)
 
+    @abc.abstractmethod
     def architecture(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Text model architecture description (subclasses)."""
 
     def provenance(self) -> dict[str, Any]:
         """encoder, family, architecture, checkpoint, checkpoint_sha256, trained, seed, templates, products."""

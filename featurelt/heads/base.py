@@ -1,6 +1,8 @@
 """The head registry, the context every head is built from, and the common base class."""
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -40,7 +42,7 @@ class HeadContext:
         return self.text_embeddings
 
 
-class Head(nn.Module):
+class Head(nn.Module, metaclass=abc.ABCMeta):
     """Base class: ``forward`` = ``classify(features(x))``; subclasses define both halves."""
 
     def __init__(self, ctx: HeadContext) -> None:
@@ -52,13 +54,17 @@ class Head(nn.Module):
         if x.ndim != 2 or x.shape[1] != sum(self.in_dims):
             raise ValueError(f"{type(self).__name__} expects features [B, {sum(self.in_dims)}], got shape={tuple(x.shape)}")
 
+    @abc.abstractmethod
     def features(self, x: Tensor) -> Tensor:
         """x: [B, D_total]. Returns [B, D_latent], the latent the classifier reads."""
-        raise NotImplementedError
 
     def classify(self, z: Tensor) -> Tensor:
-        """z: [B, D_latent] from :meth:`features`. Returns [B, K] logits."""
-        raise NotImplementedError
+        """z: [B, D_latent] from :meth:`features`. Returns [B, K] logits.
+
+        Heads whose logits need more than the latent (fusion mixes in the first source) override
+        :meth:`logits_and_features` instead and do not use this method.
+        """
+        raise TypeError(f"{type(self).__name__} computes its logits in logits_and_features(), not from the latent alone")
 
     def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [B, D_total]. Returns (logits [B, K], latent [B, D_latent]) in one pass."""
