@@ -38,6 +38,26 @@ def _json_parent() -> argparse.ArgumentParser:
     return p
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type=`` for integers >= ``minimum`` whose error shows the value that arrived."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
 # parents.store: --store; parents.as_of: --as-of; parents.json: --json
 parents = SimpleNamespace(store=_store_parent(), as_of=_as_of_parent(), json=_json_parent())
 

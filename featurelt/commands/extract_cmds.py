@@ -9,22 +9,7 @@ import argparse
 import json
 import sys
 
-from featurelt.commands._common import open_store, print_rows
-
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from featurelt.commands._common import non_negative_int, open_store, positive_int, print_rows
 
 
 def register(sub: argparse._SubParsersAction, parents) -> None:
@@ -56,18 +41,18 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "(default: <family>_<model>_<product>, e.g. clip_tiny, sam_tiny_latent)")
     p.add_argument("--split", metavar="SPLIT",
                    help="embed only samples of this split (train, val, test, train_unused, ...; default: all)")
-    p.add_argument("--limit", type=_positive_int, metavar="N",
+    p.add_argument("--limit", type=positive_int, metavar="N",
                    help="embed at most the first N samples (of the split, in store order)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                    help="images per encoder forward pass (default 64; halved automatically on CUDA out-of-memory)")
-    p.add_argument("--num-workers", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--num-workers", type=non_negative_int, default=0, metavar="N",
                    help="DataLoader worker processes that read, decode and preprocess images (default 0: in the "
                    "main process)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the encoder runs (default auto: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored vector type (default float32; float16 halves the table size)")
-    p.add_argument("--views", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--views", type=non_negative_int, default=0, metavar="N",
                    help="also store N augmented views per sample (view 1..N, strength view/N; METHODS.md section 5); "
                    "needs --augment")
     p.add_argument("--augment", choices=["randaugment"],
@@ -75,9 +60,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "round(strength * 30) of 31 bins, seeded per (sample, view)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first image that fails to decode (default: record it in rejects and go on)")
-    p.add_argument("--map-size", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--map-size", type=positive_int, default=16, metavar="N",
                    help="side of map products such as SAM pca_map (NxN, flattened; default 16)")
-    p.add_argument("--image-size", type=_positive_int, metavar="N",
+    p.add_argument("--image-size", type=positive_int, metavar="N",
                    help="encoder input size in pixels (default: the model's own)")
     p.add_argument("--templates", metavar="FILE",
                    help="prompt templates for class text embeddings, one per line with '{}' for the class name "
@@ -92,7 +77,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "commit at the end")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="Ray cluster to join with --engine ray (default: a local Ray with 2 CPUs)")
-    p.add_argument("--chunk-rows", type=_positive_int, default=2048, metavar="N",
+    p.add_argument("--chunk-rows", type=positive_int, default=2048, metavar="N",
                    help="samples per store commit with the local engine (what an interrupted run keeps; default 2048)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="do not show the progress bar")

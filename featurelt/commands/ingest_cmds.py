@@ -3,31 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from featurelt.commands._common import open_store, print_rows
+from featurelt.commands._common import non_negative_int, open_store, positive_int, print_rows
 
 _FORMATS = ["auto", "folder", "csv", "jsonl", "split-list", "inat", "cifar", "idx"]
 _BUILTINS = ["digits", "fashion-mnist"]
 _SOURCES = ["original", "auxiliary", "generated"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction, parents) -> None:
@@ -70,9 +50,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "(default: any bad row fails the ingest, nothing committed)")
     p.add_argument("--dataset", default=None,
                    help="value of samples.dataset (default: builtin name, folder name or file stem)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="read only the first N images of the input")
-    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=512,
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, default=512,
                    help="rows per Arrow batch streamed into the store (default 512)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="do not show the progress bar")
@@ -91,11 +71,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--profile", choices=["exp", "pareto"], default="exp",
                    help="class-size profile (default exp)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row choice and of the pareto draws (default 0)")
-    p.add_argument("--max-per-class", dest="max_per_class", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-per-class", dest="max_per_class", type=positive_int, default=None, metavar="N",
                    help="n_max, the head class size (default: the smallest class's balanced train count)")
-    p.add_argument("--many", type=_nonneg_int, default=None,
+    p.add_argument("--many", type=non_negative_int, default=None,
                    help="bucket many when train_count > MANY (default: current threshold, else 100)")
-    p.add_argument("--few", type=_nonneg_int, default=None,
+    p.add_argument("--few", type=non_negative_int, default=None,
                    help="bucket few when train_count < FEW (default: current threshold, else 20)")
     p.set_defaults(func=cmd_make_lt)
 
