@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="side of the random PNG images in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both measurements (default 64)")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers for extract (default: 0 on cpu, min(8, cores - 2) on cuda)")
+                   help="DataLoader workers for extract (default: featurelt's, 0 on cpu, min(8, cores - 1) on cuda)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device (default auto)")
     p.add_argument("--runs", type=int, default=5, help="runs per encoder; the median is reported (default 3)")
     p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"], metavar="NAME[=IMAGES]",
@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or (f"{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
                                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     if args.num_workers is None:
-        on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        args.num_workers = max(1, min(8, (os.cpu_count() or 4) - 2)) if on_cuda else 0
+        from featurelt.extract import default_num_workers, resolve_device
+
+        args.num_workers = default_num_workers(resolve_device(args.device))
     rows = []
     with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
         wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]

@@ -15,6 +15,11 @@ warm-up epoch:
 
 Reported: median epoch seconds of each and the ratio featurelt / baseline (target <= 1.15).
 
+Part 1b (``--stream``, store source only): the same table read per batch from the store
+(``stream_features="always"``: only row offsets in memory, each batch's vectors read with
+``LanceDataset.take``) against the same ``HeadTrainer`` epoch over features loaded into memory;
+reported: median epoch seconds of each, the ratio, and the RSS each loaded train set holds.
+
 Part 2 (``--fmnist``): Fashion-MNIST through the CLI -- ``ingest --builtin fashion-mnist`` +
 ``make-lt --imbalance 100`` + ``extract pixels`` + ``train-head`` (from scratch) against a second
 ``train-head`` re-run on the cached features (median of ``--fmnist-repeats`` re-runs).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -192,6 +198,42 @@ def bench_head(store: Store | None, head: str, *, device: torch.device, repeats:
     return {"head": head, "featurelt_s": mo, "baseline_s": mb, "ratio": mo / mb, "streamed": data.streamed}
 
 
+def rss_mib() -> float:
+    """Resident set size of this process now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_stream(store: Store, *, device: torch.device, repeats: int, batch_size: int) -> dict:
+    """Epoch time of the linear head with features streamed from the store vs loaded into memory."""
+    base = TrainCfg(features=("synthetic",), head="linear", loss="ce", sampler="instance", epochs=repeats + 1,
+                    batch_size=batch_size, lr=0.01, device=device.type)
+    trainers, rss = {}, {}
+    for mode in ("always", "never"):
+        before = rss_mib()
+        data, _train, _classes = load_train_data(store, base.replace(stream_features=mode), device=device, views=False)
+        rss[mode] = rss_mib() - before  # memory the loaded train data holds
+        torch.manual_seed(0)
+        trainers[mode] = HeadTrainer(base, data)
+    times: dict[str, list[float]] = {"always": [], "never": []}
+    for epoch in range(repeats + 1):
+        for mode, trainer in trainers.items():
+            sync(device)
+            t = time.perf_counter()
+            trainer.run_epoch(epoch)
+            sync(device)
+            if epoch:
+                times[mode].append(time.perf_counter() - t)
+        print(f"  stream epoch {epoch}: store {times['always'][-1] if epoch else 0:.3f} s, "
+              f"memory {times['never'][-1] if epoch else 0:.3f} s", flush=True)
+    ms, mm = statistics.median(times["always"]), statistics.median(times["never"])
+    return {"store_s": ms, "memory_s": mm, "ratio": ms / mm, "rss_store_mib": rss["always"],
+            "rss_memory_mib": rss["never"], "features_in": trainers["always"].data.features_in}
+
+
 # ---------------------------------------------------------------------------------------------- fashion-mnist
 def cli(root: Path, *argv: str) -> float:
     t = time.perf_counter()
@@ -223,7 +265,7 @@ def machine(device: torch.device) -> str:
 
 
 def markdown(args: argparse.Namespace, device: torch.device, results: list[dict], fm: dict | None,
-             write_s: float) -> str:
+             write_s: float, st: dict | None = None) -> str:
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} -- {machine(device)}", "",
              f"`python bench/train_head.py {' '.join(sys.argv[1:])}`", "",
              f"Feature table: {args.rows} x {args.dim} float32, {args.classes} classes (Pareto counts), "
@@ -234,6 +276,11 @@ def markdown(args: argparse.Namespace, device: torch.device, results: list[dict]
              "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['head']} | {r['featurelt_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.3f} |")
+    if st:
+        lines += ["", f"Streaming (linear head, features in `{st['features_in']}`): epoch {st['store_s']:.3f} s "
+                  f"reading each batch from the store vs {st['memory_s']:.3f} s over features in memory "
+                  f"(ratio {st['ratio']:.2f}, median of {args.repeats}); the loaded train data holds {st['rss_store_mib']:.0f} MiB "
+                  f"of RSS streamed vs {st['rss_memory_mib']:.0f} MiB in memory."]
     if fm:
         lines += ["", f"Fashion-MNIST ({fm['rows']} rows with pixel features, imbalance 100, {args.fmnist_epochs} epochs, "
                   f"balanced-softmax): ingest + make-lt {fm['ingest_make_lt_s']:.1f} s; extract pixels "
@@ -267,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", choices=["store", "memory"], default="store",
                    help="store: features written to a temporary store and read back with load_train_data "
                    "(default); memory: built in memory (machines without pylance)")
+    p.add_argument("--stream", action="store_true",
+                   help="also time epochs with features read per batch from the store (--source store)")
     p.add_argument("--fmnist", action="store_true", help="also time extract + train vs re-run on Fashion-MNIST")
     p.add_argument("--fmnist-limit", type=int, default=None, help="ingest --limit for Fashion-MNIST")
     p.add_argument("--fmnist-epochs", type=int, default=10, help="train-head epochs on Fashion-MNIST")
@@ -286,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.rows} x {args.dim} features in {write_s:.1f} s", flush=True)
         results = [bench_head(store, h, device=device, repeats=args.repeats, batch_size=args.batch_size,
                               memory=memory) for h in args.heads.split(",")]
+        st = bench_stream(store, device=device, repeats=args.repeats, batch_size=args.batch_size) \
+            if args.stream and store is not None else None
         fm = bench_fmnist(Path(tmp), limit=args.fmnist_limit, epochs=args.fmnist_epochs, repeats=args.fmnist_repeats,
                           device=args.device) if args.fmnist else None
-    block = markdown(args, device, results, fm, write_s)
+    block = markdown(args, device, results, fm, write_s, st)
     print(block)
     if args.results:
         write_results(args.results, block)

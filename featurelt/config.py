@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from featurelt.data.features import StreamMode
+
 Optimizer = Literal["sgd", "adam", "adamw"]
 Device = Literal["auto", "cpu", "cuda"]
 ProtoTerm = Literal["head", "tail-std", "tail-dist"]
@@ -34,6 +36,8 @@ class TrainCfg:
     train_split: str = "train"              # samples.split the head trains on
     eval_split: str = "test"                # samples.split evaluated (original rows of target classes only)
     as_of: str | None = None                # store version number or tag every read is pinned to (None = latest)
+    stream_features: StreamMode = "auto"    # auto: read batches from the store when the features would take over half
+                                            # the available RAM; always: always; never: always load them into memory
     # --- head (registry featurelt.heads.HEADS)
     head: str = "linear"                    # head name: linear | cosine | adapter | lfm-projection | fusion | mlp
     head_opts: dict[str, Any] = field(default_factory=dict)     # keyword options of the head, e.g. {tau: 0.05}
@@ -106,6 +110,8 @@ def check(cfg: TrainCfg) -> None:
         raise bad("optimizer", f"must be one of {', '.join(typing.get_args(Optimizer))}")
     if cfg.device not in typing.get_args(Device):
         raise bad("device", f"must be one of {', '.join(typing.get_args(Device))}")
+    if cfg.stream_features not in typing.get_args(StreamMode):
+        raise bad("stream_features", f"must be one of {', '.join(typing.get_args(StreamMode))}")
     unknown = [t for t in cfg.proto if t not in PROTO_TERMS]
     if unknown:
         raise bad("proto", f"has unknown term(s) {unknown}; terms are {', '.join(PROTO_TERMS)}")

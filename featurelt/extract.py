@@ -8,14 +8,16 @@ Local engine (:func:`extract`)::
 
     samples (sample_id, split) --scan--> todo positions (split filter, --limit, minus rows already
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
-    workers take rows by position, decode + augment + preprocess) --> encoder.encode under
+    workers take rows by position, decode + augment + resize / crop to uint8) --> pinned uint8 batch
+    to the device, normalised there (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA) --> Arrow batches --> one store
     transaction per chunk of ``chunk_rows`` samples
 
 Each chunk is its own store transaction, so Ctrl-C or ``kill -9`` keeps every committed chunk and
 leaves the store valid; re-running the same command reads ``sample_id, view`` of the rows that
 carry the run's fingerprint and embeds only what is missing (no duplicates). New samples ingested
-later are embedded by re-running. The provenance rows go into the last chunk's transaction.
+later are embedded by re-running. The provenance rows go into the first chunk's transaction and
+later chunks update their row counts, so a killed run leaves the provenance of what it committed.
 
 Ray engine (:func:`extract` with ``engine="ray"``): the same todo list is cut into shards; Ray tasks
 decode, encode and write Lance fragments into the embedding tables' directories; the driver makes
@@ -128,6 +130,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def default_num_workers(device: str) -> int:
+    """DataLoader workers when not given: 0 on CPU (the encoder's threads use the cores), else
+    ``min(8, cores - 1)`` so that decoding keeps up with the GPU."""
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def view_strength(view: int, views: int) -> float:
     """Augmentation strength of a view (METHODS.md section 5): 0 for view 0, ``view / views`` otherwise."""
     if view < 0 or view > views:
@@ -237,11 +247,21 @@ def _plan(store: Store, *, split: str | None, limit: int | None, views: int,
 
 # --------------------------------------------------------------------------- decoding in workers
 class _ViewMaker:
-    """Decoded PIL image -> preprocessed tensor of one view (picklable: runs in DataLoader workers)."""
+    """Decoded PIL image -> tensor of one view (picklable: runs in DataLoader workers).
 
-    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], *, views: int, augment: str | None,
+    When the encoder's transform splits (:func:`featurelt.encoders.base.split_transform`), workers
+    only resize / crop and hand over ``uint8 [C, H, W]``; ``finish`` (to float, normalise) then runs
+    on whole batches on the encoder's device. Otherwise workers run the whole transform and ``finish``
+    is None.
+    """
+
+    def __init__(self, transform: Callable[[Any], "torch.Tensor"], *, views: int, augment: str | None,
                  seed: int) -> None:
-        self.preprocess = preprocess
+        from featurelt.encoders.base import split_transform
+
+        stages = split_transform(transform)
+        self.preprocess = transform if stages is None else stages[0]
+        self.finish = None if stages is None else stages[1]
         self.views = views
         self.augment = augment
         self.seed = seed
@@ -362,6 +382,18 @@ def __getattr__(name: str) -> Any:  # PEP 562: lazily defined torch classes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _packages_of(obj: Any, depth: int = 0) -> set[str]:
+    """Top-level packages of the classes a picklable transform is made of (``Compose`` steps,
+    ``HostStage.pil_steps``, the object of a bound method), e.g. ``{"open_clip", "torchvision"}``."""
+    found = {type(obj).__module__.split(".")[0]}
+    if depth < 4:
+        children = list(getattr(obj, "transforms", None) or [])
+        children += [c for c in (getattr(obj, "pil_steps", None), getattr(obj, "__self__", None)) if c is not None]
+        for child in children:
+            found |= _packages_of(child, depth + 1)
+    return found - {"builtins"}
+
+
 def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any:
     """DataLoader over the stream; workers start with ``forkserver`` (Lance is not fork-safe)."""
     import multiprocessing
@@ -372,8 +404,12 @@ def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any
     if num_workers > 0:
         if "forkserver" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("forkserver")
-            # the fork server imports these once; each worker then starts in well under a second
-            ctx.set_forkserver_preload(["torch", "torchvision.transforms", "PIL.Image", "numpy", "pyarrow"])
+            # the fork server imports these once (torch ~2 s, open_clip ~1 s when its transform classes
+            # are used), so that each worker does not. featurelt imports lance, which must not be loaded
+            # in a process that forks: each worker imports it (0.4 s)
+            preload = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "pyarrow"]
+            extra = _packages_of(stream.make_view.preprocess) - {"featurelt", "torch", "torchvision", "PIL"}
+            ctx.set_forkserver_preload(preload + sorted(extra))
         else:
             ctx = multiprocessing.get_context("spawn")
     return DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
@@ -394,14 +430,20 @@ def _autocast(device: str) -> Any:
 
 
 def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
+                 prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
                  min_batch: int = 1) -> dict[str, np.ndarray]:
-    """Encode ``x`` [B,3,H,W] -> ``{product: float32 array [B, D]}``; on CUDA out-of-memory, retry
-    the batch in halves (recursively) instead of failing."""
+    """Encode ``x`` [B,3,H,W] -> ``{product: float32 array [B, D]}``; ``prepare`` (e.g. a
+    :class:`~featurelt.encoders.base.DeviceStage` turning uint8 into normalised floats) runs on the
+    device first. On CUDA out-of-memory, retry the batch in halves (recursively) instead of failing."""
     import torch
 
     try:
-        with torch.inference_mode(), _autocast(device):
-            out = encoder.encode(x.to(device, non_blocking=True), products=products)
+        with torch.inference_mode():
+            x = x.to(device, non_blocking=True)
+            if prepare is not None:
+                x = prepare(x)
+            with _autocast(device):
+                out = encoder.encode(x, products=products)
             return {p: out[p].float().cpu().numpy() for p in products}
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] <= min_batch:
@@ -410,8 +452,8 @@ def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
         half = x.shape[0] // 2
         print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}",
               file=sys.stderr)
-        a = encode_batch(encoder, x[:half], products, device=device, min_batch=min_batch)
-        b = encode_batch(encoder, x[half:], products, device=device, min_batch=min_batch)
+        a = encode_batch(encoder, x[:half], products, device=device, prepare=prepare, min_batch=min_batch)
+        b = encode_batch(encoder, x[half:], products, device=device, prepare=prepare, min_batch=min_batch)
         return {p: np.concatenate([a[p], b[p]]) for p in products}
 
 
@@ -477,14 +519,15 @@ def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: di
         raise ValueError(f"encoder {encoder.name} product(s) {need} are fitted on the train split, but store "
                          f"{store.root} has no samples with split 'train'")
     plan = _plan(store, split="train", limit=limit, views=0, done={"fit": {}})
+    make_view = _ViewMaker(encoder.transform, views=0, augment=None, seed=0)
     stream = _SampleStream(store.root, plan.samples_version, store.storage_options, plan.positions, plan.needed,
-                           _ViewMaker(encoder.transform, views=0, augment=None, seed=0),
-                           batch_size=batch_size, views=0)
+                           make_view, batch_size=batch_size, views=0)
 
     def batches() -> Iterator["torch.Tensor"]:
         for b in _loader(stream, num_workers=num_workers, pin_memory=False):
             if b["x"] is not None:
-                yield b["x"].to(device)
+                x = b["x"].to(device)
+                yield x if make_view.finish is None else make_view.finish(x)
 
     import torch
 
@@ -497,12 +540,12 @@ def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: di
 def _provenance_rows(encoder: "Encoder", sets: dict[str, str], fingerprints: dict[str, str], added: dict[str, int],
                      *, dtype: str, read_versions: dict[str, int], store_version: int, views: int,
                      augment: str | None, split: str | None, limit: int | None, engine: str,
-                     device: str) -> pa.Table:
+                     device: str, now: Any) -> pa.Table:
+    """One ``embedding_sets`` row per product; ``now`` (the run's start) is its ``time``."""
     from featurelt import __version__
 
     base = dict(encoder.provenance())
     rows = []
-    now = utcnow()
     for product, set_name in sets.items():
         prov = {**base, "encoder": encoder.name, "product": product, "dim": int(encoder.products[product]),
                 "dtype": dtype, "featurelt_version": __version__, "time": now.isoformat() + "Z",
@@ -623,23 +666,26 @@ def _progress(total: int, *, enabled: bool, desc: str) -> Any:
 
 
 def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None = None, name: str | None = None,
-            split: str | None = None, limit: int | None = None, batch_size: int = 64, num_workers: int = 0,
+            split: str | None = None, limit: int | None = None, batch_size: int = 64, num_workers: int | None = None,
             device: str = "auto", dtype: VecDtype = "float32", views: int = 0, augment: str | None = None,
             strict: bool = False, checkpoint: str | None = None, map_size: int = 16,
             image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
-            chunk_rows: int = 2048, fit_samples: int | None = 4096, progress: bool = True,
+            ray_gpus_per_task: float = 1.0, chunk_rows: int = 2048, fit_samples: int | None = 4096, progress: bool = True,
             message: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
 
     ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
     ``views`` / ``augment``: augmented views, METHODS.md section 5 (see the module docstring).
+    ``num_workers``: DataLoader workers decoding images (None: :func:`default_num_workers`).
     ``fit_samples``: products that are fitted (SAM ``pca_map``, METHODS.md section 2) are fitted on
     the first ``fit_samples`` train-split samples (None: all), once per set; later runs reuse the
     state stored in the set's provenance. ``strict``: a sample that fails to decode raises (naming the sample) instead of going to
     ``rejects``. ``chunk_rows``: samples per store transaction (the unit kept by an interrupted
     run). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
-    local Ray with 2 CPUs). Encoders with a text tower (``clip:*``) also write class text
+    local Ray with 2 CPUs; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
+    ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
+    Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
     """
     from featurelt.encoders import ENCODERS
@@ -650,7 +696,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
                          "`featurelt extract` command dispatches to it)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -673,9 +719,20 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     if store._as_of is not None:
         raise StoreError(f"this Store is pinned to --as-of {store._as_of}; extract writes to the latest version")
 
+    if not ray_gpus_per_task > 0:
+        raise ValueError(f"ray_gpus_per_task must be > 0, got {ray_gpus_per_task}")
     _check_split(store, split)
-    # Ray tasks encode on CPU workers: --device auto means cpu there (an explicit cuda is refused below)
-    dev = resolve_device("cpu" if engine == "ray" and device == "auto" else device)
+    task_device = "cpu"
+    if engine == "ray":
+        # Ray: --device auto = CPU tasks; cuda = GPU tasks on the cluster. The driver (encoder build,
+        # SAM pca_map fit) uses a local GPU when it has one and the CPU otherwise.
+        task_device = "cuda" if device.startswith("cuda") else resolve_device("cpu" if device == "auto" else device)
+        dev = resolve_device("auto") if task_device == "cuda" else "cpu"
+    else:
+        dev = resolve_device(device)
+    run_device = task_device if engine == "ray" else dev  # where the images are encoded
+    if num_workers is None:  # a CPU encoder uses every core; a GPU needs decoding done in parallel
+        num_workers = default_num_workers(run_device)
     encoder = _build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
                              image_size=image_size, seed=seed, untrained=untrained)
     encoder.to(dev)
@@ -721,26 +778,39 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run = _RayRun if engine == "ray" else _LocalRun
     runner = run(store, encoder, prods, sets, fingerprints, done, plan, make_view, dtype=dtype, views=views,
                  batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict, chunk_rows=chunk_rows,
-                 progress=progress, message=msg, ray_address=ray_address)
+                 progress=progress, message=msg, ray_address=ray_address, task_device=task_device,
+                 ray_gpus_per_task=ray_gpus_per_task)
 
-    def finalize(tx: Any, added: dict[str, int]) -> int:
-        """Provenance (and text) rows: written in the last transaction of the run."""
-        if any(added.values()):
+    started = utcnow()
+    recorded: list[str] = []  # products whose provenance row is in the store
+
+    def record(tx: Any, added: dict[str, int], last: bool) -> int:
+        """Provenance rows go in with the first chunk that adds rows and later chunks update their row
+        counts, so a run killed midway leaves the provenance of what it committed; text rows go in
+        with the last chunk. Returns the text rows written."""
+        if any(added.values()) and not recorded:
             tx.append("embedding_sets", _provenance_rows(
                 encoder, sets, fingerprints, added, dtype=dtype, read_versions=read_versions,
                 store_version=store_version, views=views, augment=augment, split=split, limit=limit,
-                engine=engine, device=dev))
-        if text is not None:
+                engine=engine, device=run_device, now=started))
+            recorded.extend(sets)
+        elif recorded:
+            when = f"TIMESTAMP '{started.isoformat(sep=' ')}'"
+            for p, set_name in sets.items():
+                tx.update("embedding_sets", {"rows": str(int(added[p]))},
+                          where=f"name = {_sql_str(set_name)} AND fingerprint = {_sql_str(fingerprints[p])} "
+                                f"AND time = {when}")
+        if last and text is not None:
             return _write_text(tx, text[0], text[3], text[2])
         return 0
 
     t0 = time.perf_counter()
-    added, embedded, rejected, chunks, text_rows = runner.run(finalize)
+    added, embedded, rejected, chunks, text_rows = runner.run(record)
     seconds = time.perf_counter() - t0
     if text is not None and text[0] is None:
         notes.append(f"class text embeddings '{text[3]}' already present")
     return ExtractResult(encoder_name, sets, added, embedded, plan.skipped, rejected, chunks, store.version, seconds,
-                         device=dev, text_rows=text_rows, notes=notes)
+                         device=run_device, text_rows=text_rows, notes=notes)
 
 
 class _LocalRun:
@@ -749,7 +819,8 @@ class _LocalRun:
     def __init__(self, store: Store, encoder: "Encoder", products: list[str], sets: dict[str, str],
                  fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], plan: _Plan,
                  make_view: _ViewMaker, *, dtype: str, views: int, batch_size: int, num_workers: int, device: str,
-                 strict: bool, chunk_rows: int, progress: bool, message: str, ray_address: str | None) -> None:
+                 strict: bool, chunk_rows: int, progress: bool, message: str, ray_address: str | None,
+                 task_device: str = "cpu", ray_gpus_per_task: float = 1.0) -> None:
         self.store, self.encoder, self.products, self.sets = store, encoder, products, sets
         self.fingerprints, self.done, self.plan, self.make_view = fingerprints, done, plan, make_view
         self.dtype, self.views, self.batch_size, self.num_workers = dtype, views, batch_size, num_workers
@@ -768,8 +839,8 @@ class _LocalRun:
         return embedding_batch(sids, vlist, strengths, self.fingerprints[product], vectors, self.dtype)
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
-                finalize: Callable[[Any, dict[str, int]], int] | None, added: dict[str, int]) -> int:
-        """One chunk = one store transaction. Returns text rows written (last chunk only)."""
+                record: Callable[[Any, dict[str, int], bool], int], added: dict[str, int], *, last: bool) -> int:
+        """One chunk = one store transaction (with the run's provenance rows). Returns text rows written."""
         text_rows = 0
         with self.store.transaction(self.message) as tx:
             for p, batches in pending.items():
@@ -777,11 +848,10 @@ class _LocalRun:
                     added[p] += tx.append(f"emb_{self.sets[p]}", batches)
             if rejects:
                 tx.append("rejects", _rejects_table(rejects, self.message))
-            if finalize is not None:
-                text_rows = finalize(tx, added)
+            text_rows = record(tx, added, last)
         return text_rows
 
-    def run(self, finalize: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
+    def run(self, record: Callable[[Any, dict[str, int], bool], int]) -> tuple[dict[str, int], int, int, int, int]:
         plan = self.plan
         added = {p: 0 for p in self.products}
         stream = _SampleStream(self.store.root, plan.samples_version, self.store.storage_options, plan.positions,
@@ -799,7 +869,8 @@ class _LocalRun:
                     rejects.extend(batch["rejects"])
                     rejected += len(batch["rejects"])
                 if batch["x"] is not None:
-                    vecs = encode_batch(self.encoder, batch["x"], self.products, device=self.device)
+                    vecs = encode_batch(self.encoder, batch["x"], self.products, device=self.device,
+                                        prepare=self.make_view.finish)
                     for p in self.products:
                         rb = self._rows(p, batch["sample_id"], batch["view"], batch["aug_strength"], vecs[p])
                         if rb is not None:
@@ -808,7 +879,7 @@ class _LocalRun:
                 chunk_samples += batch["samples"]
                 bar.update(batch["samples"])
                 if chunk_samples >= self.chunk_rows:
-                    self._commit(pending, rejects, None, added)
+                    self._commit(pending, rejects, record, added, last=False)
                     chunks += 1
                     pending = {p: [] for p in self.products}
                     rejects = []
@@ -816,7 +887,7 @@ class _LocalRun:
             text_rows = 0
             if any(pending.values()) or rejects or any(added.values()) or chunks == 0:
                 before = self.store.version
-                text_rows = self._commit(pending, rejects, finalize, added)
+                text_rows = self._commit(pending, rejects, record, added, last=True)
                 chunks += int(self.store.version != before)
         finally:
             bar.close()
@@ -827,8 +898,12 @@ class _LocalRun:
 def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_version: int, positions: np.ndarray,
                needed: list[tuple[int, ...]], encoder: "Encoder", make_view: _ViewMaker, products: list[str],
                sets: dict[str, str], fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], *,
-               dtype: str, views: int, batch_size: int) -> dict[str, Any]:
+               dtype: str, views: int, batch_size: int, device: str = "cpu", num_workers: int = 0) -> dict[str, Any]:
     """One Ray task: decode + encode a shard, write its rows as Lance fragments (no commit).
+
+    On CPU the task decodes and encodes in its own process (one thread: Ray runs one task per CPU);
+    on a GPU (``device="cuda"``, the GPU Ray assigned) ``num_workers`` DataLoader workers decode and the
+    batches go to the GPU pinned.
 
     Returns ``{"fragments": {product: [FragmentMetadata]}, "rows": {product: n}, "rejects": [...],
     "embedded": n}``; the driver commits all shards' fragments at once.
@@ -838,18 +913,23 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
 
     from featurelt.store.schema import arrow_schema
 
-    torch.set_num_threads(1)
     stream = _SampleStream(root, samples_version, storage_options, positions, needed, make_view,
                            batch_size=batch_size, views=views)
+    if device == "cpu":
+        torch.set_num_threads(1)
+        batches: Any = stream
+    else:
+        encoder.to(device)
+        batches = _loader(stream, num_workers=num_workers, pin_memory=True)
     out: dict[str, list[pa.RecordBatch]] = {p: [] for p in products}
     rejects: list[tuple[str, str]] = []
     embedded = 0
-    for batch in stream:
+    for batch in batches:
         rejects.extend(batch["rejects"])
         embedded += batch["embedded"]
         if batch["x"] is None:
             continue
-        vecs = encode_batch(encoder, batch["x"], products, device="cpu")
+        vecs = encode_batch(encoder, batch["x"], products, device=device, prepare=make_view.finish)
         for p in products:
             d = done[p]
             keep = [i for i, (s, v) in enumerate(zip(batch["sample_id"], batch["view"])) if v not in d.get(s, ())]
@@ -874,18 +954,16 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
 class _RayRun(_LocalRun):
     """The Ray engine: shards as remote tasks writing fragments; one store commit on the driver."""
 
-    def __init__(self, *args: Any, ray_address: str | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ray_address: str | None, task_device: str = "cpu", ray_gpus_per_task: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, ray_address=ray_address, **kwargs)
-        self.ray_address = ray_address
+        self.ray_address, self.task_device, self.gpus_per_task = ray_address, task_device, ray_gpus_per_task
 
-    def run(self, finalize: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
+    def run(self, record: Callable[[Any, dict[str, int], bool], int]) -> tuple[dict[str, int], int, int, int, int]:
         import ray
 
         from featurelt.store.schema import arrow_schema
 
-        if self.device != "cpu":
-            raise ValueError("--engine ray runs its tasks on CPU workers here; pass --device cpu "
-                             "(GPU Ray tasks are not implemented)")
         started = False
         if not ray.is_initialized():
             if self.ray_address:
@@ -897,10 +975,20 @@ class _RayRun(_LocalRun):
         added = {p: 0 for p in self.products}
         try:
             n = len(plan.positions)
-            n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            n_shards = max(1, min(n_cpus, math.ceil(n / max(self.batch_size, 1)))) if n else 0
+            resources = ray.cluster_resources()
+            if self.task_device == "cuda":
+                gpus = float(resources.get("GPU", 0))
+                if gpus < self.gpus_per_task:
+                    raise ValueError(f"--device cuda with --engine ray: the Ray cluster "
+                                     f"({self.ray_address or 'local'}) has {gpus:g} GPUs, each task needs "
+                                     f"{self.gpus_per_task:g} (--ray-gpus-per-task); use --device cpu or a cluster with GPUs")
+                slots = int(gpus // self.gpus_per_task)
+                task = ray.remote(num_cpus=1 + self.num_workers, num_gpus=self.gpus_per_task)(_ray_shard)
+            else:
+                slots = max(1, int(resources.get("CPU", 1)))
+                task = ray.remote(num_cpus=1)(_ray_shard)
+            n_shards = max(1, min(slots, math.ceil(n / max(self.batch_size, 1)))) if n else 0
             bounds = np.linspace(0, n, n_shards + 1).astype(int) if n_shards else []
-            task = ray.remote(num_cpus=1)(_ray_shard)
             bar = _progress(n, enabled=self.progress, desc=f"extract {self.encoder.name} (ray)")
             rejects: list[tuple[str, str]] = []
             embedded = 0
@@ -911,7 +999,8 @@ class _RayRun(_LocalRun):
                 refs = {task.remote(self.store.root, self.store.storage_options, plan.samples_version,
                                     plan.positions[a:b], plan.needed[a:b], enc_ref, self.make_view, self.products,
                                     self.sets, self.fingerprints, self.done, dtype=self.dtype, views=self.views,
-                                    batch_size=self.batch_size): b - a
+                                    batch_size=self.batch_size, device=self.task_device,
+                                    num_workers=self.num_workers if self.task_device == "cuda" else 0): b - a
                         for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
                 results = []
                 pending = list(refs)
@@ -935,7 +1024,7 @@ class _RayRun(_LocalRun):
                         added[p] = sum(res["rows"][p] for res in results)
                 if rejects:
                     tx.append("rejects", _rejects_table(rejects, self.message))
-                text_rows = finalize(tx, added)
+                text_rows = record(tx, added, True)
         finally:
             if started:
                 ray.shutdown()

@@ -105,8 +105,9 @@ def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     # the re-run line and the timing against the whole pipeline
     m = re.search(r"re-trained .* in ([\d.]+) s .* full pipeline ([\d.]+) s", out)
     assert m, out[-2000:]
-    assert 0 < float(m.group(1)) < float(m.group(2))
-    assert "acc_all and macro_f1 identical" in out     # same seed, same features: the same run again
+    assert 0 < float(m.group(1)) < float(m.group(2)), m.group(0)
+    same = re.search(r"same seed, same cached features: .*", out)
+    assert same and "identical" in same.group(0), same and same.group(0)  # same seed, same features: the same run
     # the report of the sweep
     doc = json.loads((report_dir / "report.json").read_text())
     assert [r["run_id"] for r in doc["runs"]] == [r["run_id"] for r in sweep]

@@ -158,6 +158,30 @@ def test_image_encoder_deterministic_and_fingerprinted(name: str) -> None:
     assert d.fingerprint(p_nofit) != a.fingerprint(p_nofit)
 
 
+@pytest.mark.parametrize("name", OFFLINE_IMAGE)
+def test_split_transform_is_bit_identical(name: str) -> None:
+    """Workers hand over uint8 and the device finishes the transform: same floats as the whole transform."""
+    from featurelt.encoders.base import DeviceStage, split_transform
+
+    enc = _build(name)
+    stages = split_transform(enc.transform)
+    if enc.family == "sam":  # longest_pad zero-pads after normalising: runs whole in the workers
+        assert stages is None
+        return
+    assert stages is not None
+    host, device_stage = stages
+    pickle.loads(pickle.dumps(host)), pickle.loads(pickle.dumps(device_stage))  # DataLoader workers
+    parts = [host(im) for im in _images()]
+    assert all(p.dtype == torch.uint8 for p in parts)
+    assert torch.equal(device_stage(torch.stack(parts)), _batch(enc))
+    with pytest.raises(TypeError, match="uint8"):
+        device_stage(torch.stack(parts).float())
+    # by hand: one grey pixel through a 3-channel DeviceStage
+    x = torch.full((1, 1, 1, 1), 51, dtype=torch.uint8)
+    out = DeviceStage((0.1, 0.2, 0.3), (0.5, 0.5, 0.25), grey=True)(x)
+    np.testing.assert_allclose(out.flatten().numpy(), [(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.5, (0.2 - 0.3) / 0.25], atol=1e-6)
+
+
 def test_pixels_values_by_hand() -> None:
     enc = build_encoder("pixels", image_size=4)
     arr = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16

@@ -313,3 +313,119 @@ def test_balanced_softmax_beats_ce_on_few_shot(lt_root, tmp_path):
 def test_bad_component_option_is_a_clear_error(lt_root, capsys):
     assert train(lt_root, "--head-opt", "tau=0.1", "--epochs", "1") == 1
     assert "head 'linear': bad option(s) ['tau']" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ streaming from the store
+def test_store_rows_equal_in_memory_features(full_root, tmp_path):
+    """StoreRows.take reads the same vectors as the in-memory join, for any rows / views, duplicates and
+    several fragments with a deleted row in between (row offsets are LanceDataset.take offsets)."""
+    from featurelt.data.features import StoreRows, load_features
+
+    root = copy_store(full_root, tmp_path)
+    store = Store(root)
+    rng = np.random.default_rng(3)
+    extra_ids = [f"x{i:03d}" for i in range(5)]  # rows of another split in a second fragment, one deleted
+    with store.transaction("test: second fragment") as tx:
+        tx.append("emb_pixels", _emb_rows(extra_ids, rng.normal(size=(5, 64)), views=2, rng=rng))
+    with store.transaction("test: delete a row") as tx:
+        tx.delete("emb_pixels", "sample_id = 'x002' AND view = 1")
+    with store.transaction("test: third fragment") as tx:  # newer vectors of train samples: the last row wins
+        ids = load_features(store, ["pixels"], split="train", views=True, stream="never").sample_ids[:7].tolist()
+        tx.append("emb_pixels", _emb_rows(ids, rng.normal(size=(7, 64)), views=2, rng=rng))
+    store = Store(root)
+    mem = load_features(store, ["pixels"], split="train", views=True, stream="never")
+    lazy = load_features(store, ["pixels"], split="train", views=True, stream="always")
+    assert isinstance(lazy.x, StoreRows) and lazy.streamed and not mem.streamed
+    assert lazy.x.shape == mem.x.shape and lazy.x.num_views == 3
+    np.testing.assert_array_equal(lazy.view_strength, mem.view_strength)
+    rows = rng.integers(0, len(mem), 500)  # with repeats, unsorted
+    views = rng.integers(0, 3, 500)
+    np.testing.assert_array_equal(lazy.x.take(rows), mem.x[rows])
+    np.testing.assert_array_equal(lazy.x.take(rows, views), mem.views[rows, views])
+    np.testing.assert_array_equal(lazy.x[10:30], mem.x[10:30])
+    np.testing.assert_array_equal(mem.x[:7], mem.views[:7, 0])
+    keep = mem.labels % 2 == 0
+    sub_l, sub_m = lazy.select(keep), mem.select(keep)
+    assert sub_l.streamed and list(sub_l.sample_ids) == list(sub_m.sample_ids)
+    np.testing.assert_array_equal(sub_l.x[:], sub_m.x)
+
+
+def test_stream_auto_follows_available_memory(lt_root, monkeypatch):
+    import featurelt.data.features as features
+
+    store = Store(lt_root)
+    n_bytes = len(features.load_samples(store, split="train")[0]) * 64 * 4
+    monkeypatch.setattr(features, "available_memory", lambda: 2 * n_bytes + 8)  # fits: n_bytes <= half
+    assert not features.load_features(store, ["pixels"], split="train").streamed
+    monkeypatch.setattr(features, "available_memory", lambda: 2 * n_bytes - 8)  # does not fit
+    assert features.load_features(store, ["pixels"], split="train").streamed
+    with pytest.raises(ValueError, match="stream must be one of"):
+        features.load_features(store, ["pixels"], split="train", stream="sometimes")  # type: ignore[arg-type]
+
+
+def test_streaming_never_holds_the_feature_matrix(tmp_path):
+    """Reading 20 batches through StoreRows allocates far less than the N x D matrix; loading it does not."""
+    import tracemalloc
+
+    from featurelt.data.features import load_features
+
+    n, d = 4000, 1024  # 16 MiB of float32
+    rng = np.random.default_rng(0)
+    ids = [f"s{i:05d}" for i in range(n)]
+    store = Store(tmp_path / "store")
+    samples = pa.table({
+        "sample_id": ids, "dataset": ["t"] * n, "split": ["train"] * n, "label": pa.array([i % 3 for i in range(n)], pa.int32()),
+        "source": ["original"] * n, "uri": pa.array([None] * n, pa.string()), "image": pa.array([None] * n, pa.large_binary()),
+        "content_sha256": ["0" * 64] * n, "width": pa.array([1] * n, pa.int32()), "height": pa.array([1] * n, pa.int32()),
+        "description": pa.array([None] * n, pa.string())})
+    with store.transaction("test") as tx:
+        tx.append("samples", samples)
+        tx.append("emb_big", _emb_rows(ids, rng.normal(size=(n, d)).astype(np.float32), views=0, rng=rng))
+    store = Store(tmp_path / "store")
+    matrix = n * d * 4
+
+    def peak(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def stream() -> None:
+        fs = load_features(store, ["big"], split="train", stream="always")
+        for _ in range(20):
+            assert fs.x.take(rng.integers(0, n, 256)).shape == (256, d)
+
+    assert peak(stream) < matrix / 4
+    assert peak(lambda: load_features(store, ["big"], split="train", stream="never")) >= matrix  # the test can fail
+
+
+@pytest.mark.parametrize("sampler", ["instance", "momentum", "balancemix"])
+def test_train_head_streamed_from_store_equals_in_memory(full_root, tmp_path, sampler, capsys, monkeypatch):
+    """Features on the device, in host memory copied per batch (the path for features larger than GPU
+    memory, forced here) and read per batch from the store give the same run."""
+    import featurelt.train.head as head_mod
+
+    root = copy_store(full_root, tmp_path)
+    args = ["--sampler", sampler, "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--seed", "4",
+            "--proto", "--json"]
+    out = {}
+    for where, mode in (("device", "never"), ("host", "never"), ("store", "always")):
+        with monkeypatch.context() as m:
+            if where == "host":
+                m.setattr(head_mod, "fits_on_device", lambda nbytes, device: False)
+            capsys.readouterr()
+            assert train(root, *args, "--stream-features", mode) == 0
+            out[where] = json.loads(capsys.readouterr().out)
+        assert out[where]["features_in"] == where
+    assert out["store"]["config"]["stream_features"] == "always"
+    q = "SELECT sample_id, prediction, top5, score FROM predictions WHERE run_id = '{}' ORDER BY sample_id"
+    store = Store(root)
+    want = store.sql(q.format(out["device"]["run_id"])).to_pylist()
+    for where in ("host", "store"):
+        for k in ("acc_all", "acc_many", "acc_medium", "acc_few", "macro_f1"):
+            assert out[where][k] == out["device"][k]
+        assert store.sql(q.format(out[where]["run_id"])).to_pylist() == want
+    metrics = json.loads(last_run(root)["metrics"])
+    assert metrics["features_in"] == "store" and metrics["streamed"] is True

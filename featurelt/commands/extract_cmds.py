@@ -45,9 +45,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="embed at most the first N samples (of the split, in store order)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                    help="images per encoder forward pass (default 64; halved automatically on CUDA out-of-memory)")
-    p.add_argument("--num-workers", type=non_negative_int, default=0, metavar="N",
-                   help="DataLoader worker processes that read, decode and preprocess images (default 0: in the "
-                   "main process)")
+    p.add_argument("--num-workers", type=non_negative_int, default=None, metavar="N",
+                   help="DataLoader worker processes that read, decode and resize images (default: 0 on CPU, "
+                   "where the encoder uses the cores; min(8, cores - 1) on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the encoder runs (default auto: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process (+ DataLoader workers); ray: Ray tasks write Lance fragments, one "
                    "commit at the end")
+    p.add_argument("--ray-gpus-per-task", dest="ray_gpus_per_task", type=float, default=1.0, metavar="G",
+                   help="with --engine ray --device cuda: GPUs each Ray task reserves (default 1; 0.5 packs two "
+                   "tasks per GPU). --device auto runs Ray tasks on CPU")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="Ray cluster to join with --engine ray (default: a local Ray with 2 CPUs)")
     p.add_argument("--chunk-rows", type=positive_int, default=2048, metavar="N",
@@ -111,7 +114,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      dtype=args.dtype, views=args.views, augment=args.augment, strict=args.strict,
                      checkpoint=args.checkpoint, map_size=args.map_size, image_size=args.image_size,
                      templates=args.templates, seed=args.seed, untrained=args.untrained, engine=args.engine,
-                     ray_address=args.ray_address, chunk_rows=args.chunk_rows, progress=args.progress)
+                     ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
+                     chunk_rows=args.chunk_rows, progress=args.progress)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--train-split", dest="train_split", help="samples.split to train on (default train)")
     g.add_argument("--eval-split", dest="eval_split", help="samples.split to evaluate (default test)")
     g.add_argument("--config", help="YAML config (e.g. a run's config.yaml); flags override its fields")
+    g.add_argument("--stream-features", dest="stream_features", choices=["auto", "always", "never"],
+                   help="read each batch's feature rows from the store instead of loading the split into RAM: "
+                   "auto (default) when the features would take over half the available memory, always, never")
     g = p.add_argument_group("model")
     g.add_argument("--head", help="head name (default linear): see featurelt.heads.HEADS")
     g.add_argument("--head-opt", dest="head_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
@@ -115,7 +118,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("features", "text_set", "train_split", "eval_split", "head", "loss", "proto", "proto_m",
                  "proto_beta", "proto_tau_head", "proto_tau_tail_std", "proto_tau_tail_dist", "sampler", "aux_cap",
                  "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-                 "post_hoc_tau", "out_dir", "as_of"):
+                 "post_hoc_tau", "out_dir", "as_of", "stream_features"):
         v = getattr(args, name, None)
         if v is not None:
             out[name] = v
@@ -175,12 +178,14 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     if args.json:
         out = {"run_id": res.run_id, "checkpoint": res.checkpoint, "pinned_versions": res.pinned_versions,
                "train_seconds": res.train_seconds, "eval_seconds": res.eval_seconds, "load_seconds": res.load_seconds,
-               "device": res.device, **{k: m[k] for k in METRIC_COLUMNS}, "config": res.config.to_dict()}
+               "device": res.device, "features_in": res.features_in, **{k: m[k] for k in METRIC_COLUMNS},
+               "config": res.config.to_dict()}
         json.dump(out, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
         return 0
     print(f"run {res.run_id}: head {cfg.head}, loss {cfg.loss}, sampler {cfg.sampler}, features "
-          f"{','.join(cfg.features)} (store version {res.pinned_versions['store_version']}, device {res.device})")
+          f"{','.join(cfg.features)} (store version {res.pinned_versions['store_version']}, device {res.device}, "
+          f"features in {res.features_in})")
     print_rows([{k: _fmt(m[k]) for k in METRIC_COLUMNS}], columns=METRIC_COLUMNS)
     print(f"trained {cfg.epochs} epochs in {res.train_seconds:.2f} s ({m['num_train']} train rows), evaluated "
           f"{m['num_evaluated']} '{cfg.eval_split}' rows in {res.eval_seconds:.2f} s")

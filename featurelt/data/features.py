@@ -7,12 +7,19 @@ scatters each batch into a preallocated float32 matrix by the position of its ``
 inner join on ``sample_id`` whose memory is the output matrix plus one batch, whatever the table size.
 Rows are ordered by ``sample_id`` so that the order does not depend on how Lance laid out fragments.
 
+When the joined matrix would not fit in RAM (``stream="auto"``: more than ``MEMORY_FRACTION`` of the
+memory available now; or ``stream="always"``), ``load_features`` reads only ``sample_id, view`` of each
+set and returns a :class:`StoreRows` in place of ``x``: for every sample (and view) it holds the row
+offset of its vector in each pinned Lance dataset, and reads the vectors of a batch of rows with
+``LanceDataset.take`` when asked. Memory is then O(N) row offsets, not O(N x D) floats.
+
 No torch here: heads convert the numpy arrays themselves.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +29,72 @@ if TYPE_CHECKING:
     from featurelt.store import Store
 
 SCAN_BATCH = 16384  # rows per streamed Arrow batch
+MEMORY_FRACTION = 0.5  # stream="auto" reads rows from the store when the matrix needs more of the available RAM
+StreamMode = Literal["auto", "always", "never"]
+STREAM_MODES: tuple[str, ...] = ("auto", "always", "never")
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations now (Linux ``MemAvailable``; ``sysconf`` elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class StoreRows:
+    """Features of a split left in the store: ``[N, D_total]`` (view 0) read by row on demand.
+
+    ``positions[i]`` is ``[N, V]`` int64: the row offset (``LanceDataset.take`` index) of sample n's view v
+    in the pinned dataset of set i. Indexing (``rows[a:b]``, ``rows[index_array]``) and :meth:`take`
+    return float32 numpy arrays; :meth:`subset` keeps a lazy selection of samples.
+    """
+
+    def __init__(self, datasets: list[Any], positions: list[np.ndarray], dims: tuple[int, ...]) -> None:
+        self.datasets = datasets
+        self.positions = positions
+        self.dims = dims
+        self.offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.positions[0].shape[0]), int(self.offsets[-1]))
+
+    @property
+    def num_views(self) -> int:
+        return int(self.positions[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the view-0 matrix would take in memory (what streaming saves)."""
+        return self.shape[0] * self.shape[1] * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+        """``[B, D_total]`` float32 vectors of samples ``rows`` (view ``view[b]``, default view 0)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        views = 0 if view is None else np.asarray(view, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for i, (ds, pos) in enumerate(zip(self.datasets, self.positions)):
+            wanted = pos[rows, views]
+            # each distinct row once, in file order (Lance reads sorted offsets fastest); then scatter back
+            uniq, inverse = np.unique(wanted, return_inverse=True)
+            table = ds.take(uniq, columns=["vector"])
+            out[:, self.offsets[i]:self.offsets[i + 1]] = _vectors(table)[inverse]
+        return out
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        return self.take(np.arange(len(self))[key])
+
+    def subset(self, rows: np.ndarray) -> "StoreRows":
+        """The samples ``rows`` (index array or boolean mask), still lazy."""
+        return StoreRows(self.datasets, [p[rows] for p in self.positions], self.dims)
 
 
 @dataclass(frozen=True)
@@ -31,23 +104,29 @@ class FeatureSet:
     sample_ids: np.ndarray          # [N] str, sorted
     labels: np.ndarray              # [N] int64 class labels
     source: np.ndarray              # [N] str: original | auxiliary | generated
-    x: np.ndarray                   # [N, D_total] float32, view 0, blocks concatenated in `sets` order
+    x: np.ndarray | StoreRows       # [N, D_total] float32, view 0, blocks concatenated in `sets` order
     sets: tuple[str, ...]           # embedding set names, in block order
     dims: tuple[int, ...]           # D of each block (sum = D_total)
-    views: np.ndarray | None = None          # [N, V, D_total] float32 with view 0 first (views=True only)
+    views: np.ndarray | StoreRows | None = None  # [N, V, D_total] float32 with view 0 first (views=True only)
     view_strength: np.ndarray | None = None  # [N, V] float32 aug_strength of each view (0 for view 0)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     @property
-    def blocks(self) -> list[np.ndarray]:
-        """Per-source views into ``x``: ``[N, dims[i]]`` each (what the fusion head's tokens come from)."""
-        out, start = [], 0
-        for d in self.dims:
-            out.append(self.x[:, start:start + d])
-            start += d
-        return out
+    def streamed(self) -> bool:
+        """True when ``x`` is a :class:`StoreRows` (vectors stay in the store, read per batch)."""
+        return isinstance(self.x, StoreRows)
+
+    def select(self, mask: np.ndarray) -> "FeatureSet":
+        """The samples where ``mask`` is True (lazy when streamed)."""
+        idx = np.flatnonzero(mask)
+        x = self.x.subset(idx) if isinstance(self.x, StoreRows) else self.x[idx]
+        views = None if self.views is None else (
+            self.views.subset(idx) if isinstance(self.views, StoreRows) else self.views[idx])
+        return FeatureSet(sample_ids=self.sample_ids[idx], labels=self.labels[idx], source=self.source[idx], x=x,
+                          sets=self.sets, dims=self.dims, views=views,
+                          view_strength=None if self.view_strength is None else self.view_strength[idx])
 
 
 def _sql_str(value: str) -> str:
@@ -80,57 +159,69 @@ def load_samples(store: "Store", *, split: str) -> tuple[np.ndarray, np.ndarray,
             t.column("source").to_numpy(zero_copy_only=False).astype(str))
 
 
-def _vectors(batch: pa.RecordBatch) -> np.ndarray:
+def _vectors(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
     """``[n, D]`` float32 from a ``fixed_size_list<float16|float32>[D]`` column."""
     col = batch.column("vector")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     flat = col.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
 
 
 def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: str, views: bool = False,
-                  batch_size: int = SCAN_BATCH) -> FeatureSet:
+                  batch_size: int = SCAN_BATCH, stream: StreamMode = "auto") -> FeatureSet:
     """Embedding sets of the samples in ``split``, inner-joined on ``sample_id`` (ARCHITECTURE.md).
 
     sets: embedding set names (tables ``emb_<name>``), concatenated in this order.
     views: also return every view (``[N, V, D_total]``, view 0 first, for the momentum sampler of
         METHODS.md section 5); every sample must then have the same views in every set.
+    stream: ``never`` reads the vectors into memory; ``always`` leaves them in the store
+        (``x`` and ``views`` are a :class:`StoreRows`); ``auto`` streams when the matrix would take more
+        than ``MEMORY_FRACTION`` of :func:`available_memory`.
     Raises ``ValueError`` for an unknown set (listing the sets that exist) and when a set lacks vectors
     for samples of the split (naming the set, the count and a few ids), rather than dropping rows.
     """
     if not sets:
         raise ValueError("no embedding sets given (--features NAME[,NAME...])")
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream must be one of {', '.join(STREAM_MODES)}, got {stream!r}")
     tables = [_check_set(store, s) for s in sets]
     ids, labels, source = load_samples(store, split=split)
     id_array = pa.array(ids)
     n = len(ids)
 
-    dims: list[int] = []
-    for table in tables:
-        vtype = store.dataset(table).schema.field("vector").type
-        dims.append(vtype.list_size)
+    dims = [store.dataset(table).schema.field("vector").type.list_size for table in tables]
     offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
     n_views = 1
     if views:
         counts = [store.sql(f"SELECT max(view) AS v FROM {t}").column(0)[0].as_py() for t in tables]
         n_views = 1 + int(max(c or 0 for c in counts))
-    x = np.zeros((n, n_views, int(offsets[-1])), dtype=np.float32)
+    nbytes = n * n_views * int(offsets[-1]) * 4
+    streamed = stream == "always" or (stream == "auto" and nbytes > MEMORY_FRACTION * available_memory())
+    # streamed: scan only sample_id / view of every row (no filter, so that the running row count is
+    # the LanceDataset.take offset); in memory: scan the vectors too and scatter them into x
+    x = None if streamed else np.zeros((n, n_views, int(offsets[-1])), dtype=np.float32)
+    positions = [np.full((n, n_views), -1, dtype=np.int64) for _ in tables] if streamed else []
     strength = np.zeros((n, n_views), dtype=np.float32)
+    columns = ["sample_id", "view"] + (["aug_strength"] if views else []) + ([] if streamed else ["vector"])
+    filt = None if views or streamed else "view = 0"
     for i, (name, table) in enumerate(zip(sets, tables)):
         seen = np.zeros((n, n_views), dtype=bool)
-        filt = None if views else "view = 0"
-        for batch in store.scan(table, columns=["sample_id", "view", "aug_strength", "vector"], filter=filt,
-                                batch_size=batch_size):
+        first_row = 0  # row offset of the batch in the dataset (streamed: no filter)
+        for batch in store.scan(table, columns=columns, filter=filt, batch_size=batch_size):
             pos = pc.fill_null(pc.index_in(batch.column("sample_id"), value_set=id_array), -1).to_numpy()
-            keep = pos >= 0
             view = batch.column("view").to_numpy()
-            keep &= (view < n_views) & (view >= 0)
-            if not keep.any():
-                continue
-            rows, v = pos[keep].astype(np.int64), view[keep].astype(np.int64)
-            x[rows, v, offsets[i]:offsets[i + 1]] = _vectors(batch)[keep]
-            seen[rows, v] = True
-            if views:
-                strength[rows, v] = batch.column("aug_strength").to_numpy()[keep]
+            keep = (pos >= 0) & (view < n_views) & (view >= 0)
+            if keep.any():
+                rows, v = pos[keep].astype(np.int64), view[keep].astype(np.int64)
+                if streamed:
+                    positions[i][rows, v] = first_row + np.flatnonzero(keep)
+                else:
+                    x[rows, v, offsets[i]:offsets[i + 1]] = _vectors(batch)[keep]  # type: ignore[index]
+                seen[rows, v] = True
+                if views:
+                    strength[rows, v] = batch.column("aug_strength").to_numpy()[keep]
+            first_row += batch.num_rows
         missing = ~seen.all(axis=1)
         if missing.any():
             examples = ", ".join(ids[missing][:3])
@@ -138,7 +229,11 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
             raise ValueError(f"embedding set '{name}' lacks {what} for {int(missing.sum())} of {n} samples in split "
                              f"'{split}' (e.g. {examples}); extract them first: featurelt extract ... "
                              f"(store {store.root}, version {store.version})")
-    return FeatureSet(sample_ids=ids, labels=labels, source=source, x=np.ascontiguousarray(x[:, 0]),
+    if streamed:
+        rows_ = StoreRows([store.dataset(t) for t in tables], positions, tuple(dims))
+        return FeatureSet(sample_ids=ids, labels=labels, source=source, x=rows_, sets=tuple(sets), dims=tuple(dims),
+                          views=rows_ if views else None, view_strength=strength if views else None)
+    return FeatureSet(sample_ids=ids, labels=labels, source=source, x=np.ascontiguousarray(x[:, 0]),  # type: ignore[index]
                       sets=tuple(sets), dims=tuple(dims), views=x if views else None,
                       view_strength=strength if views else None)
 
@@ -178,4 +273,4 @@ def load_text_embeddings(store: "Store", set_name: str, *, num_classes: int | No
     return np.asarray(vecs, dtype=np.float32)
 
 
-__all__ = ["FeatureSet", "load_features", "load_samples", "load_text_embeddings", "text_sets"]
+__all__ = ["FeatureSet", "StoreRows", "available_memory", "load_features", "load_samples", "load_text_embeddings", "text_sets"]

@@ -6,7 +6,9 @@
    table, the embedding sets of the train and eval splits (:func:`featurelt.data.features.load_features`)
    and, for heads and samplers that use them, the class text embeddings;
 2. put the features on the device once (CPU, or CUDA when it fits in free GPU memory; otherwise they
-   stay in pinned host memory and each batch is gathered and copied);
+   stay in pinned host memory and each batch is gathered and copied). When they do not fit in RAM
+   (``cfg.stream_features``, see :func:`~featurelt.data.features.load_features`) they stay in the store:
+   each batch's rows are read with ``LanceDataset.take`` and copied to the device;
 3. for each epoch, draw the sampler's batches (METHODS.md sections 1, 3-6), mix inputs and one-hot
    labels where the sampler gives a partner (``x = lam_x x_i + (1 - lam_x) x_j``, soft target
    ``lam_y e_{y_i} + (1 - lam_y) e_{y_j}``), step the optimizer on the loss (plus the prototype add-on of
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurelt.config import TrainCfg
-from featurelt.data.features import FeatureSet, load_features, load_text_embeddings
+from featurelt.data.features import FeatureSet, StoreRows, load_features, load_text_embeddings
 from featurelt.heads import HEADS, HeadContext
 from featurelt.losses import LOSSES, LossContext, post_hoc_logit_adjust
 from featurelt.losses.prototype import ProtoLoss
@@ -63,7 +65,7 @@ DEVICE_FRACTION = 0.5    # features go to the GPU when they take at most this fr
 class TrainData:
     """Everything the training loop reads, already on its device (see :func:`place`)."""
 
-    x: Tensor                       # [N, D_total] float32 train features (device, or pinned host when streamed)
+    x: Tensor | StoreRows           # [N, D_total] float32 train features: device, pinned host or (streamed) the store
     y: Tensor                       # [N] long labels (same device as x)
     source: np.ndarray              # [N] str: original | auxiliary | generated
     class_counts: Tensor            # [K] float n_y (original rows; auxiliary classes: their rows), CPU
@@ -71,16 +73,28 @@ class TrainData:
     num_target: int                 # K_target
     in_dims: list[int]              # D of each embedding set
     text: Tensor | None = None      # [K, Dt] class text embeddings, CPU
-    views: Tensor | None = None     # [N, V, D_total] augmented views (momentum sampler), same device as x
+    views: Tensor | StoreRows | None = None  # [N, V, D_total] augmented views (momentum sampler), where x is
     view_strength: np.ndarray | None = None  # [N, V] aug_strength of each view
     bucket_many: int | None = None  # classes-table thresholds (many > bucket_many, few < bucket_few),
     bucket_few: int | None = None   #   passed to samplers that take them (auxiliary ratio rule, section 3)
-    streamed: bool = False          # True: x lives on the host and each batch is copied to `device`
+    streamed: bool = False          # True: x lives on the host or in the store; each batch is copied to `device`
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def num_classes(self) -> int:
         return int(self.class_counts.numel())
+
+    @property
+    def num_views(self) -> int:
+        """Cached views per sample (1 when only view 0 was read)."""
+        if self.views is None:
+            return 1
+        return self.views.num_views if isinstance(self.views, StoreRows) else int(self.views.shape[1])
+
+    @property
+    def features_in(self) -> str:
+        """Where the train features live: ``device``, ``host`` (pinned, copied per batch) or ``store``."""
+        return "store" if isinstance(self.x, StoreRows) else "host" if self.streamed else "device"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,7 +143,8 @@ class RunResult:
     pinned_versions: dict[str, Any]  # store version and per-table Lance versions read
     checkpoint: str | None           # head.pt path (None when not written)
     device: str                      # device trained on
-    streamed: bool                   # features streamed from host memory per batch
+    streamed: bool                   # features streamed per batch (from host memory or the store)
+    features_in: str = "device"      # device | host | store (TrainData.features_in)
     predictions: pa.Table | None = None  # the predictions rows written
 
 
@@ -203,7 +218,7 @@ class HeadTrainer:
         labels = data.y.cpu().numpy()
         sctx = SamplerContext(labels=labels, class_counts=data.class_counts.numpy(), source=data.source,
                               neighbor_of=data.neighbor_of.numpy(), num_target=data.num_target, text_sim=text_sim,
-                              num_views=1 if data.views is None else int(data.views.shape[1]),
+                              num_views=data.num_views,
                               batch_size=cfg.batch_size, seed=cfg.seed, aux_cap=cfg.aux_cap)
         opts = dict(cfg.sampler_opts)
         if data.view_strength is not None and _accepts(sampler_cls, "view_strength"):
@@ -228,7 +243,7 @@ class HeadTrainer:
         with torch.no_grad():
             was = self.head.training
             self.head.eval()
-            d = self.head.features(self.data.x[:1].to(self.device)).shape[1]
+            d = self.head.features(torch.as_tensor(self.data.x[:1]).to(self.device)).shape[1]
             self.head.train(was)
         return int(d)
 
@@ -236,6 +251,10 @@ class HeadTrainer:
         """Features of ``rows`` ([B] long, on the device -- or on the host when streamed); ``view`` [B]
         picks cached views. Returns [B, D_total] on the device."""
         d = self.data
+        if isinstance(d.x, StoreRows):  # read this batch's rows from the store
+            src = d.x if view is None else d.views
+            x = torch.from_numpy(src.take(rows.numpy(), None if view is None else view.numpy()))  # type: ignore[union-attr]
+            return x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
         if d.streamed:
             x = d.x[rows] if view is None else d.views[rows, view]  # type: ignore[index]
             return x.to(self.device, non_blocking=True)
@@ -344,7 +363,7 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
     """Read the train split, classes and text embeddings at the pinned version; place them on ``device``."""
     classes, num_target = _classes(store)
     k = classes.num_rows
-    train = load_features(store, list(cfg.features), split=cfg.train_split, views=views)
+    train = load_features(store, list(cfg.features), split=cfg.train_split, views=views, stream=cfg.stream_features)
     if train.labels.max() >= k or train.labels.min() < 0:
         raise ValueError(f"train split has label {int(train.labels.max())} outside the classes table (0..{k - 1})")
     counts = class_counts_of(train.labels, train.source, k)
@@ -353,13 +372,17 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
     text = None
     if cfg.text_set:
         text = torch.from_numpy(load_text_embeddings(store, cfg.text_set, num_classes=k))
-    nbytes = train.x.nbytes + (train.views.nbytes if train.views is not None else 0)
-    stream = not fits_on_device(nbytes, device)
+    if train.streamed:  # vectors stay in the store; labels (small) on the host
+        stream, x, views_t = True, train.x, train.views
+    else:
+        nbytes = train.x.nbytes + (train.views.nbytes if train.views is not None else 0)  # type: ignore[union-attr]
+        stream = not fits_on_device(nbytes, device)
+        x = place(train.x, device, stream=stream)  # type: ignore[arg-type]
+        views_t = place(train.views, device, stream=stream) if train.views is not None else None  # type: ignore[arg-type]
     data = TrainData(
-        x=place(train.x, device, stream=stream), y=place(train.labels, device, stream=stream),
+        x=x, y=place(train.labels, device, stream=stream),
         source=train.source, class_counts=torch.from_numpy(counts).float(), neighbor_of=torch.from_numpy(neighbor),
-        num_target=num_target, in_dims=list(train.dims), text=text,
-        views=place(train.views, device, stream=stream) if train.views is not None else None,
+        num_target=num_target, in_dims=list(train.dims), text=text, views=views_t,
         view_strength=train.view_strength, streamed=stream, device=device,
         bucket_many=int(classes.column("bucket_many")[0].as_py()), bucket_few=int(classes.column("bucket_few")[0].as_py()))
     return data, train, classes
@@ -404,12 +427,11 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     sampler_cls = SAMPLERS.get(cfg.sampler)
     HEADS.get(cfg.head), LOSSES.get(cfg.loss)  # fail on unknown names before reading features
     data, _train, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
-    evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split)
+    evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split, stream=cfg.stream_features)
     keep = (evalset.source == "original") & (evalset.labels < data.num_target)
     if not keep.any():
         raise ValueError(f"eval split '{cfg.eval_split}' has no original rows of target classes")
-    evalset = FeatureSet(sample_ids=evalset.sample_ids[keep], labels=evalset.labels[keep], source=evalset.source[keep],
-                         x=evalset.x[keep], sets=evalset.sets, dims=evalset.dims)
+    evalset = evalset.select(keep)
     load_seconds = time.perf_counter() - t0
 
     epoch_seconds: list[float] = []
@@ -447,7 +469,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
                        "tables": {t: versions[t] for t in read_tables if t in versions}}
     metrics = {**metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "load_seconds": load_seconds,
                "epoch_seconds": epoch_seconds, "device": str(device), "streamed": data.streamed,
-               "num_train": int(len(data.y))}
+               "features_in": data.features_in, "num_train": int(len(data.y))}
     preds = pa.table({
         "run_id": pa.array([run_id] * len(labels), pa.string()),
         "sample_id": pa.array(evalset.sample_ids.tolist(), pa.string()),
@@ -479,7 +501,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     return RunResult(run_id=run_id, config=resolved, metrics=metrics, train_seconds=train_seconds,
                      epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, load_seconds=load_seconds,
                      pinned_versions=pinned_versions, checkpoint=checkpoint, device=str(device),
-                     streamed=data.streamed, predictions=preds)
+                     streamed=data.streamed, features_in=data.features_in, predictions=preds)
 
 
 def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -> str:
