@@ -11,7 +11,12 @@ For each encoder, in the same process and run:
   and planning included). Each run writes a fresh embedding set, so nothing is skipped.
 
 Reports the median of ``--runs`` runs, the ratio extract/forward (target >= 0.85), and the peak RSS
-of this process and of its worker processes. ``clip:ViT-B-32`` runs with random weights
+of this process and of its worker processes.
+
+``--host-workers 0,2`` also times the host side alone (no encoder): the DataLoader stage that reads
+rows from Lance, decodes and resizes, for each worker count, handing over ``uint8`` (featurelt:
+normalisation runs on the device) against ``float32`` (the whole transform in the workers); img/s
+after the first batch (worker start-up excluded) and the time to the first batch. ``clip:ViT-B-32`` runs with random weights
 (``untrained=True``): the timing does not depend on the weights.
 
     python bench/extract.py --images 256 --runs 3 --device cpu
@@ -120,6 +125,51 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
             "all_forward": fwd, "all_loop": e2e_loop}
 
 
+def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers: list[int], untrained: bool,
+               repeats: int = 3) -> list[dict]:
+    """Steady img/s of the decode stage alone (no encoder), uint8 vs float32 handover, per worker count."""
+    import featurelt.extract as fx
+    from featurelt.encoders import build_encoder
+
+    enc = build_encoder(name, device="cpu", untrained=untrained)
+    plan = fx._plan(store, split=None, limit=images, views=0, done={"bench": {}})
+    out = []
+    for handover in ("uint8", "float32"):
+        make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0)
+        if handover == "float32":  # the whole transform in the workers
+            make_view.preprocess, make_view.finish = enc.transform, None
+        for nw in workers:
+            steadies, firsts = [], []
+            for _ in range(repeats):
+                stream = fx._SampleStream(store.root, plan.samples_version, None, plan.positions, plan.needed,
+                                          make_view, batch_size=batch_size, views=0)
+                t0 = time.perf_counter()
+                first, count = None, 0
+                for b in fx._loader(stream, num_workers=nw, pin_memory=False):
+                    count += len(b["sample_id"])
+                    if first is None:
+                        first, first_count = time.perf_counter(), count
+                steadies.append((count - first_count) / max(time.perf_counter() - first, 1e-9))
+                firsts.append(first - t0)
+            steady, first_s = statistics.median(steadies), statistics.median(firsts)
+            out.append({"encoder": name, "dtype": str(b["x"].dtype).replace("torch.", ""), "workers": nw,
+                        "images": count, "steady": steady, "first_s": first_s, "repeats": repeats})
+            print(f"host {name} {handover} workers={nw}: {steady:.0f} img/s after the first batch "
+                  f"({first_s:.2f} s to the first batch; runs {['%.0f' % v for v in steadies]})", flush=True)
+    return out
+
+
+def host_markdown(rows: list[dict]) -> str:
+    lines = ["Host side alone (`--host-workers`): Lance take + PNG decode + resize/crop in DataLoader workers, no "
+             "encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
+             "start-up; the first loader of a process also starts the fork server).", "",
+             "| encoder | handover | workers | images | img/s (steady) | first batch (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {r['dtype']} | {r['workers']} | {r['images']} | {r['steady']:.0f} | "
+                     f"{r['first_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float], machine: str) -> str:
     cmd = "python bench/extract.py " + " ".join(sys.argv[1:])
     lines = [SECTION, "",
@@ -161,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers for extract (default: featurelt's, 0 on cpu, min(8, cores - 1) on cuda)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device (default auto)")
-    p.add_argument("--runs", type=int, default=5, help="runs per encoder; the median is reported (default 3)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="runs per encoder; the median is reported (default 5; 0 = only --host-workers)")
     p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"], metavar="NAME[=IMAGES]",
                    help="encoders to time, each optionally with its own image count (default clip:ViT-B-32 with "
                    "random weights, clip:tiny; both --images)")
+    p.add_argument("--host-workers", default=None, metavar="N,N",
+                   help="also time the host side alone (decode stage, no encoder) for these worker counts")
     p.add_argument("--machine", default=None, help="machine label for RESULTS.md (default: hostname, cores)")
     p.add_argument("--results", type=Path, default=None,
                    help="replace the '## bench/extract.py' section of this RESULTS.md with the table")
@@ -182,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
         wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]
         store = make_store(Path(tmp) / "store", max(n for _, n in wanted), args.size)
-        for name, n in wanted:
+        for name, n in wanted if args.runs else []:  # --runs 0: the host side only
             untrained = not name.endswith(":tiny") and not name.startswith("pixels")
             row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,
                                 device=args.device, runs=args.runs, untrained=untrained)
@@ -191,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"(ratio {row['ratio_loop']:.2f}), call {row['extract_call']:.1f} img/s (ratio {row['ratio_call']:.2f}); "
                   f"runs forward={['%.1f' % v for v in row['all_forward']]} loop={['%.1f' % v for v in row['all_loop']]}",
                   flush=True)
+        host = []
+        if args.host_workers:
+            for name, n in wanted:
+                host += bench_host(store, name, images=n, batch_size=args.batch_size,
+                                   workers=[int(w) for w in args.host_workers.split(",")],
+                                   untrained=not name.endswith(":tiny") and not name.startswith("pixels"))
     rss = peak_rss_mib()
-    text = markdown(rows, args, rss, machine)
+    text = (markdown(rows, args, rss, machine) if rows else "") + ("\n" + host_markdown(host) if host else "")
     print(text)
     if args.results:
         replace_section(args.results, text)

@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import resource
 import statistics
@@ -213,6 +214,7 @@ def bench_stream(store: Store, *, device: torch.device, repeats: int, batch_size
                     batch_size=batch_size, lr=0.01, device=device.type)
     trainers, rss = {}, {}
     for mode in ("always", "never"):
+        gc.collect()
         before = rss_mib()
         data, _train, _classes = load_train_data(store, base.replace(stream_features=mode), device=device, views=False)
         rss[mode] = rss_mib() - before  # memory the loaded train data holds
@@ -333,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             memory = {"rows": args.rows, "dim": args.dim, "classes": args.classes}
         write_s = time.perf_counter() - t
         print(f"wrote {args.rows} x {args.dim} features in {write_s:.1f} s", flush=True)
-        results = [bench_head(store, h, device=device, repeats=args.repeats, batch_size=args.batch_size,
-                              memory=memory) for h in args.heads.split(",")]
+        # streaming first: its RSS is measured before the other loops have held (and freed) features
         st = bench_stream(store, device=device, repeats=args.repeats, batch_size=args.batch_size) \
             if args.stream and store is not None else None
+        results = [bench_head(store, h, device=device, repeats=args.repeats, batch_size=args.batch_size,
+                              memory=memory) for h in args.heads.split(",")]
         fm = bench_fmnist(Path(tmp), limit=args.fmnist_limit, epochs=args.fmnist_epochs, repeats=args.fmnist_repeats,
                           device=args.device) if args.fmnist else None
     block = markdown(args, device, results, fm, write_s, st)
