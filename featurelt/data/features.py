@@ -68,11 +68,6 @@ class StoreRows:
     def num_views(self) -> int:
         return int(self.positions[0].shape[1])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the view-0 matrix would take in memory (what streaming saves)."""
-        return self.shape[0] * self.shape[1] * 4
-
     def __len__(self) -> int:
         return self.shape[0]
 
