@@ -105,7 +105,7 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
         t0 = time.perf_counter()
         res = extract(store, name, name=f"bench_{r}_{time.time_ns()}", limit=n, batch_size=batch_size,
                       num_workers=num_workers,
-                      device=dev, untrained=untrained, progress=False, chunk_rows=max(2048, batch_size),
+                      device=dev, untrained=untrained, progress=False,
                       message=f"bench extract {name}")
         call = time.perf_counter() - t0
         if res.samples_embedded != n or res.rejected:

@@ -11,7 +11,8 @@ Local engine (:func:`extract`)::
     workers take rows by position, decode + augment + resize / crop to uint8) --> pinned uint8 batch
     to the device, normalised there (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA) --> Arrow batches --> one store
-    transaction per chunk of ``chunk_rows`` samples
+    transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
+    the last commit (bounded loss on a kill, and few commits when the encoder is fast)
 
 Each chunk is its own store transaction, so Ctrl-C or ``kill -9`` keeps every committed chunk and
 leaves the store valid; re-running the same command reads ``sample_id, view`` of the rows that
@@ -671,8 +672,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             strict: bool = False, checkpoint: str | None = None, map_size: int = 16,
             image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
-            ray_gpus_per_task: float = 1.0, chunk_rows: int = 2048, fit_samples: int | None = 4096, progress: bool = True,
-            message: str | None = None) -> ExtractResult:
+            ray_gpus_per_task: float = 1.0, chunk_rows: int = 16384, commit_seconds: float = 10.0,
+            fit_samples: int | None = 4096, progress: bool = True, message: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
 
     ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
@@ -681,8 +682,9 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     ``fit_samples``: products that are fitted (SAM ``pca_map``, METHODS.md section 2) are fitted on
     the first ``fit_samples`` train-split samples (None: all), once per set; later runs reuse the
     state stored in the set's provenance. ``strict``: a sample that fails to decode raises (naming the sample) instead of going to
-    ``rejects``. ``chunk_rows``: samples per store transaction (the unit kept by an interrupted
-    run). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
+    ``rejects``. ``chunk_rows`` / ``commit_seconds``: a store transaction every ``chunk_rows``
+    samples at most, and at least every ``commit_seconds`` seconds of work (the unit an interrupted
+    run keeps; a commit costs about 15 ms on a local disk). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
     local Ray with 2 CPUs; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
     ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
     Encoders with a text tower (``clip:*``) also write class text
@@ -700,6 +702,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if commit_seconds < 0:
+        raise ValueError(f"commit_seconds must be >= 0, got {commit_seconds}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if dtype not in ("float32", "float16"):
@@ -778,16 +782,18 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run = _RayRun if engine == "ray" else _LocalRun
     runner = run(store, encoder, prods, sets, fingerprints, done, plan, make_view, dtype=dtype, views=views,
                  batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict, chunk_rows=chunk_rows,
+                 commit_seconds=commit_seconds,
                  progress=progress, message=msg, ray_address=ray_address, task_device=task_device,
                  ray_gpus_per_task=ray_gpus_per_task)
 
     started = utcnow()
     recorded: list[str] = []  # products whose provenance row is in the store
+    text_pending = [text is not None]
 
-    def record(tx: Any, added: dict[str, int], last: bool) -> int:
+    def record(tx: Any, added: dict[str, int]) -> int:
         """Provenance rows go in with the first chunk that adds rows and later chunks update their row
-        counts, so a run killed midway leaves the provenance of what it committed; text rows go in
-        with the last chunk. Returns the text rows written."""
+        counts, so a run killed midway leaves the provenance of what it committed; class text rows go
+        in with the first commit. Returns the text rows written."""
         if any(added.values()) and not recorded:
             tx.append("embedding_sets", _provenance_rows(
                 encoder, sets, fingerprints, added, dtype=dtype, read_versions=read_versions,
@@ -800,7 +806,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
                 tx.update("embedding_sets", {"rows": str(int(added[p]))},
                           where=f"name = {_sql_str(set_name)} AND fingerprint = {_sql_str(fingerprints[p])} "
                                 f"AND time = {when}")
-        if last and text is not None:
+        if text_pending[0] and text is not None:
+            text_pending[0] = False
             return _write_text(tx, text[0], text[3], text[2])
         return 0
 
@@ -820,11 +827,12 @@ class _LocalRun:
                  fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], plan: _Plan,
                  make_view: _ViewMaker, *, dtype: str, views: int, batch_size: int, num_workers: int, device: str,
                  strict: bool, chunk_rows: int, progress: bool, message: str, ray_address: str | None,
-                 task_device: str = "cpu", ray_gpus_per_task: float = 1.0) -> None:
+                 commit_seconds: float = 10.0, task_device: str = "cpu", ray_gpus_per_task: float = 1.0) -> None:
         self.store, self.encoder, self.products, self.sets = store, encoder, products, sets
         self.fingerprints, self.done, self.plan, self.make_view = fingerprints, done, plan, make_view
         self.dtype, self.views, self.batch_size, self.num_workers = dtype, views, batch_size, num_workers
         self.device, self.strict, self.chunk_rows, self.progress, self.message = device, strict, chunk_rows, progress, message
+        self.commit_seconds = commit_seconds
 
     def _rows(self, product: str, sids: list[str], vlist: list[int], strengths: list[float],
               vectors: np.ndarray) -> pa.RecordBatch | None:
@@ -839,7 +847,7 @@ class _LocalRun:
         return embedding_batch(sids, vlist, strengths, self.fingerprints[product], vectors, self.dtype)
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
-                record: Callable[[Any, dict[str, int], bool], int], added: dict[str, int], *, last: bool) -> int:
+                record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> int:
         """One chunk = one store transaction (with the run's provenance rows). Returns text rows written."""
         text_rows = 0
         with self.store.transaction(self.message) as tx:
@@ -848,18 +856,19 @@ class _LocalRun:
                     added[p] += tx.append(f"emb_{self.sets[p]}", batches)
             if rejects:
                 tx.append("rejects", _rejects_table(rejects, self.message))
-            text_rows = record(tx, added, last)
+            text_rows = record(tx, added)
         return text_rows
 
-    def run(self, record: Callable[[Any, dict[str, int], bool], int]) -> tuple[dict[str, int], int, int, int, int]:
+    def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
         plan = self.plan
         added = {p: 0 for p in self.products}
         stream = _SampleStream(self.store.root, plan.samples_version, self.store.storage_options, plan.positions,
                                plan.needed, self.make_view, batch_size=self.batch_size, views=self.views)
         pending: dict[str, list[pa.RecordBatch]] = {p: [] for p in self.products}
         rejects: list[tuple[str, str]] = []
-        chunk_samples = embedded = rejected = chunks = 0
+        chunk_samples = embedded = rejected = chunks = text_rows = 0
         bar = _progress(len(plan.positions), enabled=self.progress, desc=f"extract {self.encoder.name}")
+        last_commit = time.perf_counter()
         try:
             for batch in _loader(stream, num_workers=self.num_workers, pin_memory=self.device.startswith("cuda")):
                 if batch["rejects"]:
@@ -878,16 +887,17 @@ class _LocalRun:
                 embedded += batch["embedded"]
                 chunk_samples += batch["samples"]
                 bar.update(batch["samples"])
-                if chunk_samples >= self.chunk_rows:
-                    self._commit(pending, rejects, record, added, last=False)
+                if chunk_samples >= self.chunk_rows or (
+                        chunk_samples and time.perf_counter() - last_commit >= self.commit_seconds):
+                    text_rows += self._commit(pending, rejects, record, added)
                     chunks += 1
                     pending = {p: [] for p in self.products}
                     rejects = []
                     chunk_samples = 0
-            text_rows = 0
-            if any(pending.values()) or rejects or any(added.values()) or chunks == 0:
+                    last_commit = time.perf_counter()
+            if any(pending.values()) or rejects or chunks == 0:  # chunks == 0: the text rows may be new
                 before = self.store.version
-                text_rows = self._commit(pending, rejects, record, added, last=True)
+                text_rows += self._commit(pending, rejects, record, added)
                 chunks += int(self.store.version != before)
         finally:
             bar.close()
@@ -959,7 +969,7 @@ class _RayRun(_LocalRun):
         super().__init__(*args, ray_address=ray_address, **kwargs)
         self.ray_address, self.task_device, self.gpus_per_task = ray_address, task_device, ray_gpus_per_task
 
-    def run(self, record: Callable[[Any, dict[str, int], bool], int]) -> tuple[dict[str, int], int, int, int, int]:
+    def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
         import ray
 
         from featurelt.store.schema import arrow_schema
@@ -1024,7 +1034,7 @@ class _RayRun(_LocalRun):
                         added[p] = sum(res["rows"][p] for res in results)
                 if rejects:
                     tx.append("rejects", _rejects_table(rejects, self.message))
-                text_rows = record(tx, added, True)
+                text_rows = record(tx, added)
         finally:
             if started:
                 ray.shutdown()

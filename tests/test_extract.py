@@ -212,6 +212,23 @@ def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: p
     assert sorted(store.read("embedding_sets").column("rows").to_pylist()) == sorted([8, K * PER_CLASS - 8, len(new_rows)])
 
 
+def test_commit_every_chunk_rows_or_commit_seconds(store_root: Path) -> None:
+    from featurelt.extract import extract
+
+    n = K * PER_CLASS
+    store = Store(store_root)
+    res = extract(store, "pixels", name="big_chunks", batch_size=8, device="cpu", progress=False)
+    assert res.chunks == 1 and res.rows_added == {"pixels": n}  # defaults: one commit for a small run
+    res = extract(store, "pixels", name="by_rows", batch_size=8, chunk_rows=16, device="cpu", progress=False)
+    assert res.chunks == -(-n // 16)
+    res = extract(store, "pixels", name="by_time", batch_size=8, commit_seconds=0, device="cpu", progress=False)
+    assert res.chunks == -(-n // 8)  # every batch is past the deadline
+    store.refresh()
+    assert store.read("embedding_sets", filter="name = 'by_time'").column("rows").to_pylist() == [n]
+    with pytest.raises(ValueError, match="commit_seconds"):
+        extract(store, "pixels", name="bad", commit_seconds=-1, device="cpu", progress=False)
+
+
 def test_split_limit_and_missing_split(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(store_root, "pixels", "--split", "test", "--limit", "4") == 0
     store = Store(store_root)

@@ -81,10 +81,11 @@ def test_folder_ingest_reingest_and_registry(tmp_path: Path, store_path: Path,
     assert first["uri"] == str((folder / "cat" / "0.png").resolve())
     assert first["sample_id"] == sample_id_for(png(3)) and first["image"] == png(3)
     assert (first["width"], first["height"], first["split"], first["dataset"]) == (6, 5, "train", "pets")
-    # re-ingest: no rows added
+    # re-ingest: no rows added, and no new store version
     assert run(store_path, str(folder)) == 0
-    assert "0 added, 5 duplicates skipped" in capsys.readouterr().out
-    assert Store(store_path).count("samples") == 5
+    assert "0 added, 5 duplicates skipped, 0 rejected, 0 new classes; store version 1" in capsys.readouterr().out
+    assert Store(store_path).count("samples") == 5 and Store(store_path).version == 1
+    assert Store(store_path).dataset("samples").version == store.dataset("samples").version  # rolled back
     # a second folder: known names keep their labels, new names come after
     more = make_folder(tmp_path / "more", {"cat": 1, "bird": 2}, start=100)
     assert run(store_path, str(more), "--split", "val") == 0

@@ -80,8 +80,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "tasks per GPU). --device auto runs Ray tasks on CPU")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="Ray cluster to join with --engine ray (default: a local Ray with 2 CPUs)")
-    p.add_argument("--chunk-rows", type=positive_int, default=2048, metavar="N",
-                   help="samples per store commit with the local engine (what an interrupted run keeps; default 2048)")
+    p.add_argument("--chunk-rows", type=positive_int, default=16384, metavar="N",
+                   help="samples per store commit at most, local engine (default 16384)")
+    p.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
+                   help="commit at least every S seconds of work, so an interrupted run keeps all but the last "
+                   "S seconds (default 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="do not show the progress bar")
     p.set_defaults(func=cmd_extract)
@@ -115,7 +118,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      checkpoint=args.checkpoint, map_size=args.map_size, image_size=args.image_size,
                      templates=args.templates, seed=args.seed, untrained=args.untrained, engine=args.engine,
                      ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
-                     chunk_rows=args.chunk_rows, progress=args.progress)
+                     chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, progress=args.progress)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())

@@ -892,7 +892,10 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: F
                 "location": [b["location"] for b in bad], "row": pa.array([b["row"] for b in bad], pa.int64()),
                 "sample_id": pa.array([b["sample_id"] for b in bad], pa.string()),
                 "reason": [b["reason"] for b in bad], "time": pa.array([now] * len(bad), pa.timestamp("us"))}))
-        rebuild_classes(tx, registry=registry.as_rows())
+        if added == 0 and not bad and not registry.new:
+            tx.discard()  # nothing new: no store version
+        else:
+            rebuild_classes(tx, registry=registry.as_rows())
     store.refresh()
     duplicates = stats["good"] - added + stats["input_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),

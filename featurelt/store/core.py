@@ -294,7 +294,10 @@ class Store:
             tx = Transaction(self, message or command_line())
             try:
                 yield tx
-                tx._commit()
+                if tx.discarded:
+                    tx._rollback()
+                else:
+                    tx._commit()
             except BaseException:
                 tx._rollback()
                 raise
@@ -313,6 +316,12 @@ class Transaction:
         self.new_versions: dict[str, int] = {}
         self._reconciled: set[str] = set()
         self._stream_errors: list[BaseException] = []
+        self.discarded = False
+
+    def discard(self) -> None:
+        """End the block without a store version: the writes made so far are rolled back, as on an
+        error, but without raising (e.g. an ingest that found nothing new)."""
+        self.discarded = True
 
     # -- helpers
     def _prepare(self, table: str) -> lance.LanceDataset | None:
