@@ -961,6 +961,16 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
     return {"fragments": frags, "rows": rows, "rejects": rejects, "embedded": embedded}
 
 
+def _ray_task_workers(nodes: list[dict[str, Any]], wanted: int, gpus_per_task: float) -> int:
+    """DataLoader workers per GPU task such that ``1 + workers`` CPUs fit beside every task on the
+    poorest GPU node (a task asking for more CPUs than a node has would wait forever)."""
+    per_task = [n["Resources"].get("CPU", 0) / (n["Resources"]["GPU"] // gpus_per_task)
+                for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) >= gpus_per_task]
+    if not per_task:
+        return 0
+    return max(0, min(wanted, int(min(per_task)) - 1))
+
+
 class _RayRun(_LocalRun):
     """The Ray engine: shards as remote tasks writing fragments; one store commit on the driver."""
 
@@ -993,9 +1003,10 @@ class _RayRun(_LocalRun):
                                      f"({self.ray_address or 'local'}) has {gpus:g} GPUs, each task needs "
                                      f"{self.gpus_per_task:g} (--ray-gpus-per-task); use --device cpu or a cluster with GPUs")
                 slots = int(gpus // self.gpus_per_task)
-                task = ray.remote(num_cpus=1 + self.num_workers, num_gpus=self.gpus_per_task)(_ray_shard)
+                task_workers = _ray_task_workers(ray.nodes(), self.num_workers, self.gpus_per_task)
+                task = ray.remote(num_cpus=1 + task_workers, num_gpus=self.gpus_per_task)(_ray_shard)
             else:
-                slots = max(1, int(resources.get("CPU", 1)))
+                slots, task_workers = max(1, int(resources.get("CPU", 1))), 0
                 task = ray.remote(num_cpus=1)(_ray_shard)
             n_shards = max(1, min(slots, math.ceil(n / max(self.batch_size, 1)))) if n else 0
             bounds = np.linspace(0, n, n_shards + 1).astype(int) if n_shards else []
@@ -1010,7 +1021,7 @@ class _RayRun(_LocalRun):
                                     plan.positions[a:b], plan.needed[a:b], enc_ref, self.make_view, self.products,
                                     self.sets, self.fingerprints, self.done, dtype=self.dtype, views=self.views,
                                     batch_size=self.batch_size, device=self.task_device,
-                                    num_workers=self.num_workers if self.task_device == "cuda" else 0): b - a
+                                    num_workers=task_workers): b - a
                         for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
                 results = []
                 pending = list(refs)

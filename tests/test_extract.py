@@ -407,6 +407,19 @@ def test_ray_engine_equals_local(store_root: Path, capsys: pytest.CaptureFixture
                                    atol=5e-2)  # bf16 autocast on the GPU
 
 
+def test_ray_gpu_task_workers_fit_the_poorest_gpu_node() -> None:
+    from featurelt.extract import _ray_task_workers
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 2.0}},   # 8 CPUs per 1-GPU task
+             {"Alive": True, "Resources": {"CPU": 6.0, "GPU": 1.0}},    # 6 CPUs per task: 5 workers
+             {"Alive": True, "Resources": {"CPU": 64.0}},               # no GPU: not counted
+             {"Alive": False, "Resources": {"CPU": 1.0, "GPU": 1.0}}]   # dead: not counted
+    assert _ray_task_workers(nodes, 8, 1.0) == 5
+    assert _ray_task_workers(nodes, 2, 1.0) == 2
+    assert _ray_task_workers(nodes, 8, 0.5) == 2  # two tasks per GPU on the 6-CPU node: 3 CPUs each
+    assert _ray_task_workers(nodes[2:], 8, 1.0) == 0
+
+
 # --------------------------------------------------------------------------- the shared digits store
 def test_digits_store_pixels(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     pytest.importorskip("featurelt.commands.ingest_cmds")
