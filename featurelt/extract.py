@@ -440,22 +440,23 @@ def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
 
     try:
         with torch.inference_mode():
-            x = x.to(device, non_blocking=True)
+            on_device = x.to(device, non_blocking=True)
             if prepare is not None:
-                x = prepare(x)
+                on_device = prepare(on_device)
             with _autocast(device):
-                out = encoder.encode(x, products=products)
+                out = encoder.encode(on_device, products=products)
             return {p: out[p].float().cpu().numpy() for p in products}
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] <= min_batch:
             raise
-        torch.cuda.empty_cache()
-        half = x.shape[0] // 2
-        print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}",
-              file=sys.stderr)
-        a = encode_batch(encoder, x[:half], products, device=device, prepare=prepare, min_batch=min_batch)
-        b = encode_batch(encoder, x[half:], products, device=device, prepare=prepare, min_batch=min_batch)
-        return {p: np.concatenate([a[p], b[p]]) for p in products}
+    # out of memory; here the exception and the frames that held the batch's activations are gone
+    on_device = out = None
+    torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}", file=sys.stderr)
+    a = encode_batch(encoder, x[:half], products, device=device, prepare=prepare, min_batch=min_batch)
+    b = encode_batch(encoder, x[half:], products, device=device, prepare=prepare, min_batch=min_batch)
+    return {p: np.concatenate([a[p], b[p]]) for p in products}
 
 
 def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[float], fingerprint: str,
@@ -889,8 +890,9 @@ class _LocalRun:
                 bar.update(batch["samples"])
                 if chunk_samples >= self.chunk_rows or (
                         chunk_samples and time.perf_counter() - last_commit >= self.commit_seconds):
+                    before = self.store.version
                     text_rows += self._commit(pending, rejects, record, added)
-                    chunks += 1
+                    chunks += int(self.store.version != before)
                     pending = {p: [] for p in self.products}
                     rejects = []
                     chunk_samples = 0

@@ -428,6 +428,18 @@ def test_text_encoder_is_not_an_image_encoder() -> None:
 
 # -- device ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
+def test_device_stage_on_cuda_is_bit_identical() -> None:
+    """The uint8 -> normalised float step gives the same bits on the GPU as the CPU transform."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from featurelt.encoders.base import DeviceStage
+
+    stage = DeviceStage((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    x = torch.arange(256, dtype=torch.uint8).repeat(3 * 4, 1).view(4, 3, 16, 16)
+    assert torch.equal(stage(x.cuda()).cpu(), stage(x))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", OFFLINE_IMAGE)
 def test_cuda_matches_cpu(name: str) -> None:
     """Same encoder on CUDA: float32 outputs on the device, close to CPU, same fingerprint; under bf16

@@ -306,6 +306,11 @@ def test_float16(store_root: Path) -> None:
     b = store.read("emb_pixels").sort_by("sample_id").column("vector").to_pylist()
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-3, atol=1e-3)
     assert store.read("embedding_sets", filter="name = 'px16'").column("dtype").to_pylist() == ["float16"]
+    # SQL sees float16 sets as float32 (DuckDB has no float16), with filters and projections as usual
+    got = store.sql("SELECT sample_id, vector FROM emb_px16 WHERE view = 0 ORDER BY sample_id").to_pylist()
+    assert [r["sample_id"] for r in got] == store.read("emb_px16").sort_by("sample_id").column("sample_id").to_pylist()
+    np.testing.assert_array_equal(np.asarray([r["vector"] for r in got], np.float32), np.asarray(a, np.float32))
+    assert store.sql("SELECT count(*) AS n FROM emb_px16 JOIN samples USING (sample_id)").to_pylist() == [{"n": 5}]
 
 
 def test_workers_give_the_same_rows(store_root: Path) -> None:
@@ -356,6 +361,15 @@ def test_out_of_memory_retries_with_half_batch() -> None:
     out = encode_batch(enc, x, ["pixels"], device="cpu")
     assert seen == [10, 5, 2, 3, 5, 2, 3]
     np.testing.assert_array_equal(out["pixels"], real(x)["pixels"].numpy())
+    # the halves are cut from the batch as it came (uint8 from the workers), and finished on the device
+    from featurelt.encoders.base import split_transform
+
+    finish = split_transform(enc.transform)[1]
+    u8 = torch.randint(0, 256, (10, 1, enc.image_size, enc.image_size), dtype=torch.uint8)
+    seen.clear()
+    out = encode_batch(enc, u8, ["pixels"], device="cpu", prepare=finish)
+    assert seen == [10, 5, 2, 3, 5, 2, 3]
+    np.testing.assert_array_equal(out["pixels"], real(finish(u8))["pixels"].numpy())
 
 
 def test_named_model_without_weights_is_an_error(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:

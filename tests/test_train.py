@@ -9,6 +9,7 @@ class (neighbor of the rarest class), generated rows of the few-shot classes, an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -343,6 +344,8 @@ def test_store_rows_equal_in_memory_features(full_root, tmp_path):
     np.testing.assert_array_equal(lazy.x.take(rows), mem.x[rows])
     np.testing.assert_array_equal(lazy.x.take(rows, views), mem.views[rows, views])
     np.testing.assert_array_equal(lazy.x[10:30], mem.x[10:30])
+    np.testing.assert_array_equal(lazy.x[3], mem.x[3])
+    np.testing.assert_array_equal(lazy.x[-5::2], mem.x[-5::2])
     np.testing.assert_array_equal(mem.x[:7], mem.views[:7, 0])
     keep = mem.labels % 2 == 0
     sub_l, sub_m = lazy.select(keep), mem.select(keep)
@@ -429,3 +432,10 @@ def test_train_head_streamed_from_store_equals_in_memory(full_root, tmp_path, sa
         assert store.sql(q.format(out[where]["run_id"])).to_pylist() == want
     metrics = json.loads(last_run(root)["metrics"])
     assert metrics["features_in"] == "store" and metrics["streamed"] is True
+
+
+def test_available_memory_is_positive_and_capped_by_ram():
+    from featurelt.data.features import available_memory
+
+    free = available_memory()
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

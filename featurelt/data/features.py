@@ -34,16 +34,36 @@ StreamMode = Literal["auto", "always", "never"]
 STREAM_MODES: tuple[str, ...] = ("auto", "always", "never")
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" when there is no limit
+
+
 def available_memory() -> int:
-    """Bytes of RAM available to new allocations now (Linux ``MemAvailable``; ``sysconf`` elsewhere)."""
+    """Bytes of RAM available to new allocations now: Linux ``MemAvailable``, capped by the container's
+    cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) minus its usage; elsewhere the
+    physical memory (``sysconf``)."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None:
+            room = max(0, limit - usage)
+            free = room if free is None else min(free, room)
+            break
+    if free is not None:
+        return free
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class StoreRows:
@@ -84,7 +104,13 @@ class StoreRows:
             out[:, self.offsets[i]:self.offsets[i + 1]] = _vectors(table)[inverse]
         return out
 
-    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        """Rows like a ``[N, D_total]`` array: ``x[i]`` -> ``[D]``, ``x[a:b]`` / ``x[index_array]`` -> ``[B, D]``."""
+        if isinstance(key, (int, np.integer)):
+            return self.take(np.array([range(len(self))[key]]))[0]
+        if isinstance(key, slice):
+            r = range(len(self))[key]
+            return self.take(np.arange(r.start, r.stop, r.step))
         return self.take(np.arange(len(self))[key])
 
     def subset(self, rows: np.ndarray) -> "StoreRows":
@@ -102,7 +128,8 @@ class FeatureSet:
     x: np.ndarray | StoreRows       # [N, D_total] float32, view 0, blocks concatenated in `sets` order
     sets: tuple[str, ...]           # embedding set names, in block order
     dims: tuple[int, ...]           # D of each block (sum = D_total)
-    views: np.ndarray | StoreRows | None = None  # [N, V, D_total] float32 with view 0 first (views=True only)
+    views: np.ndarray | StoreRows | None = None  # [N, V, D_total] float32, view 0 first (views=True only);
+                                                 # streamed: the same StoreRows as x (take(rows, view))
     view_strength: np.ndarray | None = None  # [N, V] float32 aug_strength of each view (0 for view 0)
 
     def __len__(self) -> int:
@@ -146,12 +173,13 @@ def load_samples(store: "Store", *, split: str) -> tuple[np.ndarray, np.ndarray,
         splits = store.sql("SELECT DISTINCT split FROM samples ORDER BY 1").column(0).to_pylist()
         raise ValueError(f"split '{split}' has no samples in store {store.root} at version {store.version}; "
                          f"splits: {', '.join(splits)}")
-    t = t.sort_by("sample_id")
     ids = t.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
-    if len(np.unique(ids)) != len(ids):
+    order = np.argsort(ids, kind="stable")  # numpy's string order: the one np.searchsorted assumes
+    ids = ids[order]
+    if (ids[1:] == ids[:-1]).any():
         raise ValueError(f"samples table has duplicate sample_id values in split '{split}'")
-    return (ids, t.column("label").to_numpy().astype(np.int64),
-            t.column("source").to_numpy(zero_copy_only=False).astype(str))
+    return (ids, t.column("label").to_numpy().astype(np.int64)[order],
+            t.column("source").to_numpy(zero_copy_only=False).astype(str)[order])
 
 
 def _vectors(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
@@ -163,8 +191,19 @@ def _vectors(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
     return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
 
 
+def _positions_in(ids: np.ndarray, sample_ids: pa.Array) -> np.ndarray:
+    """Position of each of ``sample_ids`` in the sorted ``ids`` (-1 where absent): a binary search, so a
+    batch costs O(B log N) however large the split."""
+    query = sample_ids.to_numpy(zero_copy_only=False).astype(str)
+    pos = np.searchsorted(ids, query)
+    found = pos < len(ids)
+    found[found] = ids[pos[found]] == query[found]
+    return np.where(found, pos, -1)
+
+
 def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: str, views: bool = False,
-                  batch_size: int = SCAN_BATCH, stream: StreamMode = "auto") -> FeatureSet:
+                  batch_size: int = SCAN_BATCH, stream: StreamMode = "auto",
+                  memory_fraction: float = MEMORY_FRACTION) -> FeatureSet:
     """Embedding sets of the samples in ``split``, inner-joined on ``sample_id`` (ARCHITECTURE.md).
 
     sets: embedding set names (tables ``emb_<name>``), concatenated in this order.
@@ -172,7 +211,7 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
         METHODS.md section 5); every sample must then have the same views in every set.
     stream: ``never`` reads the vectors into memory; ``always`` leaves them in the store
         (``x`` and ``views`` are a :class:`StoreRows`); ``auto`` streams when the matrix would take more
-        than ``MEMORY_FRACTION`` of :func:`available_memory`.
+        than ``memory_fraction`` of :func:`available_memory`.
     Raises ``ValueError`` for an unknown set (listing the sets that exist) and when a set lacks vectors
     for samples of the split (naming the set, the count and a few ids), rather than dropping rows.
     """
@@ -182,7 +221,6 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
         raise ValueError(f"stream must be one of {', '.join(STREAM_MODES)}, got {stream!r}")
     tables = [_check_set(store, s) for s in sets]
     ids, labels, source = load_samples(store, split=split)
-    id_array = pa.array(ids)
     n = len(ids)
 
     dims = [store.dataset(table).schema.field("vector").type.list_size for table in tables]
@@ -192,7 +230,7 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
         counts = [store.sql(f"SELECT max(view) AS v FROM {t}").column(0)[0].as_py() for t in tables]
         n_views = 1 + int(max(c or 0 for c in counts))
     nbytes = n * n_views * int(offsets[-1]) * 4
-    streamed = stream == "always" or (stream == "auto" and nbytes > MEMORY_FRACTION * available_memory())
+    streamed = stream == "always" or (stream == "auto" and nbytes > memory_fraction * available_memory())
     # streamed: scan only sample_id / view of every row (no filter, so that the running row count is
     # the LanceDataset.take offset); in memory: scan the vectors too and scatter them into x
     x = None if streamed else np.zeros((n, n_views, int(offsets[-1])), dtype=np.float32)
@@ -204,7 +242,7 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
         seen = np.zeros((n, n_views), dtype=bool)
         first_row = 0  # row offset of the batch in the dataset (streamed: no filter)
         for batch in store.scan(table, columns=columns, filter=filt, batch_size=batch_size):
-            pos = pc.fill_null(pc.index_in(batch.column("sample_id"), value_set=id_array), -1).to_numpy()
+            pos = _positions_in(ids, batch.column("sample_id"))
             view = batch.column("view").to_numpy()
             keep = (pos >= 0) & (view < n_views) & (view >= 0)
             if keep.any():

@@ -242,7 +242,9 @@ class DeviceStage:
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch, got {x.dtype} {tuple(x.shape)}")
-        x = x.to(torch.float32).div(255)
+        # divide by a tensor on x's device: CUDA turns division by a Python number into a multiplication by
+        # its reciprocal (1 ulp off for half of the 256 values); this is the exact division to_tensor does
+        x = x.to(torch.float32).div(torch.full((), 255.0, device=x.device))
         if self.grey:
             x = x.expand(-1, 3, -1, -1)
         mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -3,14 +3,16 @@
 Each table is registered as a DuckDB view with its own name (embedding sets as ``emb_<name>``),
 backed by the Lance dataset at the pinned store version: DuckDB scans it lazily through the
 Arrow dataset interface, pushing projections and filters down, so nothing is copied in full.
+Float16 vectors (``extract --dtype float16``) are seen as float32: DuckDB has no float16 type.
 Statements other than queries (INSERT, UPDATE, DELETE, CREATE, COPY, ATTACH, SET, ...) are
 refused before anything runs.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
+import lance
 import pyarrow as pa
 
 if TYPE_CHECKING:
@@ -41,11 +43,53 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             )
 
 
+def _widen(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every ``fixed_size_list<float16>[D]`` as ``fixed_size_list<float32>[D]``."""
+    fields = []
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type):
+            f = f.with_type(pa.list_(pa.float32(), f.type.list_size))
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+class _Float32Scanner:
+    """What DuckDB reads from :class:`_Float16AsFloat32`: the Lance scanner's batches, cast."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def to_reader(self) -> pa.RecordBatchReader:
+        reader = self.inner.to_reader()
+        target = _widen(reader.schema)
+        return pa.RecordBatchReader.from_batches(target, (b.cast(target) for b in reader))
+
+
+class _Float16AsFloat32(lance.LanceDataset):
+    """A Lance dataset holding float16 vectors (``extract --dtype float16``) as DuckDB can read it:
+    DuckDB has no float16 type, so the schema it sees says float32 and every scanned batch is cast.
+    DuckDB still hands its projection and filter to Lance's ``scanner``."""
+
+    @classmethod
+    def of(cls, ds: lance.LanceDataset) -> "_Float16AsFloat32":
+        view = cls.__new__(cls)
+        view.__dict__.update(ds.__dict__)  # the same open dataset (same version), another class
+        return view
+
+    @property
+    def schema(self) -> pa.Schema:  # type: ignore[override]
+        return _widen(lance.LanceDataset.schema.fget(self))  # type: ignore[attr-defined]
+
+    def scanner(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return _Float32Scanner(super().scanner(*args, **kwargs))
+
+
 def connect(store: "Store") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with every store table registered as a view at the pinned version."""
     con = duckdb.connect()
     for table in store.tables():
-        con.register(table, store.dataset(table))
+        ds = store.dataset(table)
+        con.register(table, _Float16AsFloat32.of(ds) if _widen(ds.schema) != ds.schema else ds)
     return con
 
 

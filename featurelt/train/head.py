@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurelt.config import TrainCfg
-from featurelt.data.features import FeatureSet, StoreRows, load_features, load_text_embeddings
+from featurelt.data.features import MEMORY_FRACTION, FeatureSet, StoreRows, load_features, load_text_embeddings
 from featurelt.heads import HEADS, HeadContext
 from featurelt.losses import LOSSES, LossContext, post_hoc_logit_adjust
 from featurelt.losses.prototype import ProtoLoss
@@ -363,7 +363,10 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
     """Read the train split, classes and text embeddings at the pinned version; place them on ``device``."""
     classes, num_target = _classes(store)
     k = classes.num_rows
-    train = load_features(store, list(cfg.features), split=cfg.train_split, views=views, stream=cfg.stream_features)
+    # on CUDA, features too large for the GPU also take a pinned host copy: count them twice for "auto"
+    fraction = MEMORY_FRACTION / 2 if device.type == "cuda" else MEMORY_FRACTION
+    train = load_features(store, list(cfg.features), split=cfg.train_split, views=views, stream=cfg.stream_features,
+                          memory_fraction=fraction)
     if train.labels.max() >= k or train.labels.min() < 0:
         raise ValueError(f"train split has label {int(train.labels.max())} outside the classes table (0..{k - 1})")
     counts = class_counts_of(train.labels, train.source, k)
