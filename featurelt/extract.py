@@ -473,6 +473,20 @@ def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[flo
         names=["sample_id", "view", "aug_strength", "fingerprint", "vector"])
 
 
+def _new_rows(batch: dict[str, Any], vectors: np.ndarray, done: dict[str, set[int]], fingerprint: str,
+             dtype: str) -> pa.RecordBatch | None:
+    """The rows of an encoded batch for one product, minus the (sample, view) pairs in ``done``
+    (already in the set with this fingerprint); None when nothing is new."""
+    sids, vlist, strengths = batch["sample_id"], batch["view"], batch["aug_strength"]
+    keep = [i for i, (s, v) in enumerate(zip(sids, vlist)) if v not in done.get(s, ())]
+    if not keep:
+        return None
+    if len(keep) != len(sids):
+        sids, vlist, strengths = [sids[i] for i in keep], [vlist[i] for i in keep], [strengths[i] for i in keep]
+        vectors = vectors[keep]
+    return embedding_batch(sids, vlist, strengths, fingerprint, vectors, dtype)
+
+
 def _rejects_table(rejects: list[tuple[str, str]], message: str) -> pa.Table:
     now = utcnow()
     return pa.table({"command": [message] * len(rejects), "stage": ["extract"] * len(rejects),
@@ -780,35 +794,35 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
 
     make_view = _ViewMaker(encoder.transform, views=views, augment=augment, seed=seed)
     msg = message or command_line()
-    run = _RayRun if engine == "ray" else _LocalRun
-    runner = run(store, encoder, prods, sets, fingerprints, done, plan, make_view, dtype=dtype, views=views,
-                 batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict, chunk_rows=chunk_rows,
-                 commit_seconds=commit_seconds,
-                 progress=progress, message=msg, ray_address=ray_address, task_device=task_device,
-                 ray_gpus_per_task=ray_gpus_per_task)
+    args = (store, encoder, prods, sets, fingerprints, done, plan, make_view)
+    common = dict(dtype=dtype, views=views, batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict,
+                  chunk_rows=chunk_rows, commit_seconds=commit_seconds, progress=progress, message=msg)
+    runner = (_RayRun(*args, **common, ray_address=ray_address, task_device=task_device,
+                      ray_gpus_per_task=ray_gpus_per_task) if engine == "ray" else _LocalRun(*args, **common))
 
     started = utcnow()
-    recorded: list[str] = []  # products whose provenance row is in the store
-    text_pending = [text is not None]
+    recorded = False  # the run's provenance rows are in the store
+    text_pending = text is not None
 
     def record(tx: Any, added: dict[str, int]) -> int:
         """Provenance rows go in with the first chunk that adds rows and later chunks update their row
         counts, so a run killed midway leaves the provenance of what it committed; class text rows go
         in with the first commit. Returns the text rows written."""
+        nonlocal recorded, text_pending
         if any(added.values()) and not recorded:
             tx.append("embedding_sets", _provenance_rows(
                 encoder, sets, fingerprints, added, dtype=dtype, read_versions=read_versions,
                 store_version=store_version, views=views, augment=augment, split=split, limit=limit,
                 engine=engine, device=run_device, now=started))
-            recorded.extend(sets)
+            recorded = True
         elif recorded:
             when = f"TIMESTAMP '{started.isoformat(sep=' ')}'"
             for p, set_name in sets.items():
                 tx.update("embedding_sets", {"rows": str(int(added[p]))},
                           where=f"name = {_sql_str(set_name)} AND fingerprint = {_sql_str(fingerprints[p])} "
                                 f"AND time = {when}")
-        if text_pending[0] and text is not None:
-            text_pending[0] = False
+        if text_pending and text is not None:
+            text_pending = False
             return _write_text(tx, text[0], text[3], text[2])
         return 0
 
@@ -827,25 +841,12 @@ class _LocalRun:
     def __init__(self, store: Store, encoder: "Encoder", products: list[str], sets: dict[str, str],
                  fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], plan: _Plan,
                  make_view: _ViewMaker, *, dtype: str, views: int, batch_size: int, num_workers: int, device: str,
-                 strict: bool, chunk_rows: int, progress: bool, message: str, ray_address: str | None,
-                 commit_seconds: float = 10.0, task_device: str = "cpu", ray_gpus_per_task: float = 1.0) -> None:
+                 strict: bool, chunk_rows: int, commit_seconds: float, progress: bool, message: str) -> None:
         self.store, self.encoder, self.products, self.sets = store, encoder, products, sets
         self.fingerprints, self.done, self.plan, self.make_view = fingerprints, done, plan, make_view
         self.dtype, self.views, self.batch_size, self.num_workers = dtype, views, batch_size, num_workers
         self.device, self.strict, self.chunk_rows, self.progress, self.message = device, strict, chunk_rows, progress, message
         self.commit_seconds = commit_seconds
-
-    def _rows(self, product: str, sids: list[str], vlist: list[int], strengths: list[float],
-              vectors: np.ndarray) -> pa.RecordBatch | None:
-        """This product's rows of a batch, minus (sample, view) pairs the set already has."""
-        done = self.done[product]
-        keep = [i for i, (s, v) in enumerate(zip(sids, vlist)) if v not in done.get(s, ())]
-        if not keep:
-            return None
-        if len(keep) != len(sids):
-            sids, vlist, strengths = [sids[i] for i in keep], [vlist[i] for i in keep], [strengths[i] for i in keep]
-            vectors = vectors[keep]
-        return embedding_batch(sids, vlist, strengths, self.fingerprints[product], vectors, self.dtype)
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
                 record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> int:
@@ -882,7 +883,7 @@ class _LocalRun:
                     vecs = encode_batch(self.encoder, batch["x"], self.products, device=self.device,
                                         prepare=self.make_view.finish)
                     for p in self.products:
-                        rb = self._rows(p, batch["sample_id"], batch["view"], batch["aug_strength"], vecs[p])
+                        rb = _new_rows(batch, vecs[p], self.done[p], self.fingerprints[p], self.dtype)
                         if rb is not None:
                             pending[p].append(rb)
                 embedded += batch["embedded"]
@@ -943,12 +944,9 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
             continue
         vecs = encode_batch(encoder, batch["x"], products, device=device, prepare=make_view.finish)
         for p in products:
-            d = done[p]
-            keep = [i for i, (s, v) in enumerate(zip(batch["sample_id"], batch["view"])) if v not in d.get(s, ())]
-            if keep:
-                out[p].append(embedding_batch([batch["sample_id"][i] for i in keep], [batch["view"][i] for i in keep],
-                                              [batch["aug_strength"][i] for i in keep], fingerprints[p], vecs[p][keep],
-                                              dtype))
+            rb = _new_rows(batch, vecs[p], done[p], fingerprints[p], dtype)
+            if rb is not None:
+                out[p].append(rb)
     frags: dict[str, list[Any]] = {}
     rows: dict[str, int] = {}
     for p in products:
@@ -976,9 +974,9 @@ def _ray_task_workers(nodes: list[dict[str, Any]], wanted: int, gpus_per_task: f
 class _RayRun(_LocalRun):
     """The Ray engine: shards as remote tasks writing fragments; one store commit on the driver."""
 
-    def __init__(self, *args: Any, ray_address: str | None, task_device: str = "cpu", ray_gpus_per_task: float = 1.0,
+    def __init__(self, *args: Any, ray_address: str | None, task_device: str, ray_gpus_per_task: float,
                  **kwargs: Any) -> None:
-        super().__init__(*args, ray_address=ray_address, **kwargs)
+        super().__init__(*args, **kwargs)
         self.ray_address, self.task_device, self.gpus_per_task = ray_address, task_device, ray_gpus_per_task
 
     def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:

@@ -429,7 +429,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     t0 = time.perf_counter()
     sampler_cls = SAMPLERS.get(cfg.sampler)
     HEADS.get(cfg.head), LOSSES.get(cfg.loss)  # fail on unknown names before reading features
-    data, _train, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
+    # the FeatureSet is not kept: once the features are placed, only TrainData holds them
+    data, _, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
     evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split, stream=cfg.stream_features)
     keep = (evalset.source == "original") & (evalset.labels < data.num_target)
     if not keep.any():
