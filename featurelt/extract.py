@@ -10,7 +10,8 @@ Local engine (:func:`extract`)::
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
     workers take rows by position, decode + augment + resize / crop to uint8) --> pinned uint8 batch
     to the device, normalised there (DeviceStage) --> encoder.encode under
-    torch.inference_mode() (bf16/fp16 autocast on CUDA) --> Arrow batches --> one store
+    torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
+    batch i+1 while the host reads back batch i) --> Arrow batches --> one store
     transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
     the last commit (bounded loss on a kill, and few commits when the encoder is fast)
 
@@ -44,7 +45,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -430,12 +431,27 @@ def _autocast(device: str) -> Any:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
+class EncodedBatch:
+    """The outputs of one encoded batch, ``{product: float32 tensor [B, D]}`` on the host. On CUDA
+    they may still be in flight (computing, then copying into pinned memory): :meth:`result` waits
+    for the copy, so the host can prepare the next batch meanwhile."""
+
+    def __init__(self, outputs: dict[str, "torch.Tensor"], ready: Any = None) -> None:
+        self.outputs, self.ready = outputs, ready  # ready: a torch.cuda.Event recorded after the copy
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {p: t.numpy() for p, t in self.outputs.items()}
+
+
+def launch_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
                  prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
-                 min_batch: int = 1) -> dict[str, np.ndarray]:
-    """Encode ``x`` [B,3,H,W] -> ``{product: float32 array [B, D]}``; ``prepare`` (e.g. a
-    :class:`~featurelt.encoders.base.DeviceStage` turning uint8 into normalised floats) runs on the
-    device first. On CUDA out-of-memory, retry the batch in halves (recursively) instead of failing."""
+                 min_batch: int = 1) -> EncodedBatch:
+    """Start encoding ``x`` [B,C,H,W]; ``prepare`` (e.g. a :class:`~featurelt.encoders.base.DeviceStage`
+    turning uint8 into normalised floats) runs on the device first. On CUDA this returns once the
+    work is queued; on the CPU the result is ready. On CUDA out-of-memory the batch is encoded in
+    halves (recursively, synchronously) instead of failing."""
     import torch
 
     try:
@@ -445,7 +461,13 @@ def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
                 on_device = prepare(on_device)
             with _autocast(device):
                 out = encoder.encode(on_device, products=products)
-            return {p: out[p].float().cpu().numpy() for p in products}
+            if not device.startswith("cuda"):
+                return EncodedBatch({p: out[p].float() for p in products})
+            # non_blocking device-to-host copies land in pinned memory; the event marks their end
+            host = {p: out[p].float().to("cpu", non_blocking=True) for p in products}
+            ready = torch.cuda.Event()
+            ready.record()
+            return EncodedBatch(host, ready)
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] <= min_batch:
             raise
@@ -456,7 +478,32 @@ def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
     print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}", file=sys.stderr)
     a = encode_batch(encoder, x[:half], products, device=device, prepare=prepare, min_batch=min_batch)
     b = encode_batch(encoder, x[half:], products, device=device, prepare=prepare, min_batch=min_batch)
-    return {p: np.concatenate([a[p], b[p]]) for p in products}
+    return EncodedBatch({p: torch.from_numpy(np.concatenate([a[p], b[p]])) for p in products})
+
+
+def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
+                 prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
+                 min_batch: int = 1) -> dict[str, np.ndarray]:
+    """Encode ``x`` [B,C,H,W] -> ``{product: float32 array [B, D]}`` (:func:`launch_batch`, then wait)."""
+    return launch_batch(encoder, x, products, device=device, prepare=prepare, min_batch=min_batch).result()
+
+
+def _encoded(batches: Iterable[dict[str, Any]], encoder: "Encoder", products: list[str], *, device: str,
+             prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None
+             ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray] | None]]:
+    """``(batch, {product: vectors})`` for each loader batch, in order (None where the batch has no
+    images left). One batch stays in flight: batch i+1 is launched before the outputs of batch i are
+    read back, so on CUDA the GPU encodes while the host turns the previous batch into Arrow rows,
+    commits and waits for the loader."""
+    held: tuple[dict[str, Any], EncodedBatch | None] | None = None
+    for batch in batches:
+        job = None if batch["x"] is None else launch_batch(encoder, batch["x"], products, device=device,
+                                                           prepare=prepare)
+        if held is not None:
+            yield held[0], held[1].result() if held[1] is not None else None
+        held = (batch, job)
+    if held is not None:
+        yield held[0], held[1].result() if held[1] is not None else None
 
 
 def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[float], fingerprint: str,
@@ -872,16 +919,16 @@ class _LocalRun:
         bar = _progress(len(plan.positions), enabled=self.progress, desc=f"extract {self.encoder.name}")
         last_commit = time.perf_counter()
         try:
-            for batch in _loader(stream, num_workers=self.num_workers, pin_memory=self.device.startswith("cuda")):
+            batches = _loader(stream, num_workers=self.num_workers, pin_memory=self.device.startswith("cuda"))
+            for batch, vecs in _encoded(batches, self.encoder, self.products, device=self.device,
+                                        prepare=self.make_view.finish):
                 if batch["rejects"]:
                     if self.strict:
                         sid, reason = batch["rejects"][0]
                         raise ValueError(f"--strict: sample {sid} failed to decode: {reason}")
                     rejects.extend(batch["rejects"])
                     rejected += len(batch["rejects"])
-                if batch["x"] is not None:
-                    vecs = encode_batch(self.encoder, batch["x"], self.products, device=self.device,
-                                        prepare=self.make_view.finish)
+                if vecs is not None:
                     for p in self.products:
                         rb = _new_rows(batch, vecs[p], self.done[p], self.fingerprints[p], self.dtype)
                         if rb is not None:
@@ -937,12 +984,11 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
     out: dict[str, list[pa.RecordBatch]] = {p: [] for p in products}
     rejects: list[tuple[str, str]] = []
     embedded = 0
-    for batch in batches:
+    for batch, vecs in _encoded(batches, encoder, products, device=device, prepare=make_view.finish):
         rejects.extend(batch["rejects"])
         embedded += batch["embedded"]
-        if batch["x"] is None:
+        if vecs is None:
             continue
-        vecs = encode_batch(encoder, batch["x"], products, device=device, prepare=make_view.finish)
         for p in products:
             rb = _new_rows(batch, vecs[p], done[p], fingerprints[p], dtype)
             if rb is not None:
@@ -1053,4 +1099,5 @@ class _RayRun(_LocalRun):
 
 
 __all__ = ["extract", "extract_text", "ExtractResult", "TextExtractResult", "resolve_device", "view_strength",
-           "randaugment_magnitude", "read_templates", "encode_batch", "embedding_batch", "AUGMENTS"]
+           "randaugment_magnitude", "read_templates", "encode_batch", "launch_batch", "EncodedBatch",
+           "embedding_batch", "AUGMENTS"]

@@ -372,6 +372,53 @@ def test_out_of_memory_retries_with_half_batch() -> None:
     np.testing.assert_array_equal(out["pixels"], real(finish(u8))["pixels"].numpy())
 
 
+def test_one_batch_in_flight_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_encoded launches batch i+1 before it reads back batch i, and yields batches in order
+    (a batch with no images left yields None)."""
+    import featurelt.extract as fx
+
+    log: list[str] = []
+
+    class Job:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def result(self) -> dict[str, np.ndarray]:
+            log.append(f"read {self.i}")
+            return {"p": np.full((1, 2), self.i, np.float32)}
+
+    def launch(encoder, x, products, *, device, prepare=None, min_batch=1):
+        i = int(x[0, 0])
+        log.append(f"launch {i}")
+        return Job(i)
+
+    monkeypatch.setattr(fx, "launch_batch", launch)
+    batches = [{"id": i, "x": None if i == 2 else torch.full((1, 1), i)} for i in range(4)]
+    got = [(b["id"], None if v is None else int(v["p"][0, 0])) for b, v in fx._encoded(batches, None, ["p"],
+                                                                                        device="cpu", prepare=None)]
+    assert got == [(0, 0), (1, 1), (2, None), (3, 3)]
+    assert log == ["launch 0", "launch 1", "read 0", "read 1", "launch 3", "read 3"]
+    assert list(fx._encoded([], None, ["p"], device="cpu", prepare=None)) == []
+
+
+@pytest.mark.gpu
+def test_extract_on_cuda_matches_cpu(store_root: Path) -> None:
+    """The CUDA path (pinned uint8 batches, normalisation on the GPU, one batch in flight, bf16
+    autocast) gives the CPU rows within bf16 tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert run(store_root, "clip:tiny", "--name", "cpu", "--batch-size", "4", "--device", "cpu") == 0
+    assert run(store_root, "clip:tiny", "--name", "gpu", "--batch-size", "4", "--device", "cuda",
+               "--num-workers", "2") == 0
+    store = Store(store_root)
+    a = store.read("emb_cpu").sort_by("sample_id")
+    b = store.read("emb_gpu").sort_by("sample_id")
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+    va, vb = (np.asarray(t.column("vector").to_pylist()) for t in (a, b))
+    np.testing.assert_allclose(vb, va, atol=5e-2)
+    assert np.mean(np.sum(va * vb, axis=1)) > 0.99  # unit vectors pointing the same way
+
+
 def test_named_model_without_weights_is_an_error(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(store_root, "clip:ViT-B-32") == 1
     err = capsys.readouterr().err
