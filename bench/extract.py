@@ -4,7 +4,9 @@ For each encoder, in the same process and run:
 
 * **forward** (the baseline): the same images, already decoded and preprocessed into one in-memory
   tensor, pushed through ``featurelt.extract.encode_batch`` (inference mode, autocast on CUDA) in
-  batches of ``--batch-size``; img/s.
+  batches of ``--batch-size``; img/s. The tensor holds the first ``--baseline-images`` images (a
+  float32 224 px image is 0.6 MB) and the forward cycles through it until it has encoded as many
+  images as extract does.
 * **extract**: :func:`featurelt.extract.extract` on a store holding those images as PNG bytes --
   read from Lance, decode + preprocess in DataLoader workers, encode, write Arrow batches and commit;
   img/s over the embedding loop (``ExtractResult.seconds``) and over the whole call (encoder build
@@ -14,9 +16,10 @@ Reports the median of ``--runs`` runs, the ratio extract/forward (target >= 0.85
 of this process and of its worker processes.
 
 ``--host-workers 0,2`` also times the host side alone (no encoder): the DataLoader stage that reads
-rows from Lance, decodes and resizes, for each worker count, handing over ``uint8`` (featurelt:
-normalisation runs on the device) against ``float32`` (the whole transform in the workers); img/s
-after the first batch (worker start-up excluded) and the time to the first batch. ``clip:ViT-B-32`` runs with random weights
+rows from Lance and decodes, for each worker count, handing over the decoded ``uint8`` image (resize
+on the device, featurelt's default on CUDA), the resized ``uint8`` image (normalisation on the
+device, the default on CPU) or ``float32`` (the whole transform in the workers); img/s after the
+first batch (worker start-up excluded) and the time to the first batch. ``clip:ViT-B-32`` runs with random weights
 (``untrained=True``): the timing does not depend on the weights.
 
     python bench/extract.py --images 256 --runs 3 --device cpu
@@ -70,7 +73,7 @@ def peak_rss_mib() -> tuple[float, float]:
 
 
 def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_workers: int, device: str,
-                  runs: int, untrained: bool) -> dict:
+                  runs: int, untrained: bool, baseline_images: int = 4096, resize_on: str = "auto") -> dict:
     """Median forward and extract throughput of ``name`` over the first ``images`` samples of ``store``."""
     import torch
 
@@ -81,30 +84,36 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
     enc = build_encoder(name, device=dev, untrained=untrained)
     enc.to(dev)
     products = list(enc.products)
-    rows = store.read("samples", columns=["sample_id", "image", "uri"]).slice(0, images).to_pylist()
+    n = min(images, store.count("samples"))
+    m = max(batch_size, min(n, baseline_images))
+    rows = store.read("samples", columns=["sample_id", "image", "uri"]).slice(0, m).to_pylist()
     x_all = torch.stack([enc.preprocess(load_sample_image(r)) for r in rows])  # decoded + preprocessed in memory
     if dev.startswith("cuda"):
         x_all = x_all.pin_memory()
-    n = x_all.shape[0]
+    batches = []  # (start in x_all, size): n images in batches of batch_size, cycling through x_all
+    for done in range(0, n, batch_size):
+        size = min(batch_size, n - done)
+        batches.append((done % (x_all.shape[0] - size + 1), size))
 
     def forward() -> float:
         t0 = time.perf_counter()
-        for s in range(0, n, batch_size):
-            encode_batch(enc, x_all[s:s + batch_size], products, device=dev)
+        for start, size in batches:
+            encode_batch(enc, x_all[start:start + size], products, device=dev)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
         return n / (time.perf_counter() - t0)
 
     forward()  # warm-up (kernels, allocator)
     extract(store, name, name=f"bench_warmup_{time.time_ns()}", limit=batch_size, batch_size=batch_size,
-            num_workers=num_workers, device=dev, untrained=untrained, progress=False)  # lazy imports, fork server
+            num_workers=num_workers, device=dev, untrained=untrained, resize_on=resize_on,
+            progress=False)  # lazy imports, fork server
     fwd, e2e_loop, e2e_call = [], [], []
     ratios_loop, ratios_call = [], []
     for r in range(runs):
         before = forward()
         t0 = time.perf_counter()
         res = extract(store, name, name=f"bench_{r}_{time.time_ns()}", limit=n, batch_size=batch_size,
-                      num_workers=num_workers,
+                      num_workers=num_workers, resize_on=resize_on,
                       device=dev, untrained=untrained, progress=False,
                       message=f"bench extract {name}")
         call = time.perf_counter() - t0
@@ -120,7 +129,7 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
         ratios_call.append(e2e_call[-1] / fwd[-1])
     f, lo, ca = statistics.median(fwd), statistics.median(e2e_loop), statistics.median(e2e_call)
     return {"encoder": name + (" (random weights)" if untrained else ""), "images": n, "batch": batch_size,
-            "workers": num_workers, "device": dev, "forward": f, "extract_loop": lo, "extract_call": ca,
+            "workers": num_workers, "device": dev, "resize_on": resize_on, "forward": f, "extract_loop": lo, "extract_call": ca,
             "ratio_loop": statistics.median(ratios_loop), "ratio_call": statistics.median(ratios_call), "runs": runs,
             "all_forward": fwd, "all_loop": e2e_loop}
 
@@ -134,8 +143,9 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
     enc = build_encoder(name, device="cpu", untrained=untrained)
     plan = fx._plan(store, split=None, limit=images, views=0, done={"bench": {}})
     out = []
-    for handover in ("uint8", "float32"):
-        make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0)
+    for handover in ("decoded uint8", "resized uint8", "float32"):
+        make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0,
+                                  resize_on_device=handover == "decoded uint8")
         if handover == "float32":  # the whole transform in the workers
             make_view.preprocess, make_view.finish = enc.transform, None
         for nw in workers:
@@ -145,14 +155,14 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
                                           make_view, batch_size=batch_size, views=0)
                 t0 = time.perf_counter()
                 first, count = None, 0
-                for b in fx._loader(stream, num_workers=nw, pin_memory=False):
+                for b in fx._loader(stream, num_workers=nw, pin_memory=False):  # noqa: B007
                     count += len(b["sample_id"])
                     if first is None:
                         first, first_count = time.perf_counter(), count
                 steadies.append((count - first_count) / max(time.perf_counter() - first, 1e-9))
                 firsts.append(first - t0)
             steady, first_s = statistics.median(steadies), statistics.median(firsts)
-            out.append({"encoder": name, "dtype": str(b["x"].dtype).replace("torch.", ""), "workers": nw,
+            out.append({"encoder": name, "handover": handover, "workers": nw,
                         "images": count, "steady": steady, "first_s": first_s, "repeats": repeats})
             print(f"host {name} {handover} workers={nw}: {steady:.0f} img/s after the first batch "
                   f"({first_s:.2f} s to the first batch; runs {['%.0f' % v for v in steadies]})", flush=True)
@@ -160,12 +170,12 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
 
 
 def host_markdown(rows: list[dict]) -> str:
-    lines = ["Host side alone (`--host-workers`): Lance take + PNG decode + resize/crop in DataLoader workers, no "
-             "encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
+    lines = ["Host side alone (`--host-workers`): Lance take + PNG decode (+ resize/crop, except for 'decoded', "
+             "which leaves it to the device) in DataLoader workers, no encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
              "start-up; the first loader of a process also starts the fork server).", "",
              "| encoder | handover | workers | images | img/s (steady) | first batch (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['encoder']} | {r['dtype']} | {r['workers']} | {r['images']} | {r['steady']:.0f} | "
+        lines.append(f"| {r['encoder']} | {r['handover']} | {r['workers']} | {r['images']} | {r['steady']:.0f} | "
                      f"{r['first_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -179,11 +189,12 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
              "`loop` times the embedding loop (read, decode, preprocess, encode, write, commit), `call` the "
              "whole call (encoder build and planning too). img/s columns are medians over runs; ratios are the "
              "median of the per-run ratios.", "",
-             "| encoder | device | images | batch | workers | forward img/s | extract loop img/s | ratio loop | "
-             "extract call img/s | ratio call |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| encoder | device | resize on | images | batch | workers | forward img/s | extract loop img/s | "
+             "ratio loop | extract call img/s | ratio call |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['encoder']} | {r['device']} | {r['images']} | {r['batch']} | {r['workers']} | "
+        resize = r["resize_on"] if r["resize_on"] != "auto" else ("device" if r["device"].startswith("cuda") else "host")
+        lines.append(f"| {r['encoder']} | {r['device']} | {resize} | {r['images']} | {r['batch']} | {r['workers']} | "
                      f"{r['forward']:.1f} | {r['extract_loop']:.1f} | {r['ratio_loop']:.2f} | "
                      f"{r['extract_call']:.1f} | {r['ratio_call']:.2f} |")
     lines += ["", f"Peak RSS: {rss[0]:.0f} MiB (this process: both encoders, the in-memory tensors and the extract "
@@ -211,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers for extract (default: featurelt's, 0 on cpu, min(8, cores - 1) on cuda)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device (default auto)")
+    p.add_argument("--baseline-images", type=int, default=4096,
+                   help="distinct images in the baseline's in-memory tensor, which the forward cycles through "
+                   "(default 4096)")
+    p.add_argument("--resize-on", choices=["auto", "host", "device"], default="auto",
+                   help="extract's --resize-on (default auto: device on CUDA, host on CPU)")
     p.add_argument("--runs", type=int, default=5,
                    help="runs per encoder; the median is reported (default 5; 0 = only --host-workers)")
     p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"], metavar="NAME[=IMAGES]",
@@ -238,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, n in wanted if args.runs else []:  # --runs 0: the host side only
             untrained = not name.endswith(":tiny") and not name.startswith("pixels")
             row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,
-                                device=args.device, runs=args.runs, untrained=untrained)
+                                device=args.device, runs=args.runs, untrained=untrained,
+                                baseline_images=args.baseline_images, resize_on=args.resize_on)
             rows.append(row)
             print(f"{row['encoder']}: forward {row['forward']:.1f} img/s, extract loop {row['extract_loop']:.1f} img/s "
                   f"(ratio {row['ratio_loop']:.2f}), call {row['extract_call']:.1f} img/s (ratio {row['ratio_call']:.2f}); "

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # torch stays a lazy import: `featurelt --help` must not load
     from featurelt.encoders.base import Encoder
 
 Engine = Literal["local", "ray"]
+ResizeOn = Literal["auto", "host", "device"]
 Device = Literal["auto", "cpu", "cuda"]
 VecDtype = Literal["float32", "float16"]
 
@@ -253,17 +254,19 @@ class _ViewMaker:
 
     When the encoder's transform splits (:func:`featurelt.encoders.base.split_transform`), workers
     only resize / crop and hand over ``uint8 [C, H, W]``; ``finish`` (to float, normalise) then runs
-    on whole batches on the encoder's device. Otherwise workers run the whole transform and ``finish``
-    is None.
+    on whole batches on the encoder's device. With ``resize_on_device`` the resize and crop move to
+    ``finish`` too, and workers hand over the decoded image. Otherwise workers run the whole
+    transform and ``finish`` is None.
     """
 
     def __init__(self, transform: Callable[[Any], "torch.Tensor"], *, views: int, augment: str | None,
-                 seed: int) -> None:
+                 seed: int, resize_on_device: bool = False) -> None:
         from featurelt.encoders.base import split_transform
 
-        stages = split_transform(transform)
+        stages = split_transform(transform, resize_on_device=resize_on_device)
         self.preprocess = transform if stages is None else stages[0]
         self.finish = None if stages is None else stages[1]
+        self.resizes_on_device = stages is not None and stages[1].resize is not None
         self.views = views
         self.augment = augment
         self.seed = seed
@@ -352,10 +355,19 @@ class _SampleStream:
                 table, self.needed[start:start + per_read], self.make_view, self.views)
             for s in range(0, max(len(tensors), 1), self.batch_size):
                 part = tensors[s:s + self.batch_size]
-                yield {"x": torch.stack(part) if part else None, "sample_id": sids[s:s + self.batch_size],
+                yield {"x": _collate(part) if part else None, "sample_id": sids[s:s + self.batch_size],
                        "view": vlist[s:s + self.batch_size], "aug_strength": strengths[s:s + self.batch_size],
                        "rejects": rejects if s == 0 else [], "samples": len(pos) if s == 0 else 0,
                        "embedded": len(pos) - len(rejects) if s == 0 else 0}
+
+
+def _collate(images: list["torch.Tensor"]) -> "torch.Tensor | list[torch.Tensor]":
+    """One ``[B, C, H, W]`` tensor when the images have one size, else the list (images at their
+    decoded size, resized on the device)."""
+    import torch
+
+    shape = images[0].shape
+    return torch.stack(images) if all(t.shape == shape for t in images) else images
 
 
 def _make_torch_stream_class() -> type:
@@ -396,24 +408,33 @@ def _packages_of(obj: Any, depth: int = 0) -> set[str]:
     return found - {"builtins"}
 
 
-def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any:
-    """DataLoader over the stream; workers start with ``forkserver`` (Lance is not fork-safe)."""
+def _worker_context(make_view: _ViewMaker, *, start: bool = False) -> Any:
+    """The multiprocessing context of DataLoader workers: ``forkserver`` (Lance is not fork-safe) where
+    there is one, else ``spawn``. ``start``: start the fork server now, so that its imports run while
+    the main process does other work (it is started once per process and kept)."""
     import multiprocessing
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # the fork server imports these once (torch ~2 s, open_clip ~1 s when its transform classes are used,
+    # pandas 0.4 s for lance), so that each worker does not. lance itself must not be loaded in a process
+    # that forks: each worker imports it
+    preload = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "pyarrow", "pandas"]
+    extra = _packages_of(make_view.preprocess) - {"featurelt", "torch", "torchvision", "PIL"}
+    ctx.set_forkserver_preload(preload + sorted(extra))
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return ctx
+
+
+def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any:
+    """DataLoader over the stream, ``num_workers`` processes (see :func:`_worker_context`)."""
     from torch.utils.data import DataLoader
 
-    ctx = None
-    if num_workers > 0:
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("forkserver")
-            # the fork server imports these once (torch ~2 s, open_clip ~1 s when its transform classes
-            # are used), so that each worker does not. featurelt imports lance, which must not be loaded
-            # in a process that forks: each worker imports it (0.4 s)
-            preload = ["torch", "torchvision.transforms", "PIL.Image", "numpy", "pyarrow"]
-            extra = _packages_of(stream.make_view.preprocess) - {"featurelt", "torch", "torchvision", "PIL"}
-            ctx.set_forkserver_preload(preload + sorted(extra))
-        else:
-            ctx = multiprocessing.get_context("spawn")
+    ctx = _worker_context(stream.make_view) if num_workers > 0 else None
     return DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
                       persistent_workers=False, multiprocessing_context=ctx)
@@ -445,10 +466,11 @@ class EncodedBatch:
         return {p: t.numpy() for p, t in self.outputs.items()}
 
 
-def launch_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
-                 prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
+def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", products: list[str], *, device: str,
+                 prepare: Callable[[Any], "torch.Tensor"] | None = None,
                  min_batch: int = 1) -> EncodedBatch:
-    """Start encoding ``x`` [B,C,H,W]; ``prepare`` (e.g. a :class:`~featurelt.encoders.base.DeviceStage`
+    """Start encoding ``x`` [B,C,H,W] (or a list of B [C,H,W] images of different sizes, for a
+    ``prepare`` that resizes); ``prepare`` (e.g. a :class:`~featurelt.encoders.base.DeviceStage`
     turning uint8 into normalised floats) runs on the device first. On CUDA this returns once the
     work is queued; on the CPU the result is ready. On CUDA out-of-memory the batch is encoded in
     halves (recursively, synchronously) instead of failing."""
@@ -456,7 +478,10 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
 
     try:
         with torch.inference_mode():
-            on_device = x.to(device, non_blocking=True)
+            if isinstance(x, torch.Tensor):
+                on_device = x.to(device, non_blocking=True)
+            else:
+                on_device = [t.to(device, non_blocking=True) for t in x]
             if prepare is not None:
                 on_device = prepare(on_device)
             with _autocast(device):
@@ -469,27 +494,27 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, 
             ready.record()
             return EncodedBatch(host, ready)
     except torch.cuda.OutOfMemoryError:
-        if x.shape[0] <= min_batch:
+        if len(x) <= min_batch:
             raise
     # out of memory; here the exception and the frames that held the batch's activations are gone
     on_device = out = None
     torch.cuda.empty_cache()
-    half = x.shape[0] // 2
-    print(f"featurelt extract: CUDA out of memory at batch {x.shape[0]}; retrying as 2 x {half}", file=sys.stderr)
+    half = len(x) // 2
+    print(f"featurelt extract: CUDA out of memory at batch {len(x)}; retrying as 2 x {half}", file=sys.stderr)
     a = encode_batch(encoder, x[:half], products, device=device, prepare=prepare, min_batch=min_batch)
     b = encode_batch(encoder, x[half:], products, device=device, prepare=prepare, min_batch=min_batch)
     return EncodedBatch({p: torch.from_numpy(np.concatenate([a[p], b[p]])) for p in products})
 
 
-def encode_batch(encoder: "Encoder", x: "torch.Tensor", products: list[str], *, device: str,
-                 prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
+def encode_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", products: list[str], *, device: str,
+                 prepare: Callable[[Any], "torch.Tensor"] | None = None,
                  min_batch: int = 1) -> dict[str, np.ndarray]:
     """Encode ``x`` [B,C,H,W] -> ``{product: float32 array [B, D]}`` (:func:`launch_batch`, then wait)."""
     return launch_batch(encoder, x, products, device=device, prepare=prepare, min_batch=min_batch).result()
 
 
 def _encoded(batches: Iterable[dict[str, Any]], encoder: "Encoder", products: list[str], *, device: str,
-             prepare: Callable[["torch.Tensor"], "torch.Tensor"] | None
+             prepare: Callable[[Any], "torch.Tensor"] | None
              ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray] | None]]:
     """``(batch, {product: vectors})`` for each loader batch, in order (None where the batch has no
     images left). One batch stays in flight: batch i+1 is launched before the outputs of batch i are
@@ -603,7 +628,7 @@ def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: di
 def _provenance_rows(encoder: "Encoder", sets: dict[str, str], fingerprints: dict[str, str], added: dict[str, int],
                      *, dtype: str, read_versions: dict[str, int], store_version: int, views: int,
                      augment: str | None, split: str | None, limit: int | None, engine: str,
-                     device: str, now: Any) -> pa.Table:
+                     device: str, now: Any, resize_on: str = "host") -> pa.Table:
     """One ``embedding_sets`` row per product; ``now`` (the run's start) is its ``time``."""
     from featurelt import __version__
 
@@ -614,6 +639,7 @@ def _provenance_rows(encoder: "Encoder", sets: dict[str, str], fingerprints: dic
                 "dtype": dtype, "featurelt_version": __version__, "time": now.isoformat() + "Z",
                 "store_version_read": store_version, "tables_read": read_versions, "split": split,
                 "limit": limit, "views": views, "augment": augment, "engine": engine, "device": device,
+                "resize_on": resize_on,
                 "command": command_line()}
         if views:
             prov["augmentation"] = {"op": "torchvision.transforms.RandAugment", "num_ops": RANDAUGMENT_NUM_OPS,
@@ -735,7 +761,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
             ray_gpus_per_task: float = 1.0, chunk_rows: int = 16384, commit_seconds: float = 10.0,
-            fit_samples: int | None = 4096, progress: bool = True, message: str | None = None) -> ExtractResult:
+            fit_samples: int | None = 4096, resize_on: ResizeOn = "auto", progress: bool = True,
+            message: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
 
     ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
@@ -749,6 +776,9 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run keeps; a commit costs about 15 ms on a local disk). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
     local Ray with 2 CPUs; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
     ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
+    ``resize_on``: where images are resized and cropped; ``host`` (PIL, in the workers) or ``device``
+    (:class:`~featurelt.encoders.base.DeviceResize` on the encoder's device, within 2 grey levels of
+    PIL; workers then only decode, which is what keeps a GPU fed); ``auto``: ``device`` on CUDA.
     Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
     """
@@ -780,6 +810,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         raise ValueError(f"--augment {augment} needs --views N (N >= 1 augmented views per sample)")
     if engine not in ("local", "ray"):
         raise ValueError(f"unknown engine '{engine}'; choose local or ray")
+    if resize_on not in ("auto", "host", "device"):
+        raise ValueError(f"resize_on must be auto, host or device, got {resize_on!r}")
     if isinstance(templates, (str, os.PathLike)):
         templates = read_templates(templates)
     if store._as_of is not None:
@@ -799,8 +831,13 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run_device = task_device if engine == "ray" else dev  # where the images are encoded
     if num_workers is None:  # a CPU encoder uses every core; a GPU needs decoding done in parallel
         num_workers = default_num_workers(run_device)
+    resize_on_device = resize_on == "device" or (resize_on == "auto" and run_device.startswith("cuda"))
     encoder = _build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
                              image_size=image_size, seed=seed, untrained=untrained)
+    make_view = _ViewMaker(encoder.transform, views=views, augment=augment, seed=seed,
+                           resize_on_device=resize_on_device)
+    if num_workers and engine == "local":  # its imports overlap the encoder's move, fitting and planning
+        _worker_context(make_view, start=True)
     encoder.to(dev)
     prods = list(products) if products else list(encoder.products)
     unknown = [p for p in prods if p not in encoder.products]
@@ -839,7 +876,6 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         else:
             notes.append("no classes table: class text embeddings not written")
 
-    make_view = _ViewMaker(encoder.transform, views=views, augment=augment, seed=seed)
     msg = message or command_line()
     args = (store, encoder, prods, sets, fingerprints, done, plan, make_view)
     common = dict(dtype=dtype, views=views, batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict,
@@ -860,7 +896,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             tx.append("embedding_sets", _provenance_rows(
                 encoder, sets, fingerprints, added, dtype=dtype, read_versions=read_versions,
                 store_version=store_version, views=views, augment=augment, split=split, limit=limit,
-                engine=engine, device=run_device, now=started))
+                engine=engine, device=run_device, now=started,
+                resize_on="device" if make_view.resizes_on_device else "host"))
             recorded = True
         elif recorded:
             when = f"TIMESTAMP '{started.isoformat(sep=' ')}'"

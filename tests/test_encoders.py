@@ -182,6 +182,89 @@ def test_split_transform_is_bit_identical(name: str) -> None:
     np.testing.assert_allclose(out.flatten().numpy(), [(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.5, (0.2 - 0.3) / 0.25], atol=1e-6)
 
 
+def _resize_images() -> list[Image.Image]:
+    """Smooth and noisy images, up- and downscaled by every tiny transform, one over max_pixels."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:40, 0:56]
+    smooth = np.stack([127 + 120 * np.sin(xx / 7 + c) * np.cos(yy / 11) for c in range(3)], -1).astype(np.uint8)
+    return [Image.fromarray(smooth), Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L"),
+            Image.fromarray(rng.integers(0, 256, (64, 50, 4), dtype=np.uint8), mode="RGBA"),
+            Image.fromarray(rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)).convert("P")]
+
+
+def test_resized_size_follows_torchvision() -> None:
+    from torchvision.transforms import functional as TF
+
+    from featurelt.encoders.base import resized_size
+
+    for h, w, size in [(37, 45, 32), (45, 37, 32), (28, 28, 224), (375, 500, 224), (500, 333, 256), (7, 1000, 5)]:
+        out = TF.resize(Image.new("RGB", (w, h)), size)
+        assert resized_size(h, w, size) == (out.height, out.width)
+
+
+@pytest.mark.parametrize("name", OFFLINE_IMAGE)
+def test_device_resize_is_within_two_grey_levels_of_pil(name: str) -> None:
+    """resize_on_device: workers hand over the decoded image, DeviceStage resizes, crops and normalises;
+    the result is the whole PIL transform's within 2 grey levels, on a few percent of the values.
+    Images PIL must resize itself (over max_pixels; palette / alpha images under open_clip, which
+    resizes before it converts) give the whole transform's floats exactly."""
+    from featurelt.encoders.base import DeviceResize, split_transform
+
+    enc = _build(name)
+    stages = split_transform(enc.transform, resize_on_device=True)
+    if enc.family == "sam":
+        assert stages is None
+        return
+    host, dev = stages
+    resize = dev.resize
+    assert isinstance(resize, DeviceResize)
+    pickle.loads(pickle.dumps(host)), pickle.loads(pickle.dumps(dev))
+    images = _resize_images()
+    parts = [host(im) for im in images]
+    ref = torch.stack([enc.preprocess(im) for im in images])
+    out = dev(parts)  # a list: the sizes differ
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    std = torch.tensor(dev.std).view(1, -1, 1, 1)
+    levels = ((out - ref) * std * 255).abs()  # back on the 0..255 scale
+    by_pil = [(im.mode not in ("RGB", "L") and host.resize_first) or im.width * im.height > resize.max_pixels
+              for im in images]
+    assert not all(by_pil)
+    for i, im in enumerate(images):
+        if by_pil[i]:
+            assert tuple(parts[i].shape[1:]) == resize.output_size(im.height, im.width)
+            assert torch.equal(out[i], ref[i])
+        else:
+            assert parts[i].shape[1:] == (im.height, im.width)  # went over at its decoded size
+            assert levels[i].max() <= 2 + 1e-3
+    assert (levels > 0.5).float().mean() < 0.05
+    # one size: the batch goes over as one tensor and gives the same as the list
+    same = torch.stack([host(images[0]), host(images[0])])
+    assert torch.equal(dev(same), dev([same[0], same[1]]))
+    # an image over max_pixels is resized by PIL in the worker; the device only crops: exact
+    side = int(resize.max_pixels ** 0.5) + 2
+    big = Image.fromarray(np.random.default_rng(2).integers(0, 256, (side, side + 9, 3), dtype=np.uint8))
+    hb = host(big)
+    assert tuple(hb.shape[1:]) == resize.output_size(side, side + 9)
+    assert torch.equal(dev([hb]), enc.preprocess(big)[None])
+
+
+def test_device_resize_by_hand() -> None:
+    """A 2x1 image squashed to 1x1 (bilinear, antialiased: the mean) and a constant image upscaled."""
+    from featurelt.encoders.base import DeviceResize
+
+    x = torch.tensor([[[[10, 21]]]], dtype=torch.uint8)  # [1, 1, 1, 2]
+    out = DeviceResize(1, None, "squash", "bilinear")(x)
+    assert out.tolist() == [[[[16.0]]]]  # (10 + 21) / 2 = 15.5, rounded half to even
+    const = torch.full((1, 3, 5, 7), 200, dtype=torch.uint8)
+    up = DeviceResize(8, 8, "shortest_crop", "bicubic")(const)
+    assert up.shape == (1, 3, 8, 8) and torch.all(up == 200)
+    with pytest.raises(TypeError, match="uint8"):
+        from featurelt.encoders.base import DeviceStage
+
+        DeviceStage((0.0,), (1.0,), resize=DeviceResize(4))([torch.zeros(1, 4, 4)])
+
+
 def test_pixels_values_by_hand() -> None:
     enc = build_encoder("pixels", image_size=4)
     arr = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
@@ -437,6 +520,22 @@ def test_device_stage_on_cuda_is_bit_identical() -> None:
     stage = DeviceStage((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
     x = torch.arange(256, dtype=torch.uint8).repeat(3 * 4, 1).view(4, 3, 16, 16)
     assert torch.equal(stage(x.cuda()).cpu(), stage(x))
+
+
+@pytest.mark.gpu
+def test_device_resize_on_cuda_matches_cpu() -> None:
+    """The GPU resize gives the CPU one's grey levels, up to 1 where float rounding lands on a half."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from featurelt.encoders.base import DeviceResize
+
+    rng = np.random.default_rng(0)
+    for h, w in [(37, 45), (28, 28), (375, 500), (90, 120)]:
+        x = torch.from_numpy(rng.integers(0, 256, (2, 3, h, w), dtype=np.uint8))
+        for interp in ("bilinear", "bicubic"):
+            r = DeviceResize(32, 36, "shortest_crop", interp)
+            a, b = r(x), r(x.cuda()).cpu()
+            assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.01
 
 
 @pytest.mark.gpu

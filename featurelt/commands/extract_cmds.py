@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "where the encoder uses the cores; min(8, cores - 1) on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the encoder runs (default auto: cuda when available, else cpu)")
+    p.add_argument("--resize-on", dest="resize_on", choices=["auto", "host", "device"], default="auto",
+                   help="where images are resized and cropped: host (PIL in the workers) or device (on the "
+                   "encoder's device, within 2 grey levels of PIL, so that workers only decode; keeps a GPU fed). "
+                   "Default auto: device on CUDA, host on CPU")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored vector type (default float32; float16 halves the table size)")
     p.add_argument("--views", type=non_negative_int, default=0, metavar="N",
@@ -118,7 +122,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      checkpoint=args.checkpoint, map_size=args.map_size, image_size=args.image_size,
                      templates=args.templates, seed=args.seed, untrained=args.untrained, engine=args.engine,
                      ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
-                     chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, progress=args.progress)
+                     chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, resize_on=args.resize_on,
+                     progress=args.progress)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())

@@ -212,36 +212,149 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class ConvertMode:
+    """PIL image -> the same image in ``mode`` (``"RGB"`` or ``"L"``); picklable."""
+
+    mode: str
+
+    def __call__(self, img: Any) -> Any:
+        return img.convert(self.mode)
+
+
+@dataclass(frozen=True)
 class HostStage:
     """PIL image -> ``uint8 [C, H, W]`` tensor: the PIL steps of a transform (runs in DataLoader workers).
 
     Handing uint8 over instead of float32 moves 4x fewer bytes between worker and main process (and to
     the GPU); :class:`DeviceStage` finishes the transform on the encoder's device.
+
+    With ``resize`` (a :class:`DeviceResize`, which then runs on the device) ``pil_steps`` only
+    converts the mode and the image goes over at its decoded size, except an image of more than
+    ``resize.max_pixels`` pixels: PIL resizes it here (no crop; the device then only crops it), which
+    bounds what a batch holds and moves. ``resize_first``: the transform resizes before it converts
+    the mode (open_clip), which matters for palette and alpha images (PIL resizes ``P`` with the
+    nearest filter, ``RGBA`` with premultiplied alpha): those are resized here too, in that order.
     """
 
     pil_steps: Any  # picklable callable PIL -> PIL (resize, crop, mode conversion)
+    resize: "DeviceResize | None" = None
+    resize_first: bool = False
 
     def __call__(self, img: Any) -> Tensor:
         import numpy as np
 
-        a = np.asarray(self.pil_steps(img), dtype=np.uint8)
+        if self.resize is None:
+            img = self.pil_steps(img)
+        elif img.width * img.height > self.resize.max_pixels or (self.resize_first and img.mode not in ("RGB", "L")):
+            img = self.pil_steps(self.resize.pil(img)) if self.resize_first else self.resize.pil(self.pil_steps(img))
+        else:
+            img = self.pil_steps(img)
+        a = np.asarray(img, dtype=np.uint8)
         a = a[:, :, None] if a.ndim == 2 else a
         return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()  # what to_tensor does, minus the float cast
+
+
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output ``(height, width)`` of torchvision's ``resize(img, size)`` with an int ``size``: the
+    shorter side becomes ``size``, the longer one ``int(size * long / short)``."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (new_long, size) if w <= h else (size, new_long)
+
+
+@dataclass(frozen=True)
+class DeviceResize:
+    """Resize (and center crop) uint8 images on the encoder's device, the way PIL does it.
+
+    PIL's antialiased resampling runs one horizontal pass, rounds to uint8, then one vertical pass,
+    and rounds again. Here each pass is ``torch.nn.functional.interpolate(antialias=True)`` along one
+    axis (the other axis at scale 1 is left exactly as it is), rounded and clamped to 0..255: within
+    2 grey levels of PIL, on about 1 % of the values for bicubic (tests/test_encoders.py). Output
+    sizes and crop offsets follow torchvision's ``resize`` and ``center_crop``.
+
+    Input: a ``uint8 [B, C, h, w]`` batch or a list of ``uint8 [C, h_i, w_i]`` images (sizes may
+    differ: images of one size are resized together). Output: ``float32 [B, C, size, size]`` holding
+    whole numbers 0..255. An image already at :meth:`output_size` is only cropped.
+    """
+
+    size: int                          # output height = width
+    resize_to: int | None = None       # shorter side before the crop (shortest_crop); None: size
+    mode: Literal["shortest_crop", "squash"] = "shortest_crop"
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+    @property
+    def max_pixels(self) -> int:
+        """Images up to twice the resize target per side go to the device at their decoded size;
+        larger ones (a 4000 x 3000 photo is 36 MB as uint8) are resized by PIL in the worker."""
+        return (2 * (self.resize_to or self.size)) ** 2
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Size after the resize, before the crop."""
+        s = self.size
+        return (s, s) if self.mode == "squash" else resized_size(h, w, self.resize_to or s)
+
+    def pil(self, img: Any) -> Any:
+        """The same resize (no crop) with PIL, as torchvision's ``resize`` does it on a PIL image. An
+        image resized here is already at :meth:`output_size` on the device, which then only crops it."""
+        from PIL import Image
+
+        nh, nw = self.output_size(img.height, img.width)
+        return img.resize((nw, nh), Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR)
+
+    def _one_size(self, x: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
+        h, w = x.shape[-2:]
+        s = self.size
+        nh, nw = self.output_size(h, w)
+        x = x.to(torch.float32)
+        if nw != w:  # PIL: horizontal pass first
+            x = F.interpolate(x, size=(h, nw), mode=self.interpolation, antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        if nh != h:
+            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255)
+        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))  # torchvision center_crop
+        return x[..., top:top + s, left:left + s]
+
+    def __call__(self, images: Tensor | Sequence[Tensor]) -> Tensor:
+        if isinstance(images, Tensor):
+            return self._one_size(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        first = images[0]
+        out = torch.empty((len(images), first.shape[0], self.size, self.size), dtype=torch.float32, device=first.device)
+        for idx in groups.values():
+            out[idx] = self._one_size(torch.stack([images[i] for i in idx]))
+        return out
 
 
 @dataclass(frozen=True)
 class DeviceStage:
     """``uint8 [B, C, H, W]`` -> ``float32 [B, 3, H, W]``: ``x / 255`` (torchvision ``to_tensor``), one
     channel repeated 3 times when ``grey``, then ``(x - mean) / std`` per channel (``normalize``).
-    The same float operations in the same order as the per-image transform, so the result is identical."""
+    The same float operations in the same order as the per-image transform, so the result is identical.
+
+    With ``resize`` (a :class:`DeviceResize`), the input is the images at their decoded size (a
+    batch or a list) and they are resized and cropped first.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grey: bool = False
+    resize: DeviceResize | None = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch, got {x.dtype} {tuple(x.shape)}")
+    def __call__(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        parts = [x] if isinstance(x, Tensor) else list(x)
+        if not parts or any(t.dtype != torch.uint8 or t.ndim != (4 if isinstance(x, Tensor) else 3) for t in parts):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else f"{len(parts)} images"
+            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or a list of uint8 [C, H, W] images "
+                            f"with resize), got {got}")
+        if self.resize is not None:
+            x = self.resize(x)  # whole numbers 0..255 in float32: the division below is the same
+        elif not isinstance(x, Tensor):
+            raise TypeError("DeviceStage without resize expects one uint8 [B, C, H, W] batch, got a list")
         # divide by a tensor on x's device: CUDA turns division by a Python number into a multiplication by
         # its reciprocal (1 ulp off for half of the 256 values); this is the exact division to_tensor does
         x = x.to(torch.float32).div(torch.full((), 255.0, device=x.device))
@@ -252,25 +365,62 @@ class DeviceStage:
         return x.sub(mean).div(std)
 
 
-def split_transform(transform: Any) -> tuple[HostStage, DeviceStage] | None:
+def _is_mode_conversion(step: Any) -> bool:
+    """open_clip's ``MaybeConvertMode`` / ``_convert_to_rgb`` or our :class:`ConvertMode`."""
+    return isinstance(step, ConvertMode) or type(step).__name__ == "MaybeConvertMode" or \
+        getattr(step, "__name__", None) == "_convert_to_rgb"
+
+
+def _device_resize_of(pil: list[Any]) -> DeviceResize | None:
+    """The :class:`DeviceResize` doing a torchvision ``[Resize(int), CenterCrop(square)]`` prefix of
+    PIL steps (bilinear or bicubic, antialiased), or None."""
+    from torchvision import transforms as T
+
+    if len(pil) < 2 or not isinstance(pil[0], T.Resize) or not isinstance(pil[1], T.CenterCrop):
+        return None
+    resize, crop = pil[0], pil[1]
+    size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+    crop_hw = tuple(crop.size) if not isinstance(crop.size, int) else (crop.size, crop.size)
+    interp = getattr(resize.interpolation, "value", resize.interpolation)
+    if size is None or resize.max_size is not None or resize.antialias is False or crop_hw[0] != crop_hw[1] \
+            or interp not in ("bilinear", "bicubic") or size < crop_hw[0]:
+        return None
+    return DeviceResize(int(crop_hw[0]), int(size), "shortest_crop", interp)
+
+
+def split_transform(transform: Any, *, resize_on_device: bool = False) -> tuple[HostStage, DeviceStage] | None:
     """Split an image transform into a uint8 :class:`HostStage` and a batched :class:`DeviceStage`.
 
     Handles :class:`Preprocess` (except ``longest_pad``, whose zero padding comes after the
     normalisation) and a torchvision ``Compose`` of PIL steps ending in ``ToTensor`` (or open_clip's
     ``MaybeToTensor``) + ``Normalize``, like open_clip's evaluation transform. Returns None for any
     other transform: it then runs whole in the workers.
+
+    ``resize_on_device``: move the resize and crop too (a :class:`DeviceResize`), so that workers
+    only decode and convert the mode; for ``squash`` / ``shortest_crop`` with bilinear or bicubic
+    resampling, and for a ``Compose`` made of ``Resize(int)``, ``CenterCrop`` and mode conversion.
+    Otherwise the resize stays in the workers.
     """
     from torchvision import transforms as T
 
     if isinstance(transform, Preprocess):
         if transform.resize_mode == "longest_pad":
             return None
-        return HostStage(transform.resize), DeviceStage(tuple(transform.mean), tuple(transform.std), grey=transform.grey)
+        norm = (tuple(transform.mean), tuple(transform.std))
+        if resize_on_device and transform.interpolation in ("bilinear", "bicubic"):
+            resize = DeviceResize(transform.size, transform.resize_to if transform.resize_mode == "shortest_crop" else None,
+                                  transform.resize_mode, transform.interpolation)  # type: ignore[arg-type]
+            return (HostStage(ConvertMode("L" if transform.grey else "RGB"), resize),
+                    DeviceStage(*norm, grey=transform.grey, resize=resize))
+        return HostStage(transform.resize), DeviceStage(*norm, grey=transform.grey)
     if isinstance(transform, T.Compose) and len(transform.transforms) >= 2:
         *pil, to_tensor, norm = transform.transforms
         if type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(norm, T.Normalize) \
                 and not norm.inplace and all(not isinstance(t, (T.ToTensor, T.Normalize)) for t in pil):
             mean, std = tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std)
+            resize = _device_resize_of(pil) if resize_on_device else None
+            if resize is not None and all(_is_mode_conversion(t) for t in pil[2:]):
+                return HostStage(T.Compose(pil[2:]), resize, resize_first=True), DeviceStage(mean, std, resize=resize)
             return HostStage(T.Compose(pil)), DeviceStage(mean, std)
     return None
 
