@@ -38,6 +38,7 @@ encoder's provenance and fingerprint.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -322,6 +323,11 @@ class _SampleStream:
 
     Read batch ``i`` (``batch_size`` positions) goes to worker ``i % num_workers``; each batch is
     taken from Lance by position (``sample_id, image, uri`` only), decoded, augmented and preprocessed.
+
+    For worker processes the plan (``positions``, ``needed``) goes into a file (:meth:`spill`) and
+    the pickled stream carries its path only: the parent writes each worker's pickle into a pipe
+    that the worker reads after its imports, so a pickle larger than the pipe (64 KiB) would make
+    the workers start one after another (0.8 s each on a 16-core GPU machine).
     """
 
     def __init__(self, root: str, samples_version: int, storage_options: dict[str, str] | None,
@@ -335,11 +341,35 @@ class _SampleStream:
         self.make_view = make_view
         self.batch_size = batch_size
         self.views = views
+        self.plan_file: str | None = None
+
+    def spill(self) -> Callable[[], None]:
+        """Write the plan to a temporary file that pickles of this stream refer to; returns the
+        function that removes it."""
+        import pickle
+        import tempfile
+
+        fd, self.plan_file = tempfile.mkstemp(prefix="featurelt-plan-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((self.positions, self.needed), f, protocol=pickle.HIGHEST_PROTOCOL)
+        path = self.plan_file
+        return lambda: os.path.exists(path) and os.remove(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.plan_file is not None:
+            state["positions"] = state["needed"] = None
+        return state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import torch
         from torch.utils.data import get_worker_info
 
+        if self.positions is None:  # in a worker: the plan is in the file
+            import pickle
+
+            with open(self.plan_file, "rb") as f:  # type: ignore[arg-type]
+                self.positions, self.needed = pickle.load(f)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ds = _samples_dataset(self.root, self.samples_version, self.storage_options)
@@ -430,14 +460,25 @@ def _worker_context(make_view: _ViewMaker, *, start: bool = False) -> Any:
     return ctx
 
 
-def _loader(stream: _SampleStream, *, num_workers: int, pin_memory: bool) -> Any:
-    """DataLoader over the stream, ``num_workers`` processes (see :func:`_worker_context`)."""
+def _loader(stream: _SampleStream, *, num_workers: int) -> Iterator[dict[str, Any]]:
+    """The stream's batches through a DataLoader with ``num_workers`` processes (see
+    :func:`_worker_context`); the plan file of the workers is removed when the iteration ends.
+
+    No ``pin_memory``: DataLoader's pinning thread walks every list of a batch in Python (sample
+    ids, views), holding the GIL for about 15 ms a batch; :func:`launch_batch` pins the images only."""
     from torch.utils.data import DataLoader
 
-    ctx = _worker_context(stream.make_view) if num_workers > 0 else None
-    return DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                      persistent_workers=False, multiprocessing_context=ctx)
+    if num_workers == 0:
+        yield from DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=0)
+        return
+    ctx = _worker_context(stream.make_view)
+    stream = copy.copy(stream)
+    remove = stream.spill()
+    try:
+        yield from DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
+                              prefetch_factor=4, persistent_workers=False, multiprocessing_context=ctx)
+    finally:
+        remove()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -478,10 +519,12 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", pro
 
     try:
         with torch.inference_mode():
+            # pinned host memory, so that the copy does not wait for the batch in flight
+            pin = device.startswith("cuda")
             if isinstance(x, torch.Tensor):
-                on_device = x.to(device, non_blocking=True)
+                on_device = (x.pin_memory() if pin else x).to(device, non_blocking=True)
             else:
-                on_device = [t.to(device, non_blocking=True) for t in x]
+                on_device = [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in x]
             if prepare is not None:
                 on_device = prepare(on_device)
             with _autocast(device):
@@ -612,7 +655,7 @@ def _fit_encoder(store: Store, encoder: "Encoder", products: list[str], sets: di
                            make_view, batch_size=batch_size, views=0)
 
     def batches() -> Iterator["torch.Tensor"]:
-        for b in _loader(stream, num_workers=num_workers, pin_memory=False):
+        for b in _loader(stream, num_workers=num_workers):
             if b["x"] is not None:
                 x = b["x"].to(device)
                 yield x if make_view.finish is None else make_view.finish(x)
@@ -956,7 +999,7 @@ class _LocalRun:
         bar = _progress(len(plan.positions), enabled=self.progress, desc=f"extract {self.encoder.name}")
         last_commit = time.perf_counter()
         try:
-            batches = _loader(stream, num_workers=self.num_workers, pin_memory=self.device.startswith("cuda"))
+            batches = _loader(stream, num_workers=self.num_workers)
             for batch, vecs in _encoded(batches, self.encoder, self.products, device=self.device,
                                         prepare=self.make_view.finish):
                 if batch["rejects"]:
@@ -1017,7 +1060,7 @@ def _ray_shard(root: str, storage_options: dict[str, str] | None, samples_versio
         batches: Any = stream
     else:
         encoder.to(device)
-        batches = _loader(stream, num_workers=num_workers, pin_memory=True)
+        batches = _loader(stream, num_workers=num_workers)
     out: dict[str, list[pa.RecordBatch]] = {p: [] for p in products}
     rejects: list[tuple[str, str]] = []
     embedded = 0

@@ -7,6 +7,7 @@ session's ``digits_store`` (ingest + make-lt) is available, one test also runs o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -336,6 +337,44 @@ def test_resize_on_device(store_root: Path) -> None:
                "--limit", "2") == 0
     store.refresh()
     assert json.loads(store.read("embedding_sets", filter="name = 'samdev'")["provenance"][0].as_py())["resize_on"] == "host"
+
+
+def test_workers_get_the_plan_from_a_file(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers the stream pickles small whatever the plan's size (the workers start together),
+    they read the plan from a file, and the file is gone once the iteration ends."""
+    import pickle
+
+    import featurelt.extract as fx
+
+    store = Store(store_root)
+    enc = encoders.build_encoder("pixels")
+    make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0)
+    plan = fx._plan(store, split=None, limit=None, views=0, done={"x": {}})
+    big = fx._SampleStream(store.root, plan.samples_version, None, np.arange(200_000), [(0,)] * 200_000, make_view,
+                           batch_size=4, views=0)
+    assert len(pickle.dumps(big)) > 1_000_000
+    remove = big.spill()
+    assert len(pickle.dumps(big)) < 16_384 < 65_536  # the pipe a worker's pickle goes through
+    again = pickle.loads(pickle.dumps(big))
+    assert again.positions is None and again.plan_file == big.plan_file
+    remove()
+    assert not os.path.exists(big.plan_file)
+
+    seen: list[str] = []
+    spill = fx._SampleStream.spill
+
+    def spy(self):
+        out = spill(self)
+        seen.append(self.plan_file)
+        return out
+
+    stream = fx._SampleStream(store.root, plan.samples_version, None, plan.positions, plan.needed, make_view,
+                              batch_size=4, views=0)
+    monkeypatch.setattr(fx._SampleStream, "spill", spy)
+    ids = [sid for b in fx._loader(stream, num_workers=2) for sid in b["sample_id"]]
+    assert sorted(ids) == sorted(store.read("samples", columns=["sample_id"]).column("sample_id").to_pylist())
+    assert len(seen) == 1 and not os.path.exists(seen[0])
+    assert stream.plan_file is None  # the caller's stream is left as it was
 
 
 def test_workers_give_the_same_rows(store_root: Path) -> None:
