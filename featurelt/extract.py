@@ -8,8 +8,9 @@ Local engine (:func:`extract`)::
 
     samples (sample_id, split) --scan--> todo positions (split filter, --limit, minus rows already
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
-    workers take rows by position, decode + augment + resize / crop to uint8) --> pinned uint8 batch
-    to the device, normalised there (DeviceStage) --> encoder.encode under
+    workers take rows by position, decode + augment + resize / crop to uint8; with
+    ``resize_on="device"``, the default on CUDA, they only decode) --> pinned uint8 batch to the
+    device, resized there if the workers did not, normalised (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
     batch i+1 while the host reads back batch i) --> Arrow batches --> one store
     transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
