@@ -155,7 +155,7 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
                                           make_view, batch_size=batch_size, views=0)
                 t0 = time.perf_counter()
                 first, count = None, 0
-                for b in fx._loader(stream, num_workers=nw):  # noqa: B007
+                for b in fx._loader(stream, num_workers=nw):
                     count += len(b["sample_id"])
                     if first is None:
                         first, first_count = time.perf_counter(), count

@@ -243,10 +243,9 @@ class HostStage:
     def __call__(self, img: Any) -> Tensor:
         import numpy as np
 
-        if self.resize is None:
-            img = self.pil_steps(img)
-        elif img.width * img.height > self.resize.max_pixels or (self.resize_first and img.mode not in ("RGB", "L")):
-            img = self.pil_steps(self.resize.pil(img)) if self.resize_first else self.resize.pil(self.pil_steps(img))
+        r = self.resize
+        if r is not None and (img.width * img.height > r.max_pixels or (self.resize_first and img.mode not in ("RGB", "L"))):
+            img = self.pil_steps(r.pil(img)) if self.resize_first else r.pil(self.pil_steps(img))
         else:
             img = self.pil_steps(img)
         a = np.asarray(img, dtype=np.uint8)
