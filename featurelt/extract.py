@@ -14,7 +14,8 @@ Local engine (:func:`extract`)::
     torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
     batch i+1 while the host reads back batch i) --> Arrow batches --> one store
     transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
-    the last commit (bounded loss on a kill, and few commits when the encoder is fast)
+    the last commit (bounded loss on a kill, and few commits when the encoder is fast), written in a
+    background thread while the next chunk is encoded
 
 Each chunk is its own store transaction, so Ctrl-C or ``kill -9`` keeps every committed chunk and
 leaves the store valid; re-running the same command reads ``sample_id, view`` of the rows that
@@ -46,6 +47,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -964,7 +966,12 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
 
 
 class _LocalRun:
-    """The local engine: a DataLoader over the plan, chunked commits."""
+    """The local engine: a DataLoader over the plan, chunked commits.
+
+    A chunk is committed in a background thread while the next one is encoded (Lance writes
+    release the GIL; a chunk of 16,384 x 512 float32 rows takes about 0.22 s to write on cpu2, which
+    a GPU would otherwise sit out). At most one commit is in flight, chunks commit in order, and an
+    interrupted run waits for the commit in flight, so the store keeps every chunk handed over."""
 
     def __init__(self, store: Store, encoder: "Encoder", products: list[str], sets: dict[str, str],
                  fingerprints: dict[str, str], done: dict[str, dict[str, set[int]]], plan: _Plan,
@@ -977,9 +984,11 @@ class _LocalRun:
         self.commit_seconds = commit_seconds
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
-                record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> int:
-        """One chunk = one store transaction (with the run's provenance rows). Returns text rows written."""
+                record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> tuple[int, bool]:
+        """One chunk = one store transaction (with the run's provenance rows). Returns the text rows
+        written and whether a store version was made."""
         text_rows = 0
+        before = self.store.version
         with self.store.transaction(self.message) as tx:
             for p, batches in pending.items():
                 if batches:
@@ -987,7 +996,7 @@ class _LocalRun:
             if rejects:
                 tx.append("rejects", _rejects_table(rejects, self.message))
             text_rows = record(tx, added)
-        return text_rows
+        return text_rows, self.store.version != before
 
     def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
         plan = self.plan
@@ -999,6 +1008,17 @@ class _LocalRun:
         chunk_samples = embedded = rejected = chunks = text_rows = 0
         bar = _progress(len(plan.positions), enabled=self.progress, desc=f"extract {self.encoder.name}")
         last_commit = time.perf_counter()
+        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurelt-commit")
+        in_flight: Future[tuple[int, bool]] | None = None
+
+        def landed() -> None:  # wait for the commit in flight (raising its error) and count it
+            nonlocal in_flight, text_rows, chunks
+            if in_flight is not None:
+                written, made = in_flight.result()
+                in_flight = None
+                text_rows += written
+                chunks += int(made)
+
         try:
             batches = _loader(stream, num_workers=self.num_workers)
             for batch, vecs in _encoded(batches, self.encoder, self.products, device=self.device,
@@ -1019,18 +1039,19 @@ class _LocalRun:
                 bar.update(batch["samples"])
                 if chunk_samples >= self.chunk_rows or (
                         chunk_samples and time.perf_counter() - last_commit >= self.commit_seconds):
-                    before = self.store.version
-                    text_rows += self._commit(pending, rejects, record, added)
-                    chunks += int(self.store.version != before)
+                    landed()
+                    in_flight = committer.submit(self._commit, pending, rejects, record, added)
                     pending = {p: [] for p in self.products}
                     rejects = []
                     chunk_samples = 0
                     last_commit = time.perf_counter()
+            landed()
             if any(pending.values()) or rejects or chunks == 0:  # chunks == 0: the text rows may be new
-                before = self.store.version
-                text_rows += self._commit(pending, rejects, record, added)
-                chunks += int(self.store.version != before)
+                written, made = self._commit(pending, rejects, record, added)
+                text_rows += written
+                chunks += int(made)
         finally:
+            committer.shutdown(wait=True)  # an interrupted run still lands the chunk it handed over
             bar.close()
         return added, embedded, rejected, chunks, text_rows
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -228,6 +229,45 @@ def test_commit_every_chunk_rows_or_commit_seconds(store_root: Path) -> None:
     assert store.read("embedding_sets", filter="name = 'by_time'").column("rows").to_pylist() == [n]
     with pytest.raises(ValueError, match="commit_seconds"):
         extract(store, "pixels", name="bad", commit_seconds=-1, device="cpu", progress=False)
+
+
+def test_commits_run_beside_the_encoding(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk is committed in a background thread while later batches are encoded; chunks land in
+    order, and the run's rows and provenance are complete."""
+    import threading
+
+    import featurelt.extract as fx
+    from featurelt.extract import extract
+
+    events: list[tuple[str, float, str]] = []
+    real_commit, real_launch = fx._LocalRun._commit, fx.launch_batch
+
+    def slow_commit(self, pending, *args, **kwargs):
+        events.append(("commit start", time.perf_counter(), threading.current_thread().name))
+        time.sleep(0.3)
+        out = real_commit(self, pending, *args, **kwargs)
+        events.append(("commit end", time.perf_counter(), threading.current_thread().name))
+        return out
+
+    def launch(*args, **kwargs):
+        events.append(("launch", time.perf_counter(), threading.current_thread().name))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(fx._LocalRun, "_commit", slow_commit)
+    monkeypatch.setattr(fx, "launch_batch", launch)
+    store = Store(store_root)
+    n = K * PER_CLASS
+    res = extract(store, "pixels", name="bg", batch_size=4, chunk_rows=8, device="cpu", progress=False)
+    assert res.chunks == n // 8 and res.rows_added == {"pixels": n}
+    starts = [e for e in events if e[0] == "commit start"]
+    ends = [e for e in events if e[0] == "commit end"]
+    assert starts[0][2].startswith("featurelt-commit")  # not the main thread
+    launches_during_first = [e for e in events if e[0] == "launch" and starts[0][1] < e[1] < ends[0][1]]
+    assert launches_during_first  # batches were encoded while the first chunk was being written
+    assert all(a[1] >= b[1] for a, b in zip(starts[1:], ends))  # one commit at a time, in order
+    store.refresh()
+    assert store.read("embedding_sets", filter="name = 'bg'").column("rows").to_pylist() == [n]
+    assert sorted(_ids(store, "emb_bg")) == sorted(_ids(store, "samples", where="true"))
 
 
 def test_split_limit_and_missing_split(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
