@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                    help="images per encoder forward pass (default 64; halved automatically on CUDA out-of-memory)")
     p.add_argument("--num-workers", type=non_negative_int, default=None, metavar="N",
-                   help="DataLoader worker processes that read, decode and resize images (default: 0 on CPU, "
+                   help="DataLoader worker processes that read and decode images, and resize them with --resize-on host "
+                   "(default: 0 on CPU, "
                    "where the encoder uses the cores; min(8, cores - 1) on CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the encoder runs (default auto: cuda when available, else cpu)")
