@@ -523,6 +523,27 @@ def test_device_stage_on_cuda_is_bit_identical() -> None:
 
 
 @pytest.mark.gpu
+def test_device_stages_do_not_make_the_host_wait() -> None:
+    """DeviceResize + DeviceStage on CUDA queue work without synchronising (a host-to-device copy of
+    a Python list would wait for the batch in flight): torch's sync debug mode turns a sync into an error."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from featurelt.encoders.base import DeviceResize, DeviceStage
+
+    stage = DeviceStage((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), resize=DeviceResize(32, 36, "shortest_crop", "bicubic"))
+    batch = torch.randint(0, 256, (4, 3, 40, 50), dtype=torch.uint8).cuda()
+    images = [im.cuda() for im in (torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8),
+                                   torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8))]
+    stage(batch), stage(images)  # first call: the per-device constants are made (one copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stage(batch), stage(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_device_resize_on_cuda_matches_cpu() -> None:
     """The GPU resize gives the CPU one's grey levels, up to 1 where float rounding lands on a half."""
     if not torch.cuda.is_available():

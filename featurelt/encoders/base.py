@@ -23,7 +23,7 @@ when asked for with ``untrained=True`` (benchmarks, tests) and are recorded as `
 from __future__ import annotations
 
 import abc
-
+import functools
 import hashlib
 import json
 import os
@@ -322,11 +322,13 @@ class DeviceResize:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(tuple(im.shape), []).append(i)
-        first = images[0]
-        out = torch.empty((len(images), first.shape[0], self.size, self.size), dtype=torch.float32, device=first.device)
+        done: list[Tensor] = [images[0]] * len(images)
         for idx in groups.values():
-            out[idx] = self._one_size(torch.stack([images[i] for i in idx]))
-        return out
+            for i, row in zip(idx, self._one_size(torch.stack([images[i] for i in idx]))):
+                done[i] = row
+        # one stack back in the input order (indexing the output with a list of positions would copy
+        # that list to the GPU and make the host wait for the batch in flight)
+        return torch.stack(done)
 
 
 @dataclass(frozen=True)
@@ -359,9 +361,14 @@ class DeviceStage:
         x = x.to(torch.float32).div(torch.full((), 255.0, device=x.device))
         if self.grey:
             x = x.expand(-1, 3, -1, -1)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return x.sub(mean).div(std)
+        return x.sub(_channel_constants(self.mean, str(x.device))).div(_channel_constants(self.std, str(x.device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(values: tuple[float, ...], device: str) -> Tensor:
+    """``values`` as a float32 ``[1, C, 1, 1]`` tensor on ``device``, made once per device: copying
+    it from the host for every batch would make the host wait for the batch in flight on CUDA."""
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
 
 
 def _is_mode_conversion(step: Any) -> bool:
