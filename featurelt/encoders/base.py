@@ -347,15 +347,16 @@ class DeviceStage:
     resize: DeviceResize | None = None
 
     def __call__(self, x: Tensor | Sequence[Tensor]) -> Tensor:
-        parts = [x] if isinstance(x, Tensor) else list(x)
-        if not parts or any(t.dtype != torch.uint8 or t.ndim != (4 if isinstance(x, Tensor) else 3) for t in parts):
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else f"{len(parts)} images"
-            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or a list of uint8 [C, H, W] images "
-                            f"with resize), got {got}")
+        if isinstance(x, Tensor):
+            ok, got = x.dtype == torch.uint8 and x.ndim == 4, f"{x.dtype} {tuple(x.shape)}"
+        else:  # images of different sizes: only a resizing stage can batch them
+            ok = self.resize is not None and len(x) > 0 and all(t.dtype == torch.uint8 and t.ndim == 3 for t in x)
+            got = f"a list of {len(x)} images" + ("" if self.resize is not None else " (and no resize)")
+        if not ok:
+            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or, with resize, a list of uint8 "
+                            f"[C, H, W] images), got {got}")
         if self.resize is not None:
             x = self.resize(x)  # whole numbers 0..255 in float32: the division below is the same
-        elif not isinstance(x, Tensor):
-            raise TypeError("DeviceStage without resize expects one uint8 [B, C, H, W] batch, got a list")
         # divide by a tensor on x's device: CUDA turns division by a Python number into a multiplication by
         # its reciprocal (1 ulp off for half of the 256 values); this is the exact division to_tensor does
         x = x.to(torch.float32).div(torch.full((), 255.0, device=x.device))

@@ -429,8 +429,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     t0 = time.perf_counter()
     sampler_cls = SAMPLERS.get(cfg.sampler)
     HEADS.get(cfg.head), LOSSES.get(cfg.loss)  # fail on unknown names before reading features
-    # the FeatureSet is not kept: once the features are placed, only TrainData holds them
-    data, _, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
+    data, train, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
+    del train  # once the features are placed, only TrainData holds them (the host copy can go)
     evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split, stream=cfg.stream_features)
     keep = (evalset.source == "original") & (evalset.labels < data.num_target)
     if not keep.any():
