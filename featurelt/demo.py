@@ -284,7 +284,7 @@ def run_demo(store_path: str | Path, *, dataset: Dataset = "auto", out_dir: str 
     pipe.run("re-run", ["train-head", *rerun_argv])
     rerun_seconds = time.perf_counter() - t0
     rerun_id = next((r for r in _run_ids(store_path) if r not in before), None)
-    print(f"\nre-trained {rerun_label} from the cached features in {rerun_seconds:.1f} s (run {rerun_id}) vs "
+    print(f"\nre-trained {rerun_label} from the cached features in {rerun_seconds:.3f} s (run {rerun_id}) vs "
           f"full pipeline {pipeline_seconds:.1f} s (ingest + make-lt + extract + sweep): "
           f"{pipeline_seconds / max(rerun_seconds, 1e-9):.0f}x faster; no encoder ran again")
     if rerun_id is not None:

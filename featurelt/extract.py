@@ -9,7 +9,8 @@ Local engine (:func:`extract`)::
     samples (sample_id, split) --scan--> todo positions (split filter, --limit, minus rows already
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
     workers take rows by position, decode + augment + resize / crop to uint8; with
-    ``resize_on="device"``, the default on CUDA, they only decode) --> pinned uint8 batch to the
+    ``resize_on="device"``, the default on CUDA, they only decode: plain PNG / JPEG straight to a
+    tensor by torchvision, other files through PIL) --> pinned uint8 batch to the
     device, resized there if the workers did not, normalised (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
     batch i+1 while the host reads back batch i) --> Arrow batches --> one store
@@ -275,6 +276,12 @@ class _ViewMaker:
         self.augment = augment
         self.seed = seed
 
+    def from_bytes(self, data: bytes | None, needed: tuple[int, ...]) -> "torch.Tensor | None":
+        """View 0 straight from the encoded bytes when that is all a sample needs and the host stage
+        can skip PIL (:meth:`~featurelt.encoders.base.HostStage.from_bytes`), else None."""
+        from_bytes = getattr(self.preprocess, "from_bytes", None)
+        return from_bytes(data) if from_bytes is not None and data is not None and needed == (0,) else None
+
     def __call__(self, img: Any, sample_id: str, view: int) -> "torch.Tensor":
         if view == 0:
             return self.preprocess(img)
@@ -302,8 +309,12 @@ def _decode_rows(table: pa.Table, needed: Sequence[tuple[int, ...]], make_view: 
     for row, want in zip(rows, needed):
         sid = row["sample_id"]
         try:
-            img = load_sample_image(row)
-            made = [(v, make_view(img, sid, v)) for v in want]
+            direct = make_view.from_bytes(row["image"], want)
+            if direct is not None:
+                made = [(0, direct)]
+            else:
+                img = load_sample_image(row)
+                made = [(v, make_view(img, sid, v)) for v in want]
         except Exception as exc:  # a bad image must not stop the run: it goes to `rejects`
             rejects.append((sid, f"{type(exc).__name__}: {exc}"))
             continue
@@ -463,6 +474,12 @@ def _worker_context(make_view: _ViewMaker, *, start: bool = False) -> Any:
     return ctx
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader's collate function here: batches are made by the stream (the default walks every
+    list of a batch, sample ids included, converting nothing)."""
+    return batch
+
+
 def _loader(stream: _SampleStream, *, num_workers: int) -> Iterator[dict[str, Any]]:
     """The stream's batches through a DataLoader with ``num_workers`` processes (see
     :func:`_worker_context`); the plan file of the workers is removed when the iteration ends.
@@ -472,14 +489,15 @@ def _loader(stream: _SampleStream, *, num_workers: int) -> Iterator[dict[str, An
     from torch.utils.data import DataLoader
 
     if num_workers == 0:
-        yield from DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=0)
+        yield from DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=0, collate_fn=_as_is)
         return
     ctx = _worker_context(stream.make_view)
     stream = copy.copy(stream)
     remove = stream.spill()
     try:
         yield from DataLoader(__getattr__("_TorchStream")(stream), batch_size=None, num_workers=num_workers,
-                              prefetch_factor=4, persistent_workers=False, multiprocessing_context=ctx)
+                              collate_fn=_as_is, prefetch_factor=4, persistent_workers=False,
+                              multiprocessing_context=ctx)
     finally:
         remove()
 
@@ -824,7 +842,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
     ``resize_on``: where images are resized and cropped; ``host`` (PIL, in the workers) or ``device``
     (:class:`~featurelt.encoders.base.DeviceResize` on the encoder's device, within 2 grey levels of
-    PIL; workers then only decode, which is what keeps a GPU fed); ``auto``: ``device`` on CUDA.
+    PIL; workers then only decode, which is what keeps a GPU fed); ``auto``: ``device`` on CUDA, ``host``
+    on the CPU (PIL's resize beats ``interpolate`` there for 224 px inputs; ``device`` wins for small ones).
     Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
     """

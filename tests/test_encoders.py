@@ -18,7 +18,7 @@ from featurelt.encoders import (
     build_text_encoder,
     list_encoders,
 )
-from featurelt.encoders.base import checkpoint_sha256, load_templates
+from featurelt.encoders.base import checkpoint_sha256, load_templates, split_transform
 
 REQUIRED = {"clip:tiny", "sam:vit_b", "sam:vit_l", "sam:vit_h", "sam:tiny", "dinov2:small", "dinov2:base",
             "dinov2:large", "dinov2:giant", "dinov2:tiny", "pixels", "text:minilm", CLIP_FAMILY}
@@ -247,6 +247,81 @@ def test_device_resize_is_within_two_grey_levels_of_pil(name: str) -> None:
     hb = host(big)
     assert tuple(hb.shape[1:]) == resize.output_size(side, side + 9)
     assert torch.equal(dev([hb]), enc.preprocess(big)[None])
+
+
+def _encoded(img: Image.Image, **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, **save)
+    return buf.getvalue()
+
+
+def _files() -> dict[str, tuple[bytes, bool]]:
+    """Encoded images: ``{case: (bytes, whether torchvision may decode it in place of PIL)}``."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:37, 0:53]
+    smooth = Image.fromarray(np.stack([127 + 120 * np.sin(xx / 5 + c) * np.cos(yy / 9) for c in range(3)], -1)
+                             .astype(np.uint8))
+    noisy = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    return {
+        "png rgb": (_encoded(noisy, format="PNG"), True),
+        "png grey": (_encoded(noisy.convert("L"), format="PNG"), True),
+        "png interlaced": (_encoded(noisy, format="PNG", interlace=1), True),
+        "jpeg 4:2:0": (_encoded(smooth, format="JPEG", quality=90), True),
+        "jpeg 4:4:4": (_encoded(smooth, format="JPEG", quality=95, subsampling=0), True),
+        "jpeg progressive": (_encoded(smooth, format="JPEG", progressive=True), True),
+        "jpeg grey": (_encoded(smooth.convert("L"), format="JPEG"), True),
+        "png palette": (_encoded(noisy.convert("P"), format="PNG"), False),
+        "png rgba": (_encoded(noisy.convert("RGBA"), format="PNG"), False),
+        "png 16-bit": (_encoded(Image.fromarray(rng.integers(0, 65535, (20, 30)).astype(np.uint16)), format="PNG"),
+                       False),
+        "jpeg cmyk": (_encoded(smooth.convert("CMYK"), format="JPEG"), False),
+        "bmp": (_encoded(noisy, format="BMP"), False),
+        "gif": (_encoded(noisy.convert("P"), format="GIF"), False),
+    }
+
+
+def test_plain_image_size_reads_png_and_jpeg_headers() -> None:
+    from featurelt.data.images import decode_bytes, decode_rgb_tensor, plain_image_size
+
+    for case, (data, plain) in _files().items():
+        size = plain_image_size(data)
+        assert (size is not None) == plain, case
+        if plain:
+            ref = decode_bytes(data)
+            assert size == ref.size, case
+            out = decode_rgb_tensor(data)
+            assert out.dtype == torch.uint8 and torch.equal(
+                out, torch.from_numpy(np.array(ref.convert("RGB"))).permute(2, 0, 1)), case  # PIL's pixels
+    assert plain_image_size(b"") is None and plain_image_size(b"\xff\xd8\xff") is None
+    assert plain_image_size(b"not an image at all") is None
+
+
+@pytest.mark.parametrize("name", OFFLINE_IMAGE)
+def test_host_stage_from_bytes_equals_the_pil_route(name: str) -> None:
+    """With the resize on the device, plain PNG / JPEG files skip PIL (torchvision decodes them) and
+    give exactly what the PIL route gives; everything else (and a stage that does not convert to
+    RGB) returns None and goes through PIL."""
+    from featurelt.data.images import decode_bytes
+
+    enc = _build(name)
+    stages = split_transform(enc.transform, resize_on_device=True) if enc.family != "sam" else None
+    host = stages[0] if stages else None
+    if host is None:
+        return
+    assert host.to_rgb == (host(Image.new("L", (9, 9))).shape[0] == 3)  # pixels: grey
+    assert split_transform(enc.transform)[0].from_bytes(_files()["png rgb"][0]) is None  # resize on the host: PIL
+    files = _files()
+    side = int(host.resize.max_pixels ** 0.5) + 1  # over max_pixels: PIL resizes it in the worker
+    files["png over max_pixels"] = (_encoded(Image.new("RGB", (side, side), (9, 99, 199)), format="PNG"), False)
+    png = files["png rgb"][0]
+    files["png truncated"] = (png[:len(png) // 2], False)  # the header parses, the pixels do not
+    for case, (data, plain) in files.items():
+        out = host.from_bytes(data)
+        assert (out is not None) == (plain and host.to_rgb), case
+        if out is not None:
+            assert torch.equal(out, host(decode_bytes(data).convert("RGB"))), case
 
 
 def test_device_resize_by_hand() -> None:

@@ -379,6 +379,35 @@ def test_resize_on_device(store_root: Path) -> None:
     assert json.loads(store.read("embedding_sets", filter="name = 'samdev'")["provenance"][0].as_py())["resize_on"] == "host"
 
 
+def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the resize on the device, the worker decodes plain PNG / JPEG files with torchvision, not
+    PIL: the rows are bit-identical to the PIL route's, and a damaged file is still rejected with
+    PIL's reason."""
+    from featurelt.encoders.base import HostStage
+
+    store = Store(store_root)
+    sid = _add_corrupt(store)
+    direct: list[bool] = []
+    real = HostStage.from_bytes
+
+    def spy(self: HostStage, data: bytes) -> torch.Tensor | None:
+        out = real(self, data)
+        direct.append(out is not None)
+        return out
+
+    monkeypatch.setattr(HostStage, "from_bytes", spy)
+    assert run(store_root, "clip:tiny", "--name", "direct", "--resize-on", "device") == 0
+    assert len(direct) == K * PER_CLASS + 1 and sum(direct) == K * PER_CLASS  # all but the damaged file
+    monkeypatch.setattr(HostStage, "from_bytes", lambda self, data: None)
+    assert run(store_root, "clip:tiny", "--name", "pil", "--resize-on", "device") == 0
+    store.refresh()
+    a, b = (store.read(f"emb_{n}").sort_by("sample_id") for n in ("direct", "pil"))
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist() and a.num_rows == K * PER_CLASS
+    assert np.array_equal(np.asarray(a.column("vector").to_pylist()), np.asarray(b.column("vector").to_pylist()))
+    rej = store.read("rejects").to_pylist()
+    assert [r["sample_id"] for r in rej] == [sid, sid] and all("cannot decode" in r["reason"] for r in rej)
+
+
 def test_workers_get_the_plan_from_a_file(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With workers the stream pickles small whatever the plan's size (the workers start together),
     they read the plan from a file, and the file is gone once the iteration ends."""
