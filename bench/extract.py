@@ -7,7 +7,7 @@ For each encoder, in the same process and run:
   batches of ``--batch-size``; img/s. The tensor holds the first ``--baseline-images`` images (a
   float32 224 px image is 0.6 MB) and the forward cycles through it until it has encoded as many
   images as extract does.
-* **extract**: :func:`featurelt.extract.extract` on a store holding those images as PNG bytes --
+* **extract**: :func:`featurelt.extract.extract` on a store holding those images as PNG (or JPEG, ``--format``) bytes --
   read from Lance, decode + preprocess in DataLoader workers, encode, write Arrow batches and commit;
   img/s over the embedding loop (``ExtractResult.seconds``) and over the whole call (encoder build
   and planning included). Each run writes a fresh embedding set, so nothing is skipped.
@@ -46,12 +46,24 @@ from featurelt.store import Store
 SECTION = "## bench/extract.py"
 
 
-def make_store(root: Path, n: int, size: int, seed: int = 0) -> Store:
-    """A store with ``n`` random ``size``x``size`` RGB PNG samples (split train)."""
+def encode_jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes (PIL, 4:2:0) of a HxWx3 uint8 array."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_store(root: Path, n: int, size: int, seed: int = 0, image_format: str = "png") -> Store:
+    """A store with ``n`` random ``size``x``size`` RGB samples (split train), PNG or JPEG (quality 90)."""
     rng = np.random.default_rng(seed)
+    encode = encode_png if image_format == "png" else encode_jpeg
     rows = []
     for i in range(n):
-        data = encode_png(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+        data = encode(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
         rows.append({"sample_id": sample_id_for(data) + f"{i:06d}", "dataset": "bench", "split": "train",
                      "label": i % 10, "source": "original", "uri": None, "image": data,
                      "content_sha256": sha256_hex(data), "width": size, "height": size, "description": None})
@@ -170,7 +182,7 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
 
 
 def host_markdown(rows: list[dict]) -> str:
-    lines = ["Host side alone (`--host-workers`): Lance take + PNG decode (+ resize/crop, except for 'decoded', "
+    lines = ["Host side alone (`--host-workers`): Lance take + image decode (+ resize/crop, except for 'decoded', "
              "which leaves it to the device) in DataLoader workers, no encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
              "start-up; the first loader of a process also starts the fork server).", "",
              "| encoder | handover | workers | images | img/s (steady) | first batch (s) |", "|---|---|---|---|---|---|"]
@@ -185,7 +197,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
     lines = [SECTION, "",
              f"Machine: {machine}. Command: `{cmd}`. Median of {args.runs} runs; each run: baseline forward over "
              f"the in-memory preprocessed tensor before and after `extract()` into a fresh set from the store "
-             f"(random {args.size}x{args.size} PNGs; `images` per encoder). Ratio = extract / forward (target >= 0.85); "
+             f"(random {args.size}x{args.size} {args.image_format.upper()}s; `images` per encoder). Ratio = extract / forward (target >= 0.85); "
              "`loop` times the embedding loop (read, decode, preprocess, encode, write, commit), `call` the "
              "whole call (encoder build and planning too). img/s columns are medians over runs; ratios are the "
              "median of the per-run ratios.", "",
@@ -217,7 +229,9 @@ def replace_section(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256, help="number of images in the benchmark store (default 256)")
-    p.add_argument("--size", type=int, default=64, help="side of the random PNG images in pixels (default 64)")
+    p.add_argument("--size", type=int, default=64, help="side of the random images in pixels (default 64)")
+    p.add_argument("--format", dest="image_format", choices=["png", "jpeg"], default="png",
+                   help="how the images are stored (default png; jpeg: quality 90, 4:2:0, as most photo data sets)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both measurements (default 64)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers for extract (default: featurelt's, 0 on cpu, min(8, cores - 1) on cuda)")
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
         wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]
-        store = make_store(Path(tmp) / "store", max(n for _, n in wanted), args.size)
+        store = make_store(Path(tmp) / "store", max(n for _, n in wanted), args.size, image_format=args.image_format)
         for name, n in wanted if args.runs else []:  # --runs 0: the host side only
             untrained = not name.endswith(":tiny") and not name.startswith("pixels")
             row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -270,9 +270,9 @@ class HostStage:
             img = self.pil_steps(r.pil(img)) if self.resize_first else r.pil(self.pil_steps(img))
         else:
             img = self.pil_steps(img)
-        a = np.asarray(img, dtype=np.uint8)
+        a = np.asarray(img, dtype=np.uint8)  # read-only, over PIL's bytes
         a = a[:, :, None] if a.ndim == 2 else a
-        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()  # what to_tensor does, minus the float cast
+        return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))  # one copy, to_tensor's layout minus the float cast
 
 
 def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
