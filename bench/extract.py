@@ -143,7 +143,7 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
     return {"encoder": name + (" (random weights)" if untrained else ""), "images": n, "batch": batch_size,
             "workers": num_workers, "device": dev, "resize_on": resize_on, "forward": f, "extract_loop": lo, "extract_call": ca,
             "ratio_loop": statistics.median(ratios_loop), "ratio_call": statistics.median(ratios_call), "runs": runs,
-            "all_forward": fwd, "all_loop": e2e_loop}
+            "all_forward": fwd, "all_loop": e2e_loop, "stages": res.times.summary(dev) if runs else ""}
 
 
 def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers: list[int], untrained: bool,
@@ -209,6 +209,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
         lines.append(f"| {r['encoder']} | {r['device']} | {resize} | {r['images']} | {r['batch']} | {r['workers']} | "
                      f"{r['forward']:.1f} | {r['extract_loop']:.1f} | {r['ratio_loop']:.2f} | "
                      f"{r['extract_call']:.1f} | {r['ratio_call']:.2f} |")
+    lines += [""] + [f"- {r['encoder']}, last run's {r['stages']}" for r in rows if r["stages"]]
     lines += ["", f"Peak RSS: {rss[0]:.0f} MiB (this process: both encoders, the in-memory tensors and the extract "
               f"runs), {rss[1]:.0f} MiB (largest child process).", ""]
     return "\n".join(lines) + "\n"
@@ -273,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row['encoder']}: forward {row['forward']:.1f} img/s, extract loop {row['extract_loop']:.1f} img/s "
                   f"(ratio {row['ratio_loop']:.2f}), call {row['extract_call']:.1f} img/s (ratio {row['ratio_call']:.2f}); "
-                  f"runs forward={['%.1f' % v for v in row['all_forward']]} loop={['%.1f' % v for v in row['all_loop']]}",
-                  flush=True)
+                  f"runs forward={['%.1f' % v for v in row['all_forward']]} loop={['%.1f' % v for v in row['all_loop']]}; "
+                  f"last run's {row['stages']}", flush=True)
         host = []
         if args.host_workers:
             for name, n in wanted:

@@ -49,7 +49,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -75,6 +75,31 @@ AUGMENTS = ("randaugment",)
 
 
 @dataclass
+class LoopTimes:
+    """Seconds the local engine's main thread spent in each stage of the embedding loop: where a
+    slow run waits. On CUDA the GPU encodes during ``images`` and ``rows``; a GPU that is kept busy
+    shows as ``device`` time, a starved one as ``images`` time."""
+
+    images: float = 0.0  # waiting for the next batch of images (DataLoader workers; with none, the decoding itself)
+    launch: float = 0.0  # handing a batch to the device and queuing its work (on the CPU: the whole forward)
+    device: float = 0.0  # waiting for the device to finish a batch (CUDA)
+    rows: float = 0.0    # turning the outputs into Arrow rows
+    commit: float = 0.0  # waiting for a chunk commit (they run in a background thread) and the last commit
+
+    def shares(self) -> dict[str, float]:
+        """Each stage's fraction of their sum."""
+        total = sum(vars(self).values())
+        return {k: (v / total if total > 0 else 0.0) for k, v in vars(self).items()}
+
+    def summary(self, device: str) -> str:
+        line = "loop time: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in self.shares().items())
+        if device.startswith("cuda") and self.shares()["images"] > 0.3:
+            line += (" (the GPU waited for images: more --num-workers, --resize-on device, or a faster image "
+                     "format would feed it)")
+        return line
+
+
+@dataclass
 class ExtractResult:
     """What one extraction run did."""
 
@@ -90,6 +115,11 @@ class ExtractResult:
     device: str = "cpu"
     text_rows: int = 0  # class text embeddings written (clip text tower / text encoders)
     notes: list[str] = field(default_factory=list)
+    times: LoopTimes | None = None  # local engine only
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields, ``images_per_second`` and the loop's stage seconds."""
+        return {**asdict(self), "images_per_second": self.images_per_second}
 
     @property
     def images_per_second(self) -> float:
@@ -104,6 +134,8 @@ class ExtractResult:
                 f"(already embedded), {self.rejected} rejected; store version {self.store_version}")
         if self.text_rows:
             line += f"; {self.text_rows} class text embeddings"
+        if self.times is not None and self.samples_embedded:
+            line += "\n" + self.times.summary(self.device)
         return line
 
 
@@ -578,21 +610,37 @@ def encode_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", pro
 
 
 def _encoded(batches: Iterable[dict[str, Any]], encoder: "Encoder", products: list[str], *, device: str,
-             prepare: Callable[[Any], "torch.Tensor"] | None
+             prepare: Callable[[Any], "torch.Tensor"] | None, times: LoopTimes | None = None
              ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray] | None]]:
     """``(batch, {product: vectors})`` for each loader batch, in order (None where the batch has no
     images left). One batch stays in flight: batch i+1 is launched before the outputs of batch i are
     read back, so on CUDA the GPU encodes while the host turns the previous batch into Arrow rows,
-    commits and waits for the loader."""
+    commits and waits for the loader. ``times`` accumulates the images / launch / device seconds."""
+    times = times if times is not None else LoopTimes()
+    clock = time.perf_counter
     held: tuple[dict[str, Any], EncodedBatch | None] | None = None
-    for batch in batches:
+    source = iter(batches)
+    while True:
+        t0 = clock()
+        batch = next(source, None)
+        t1 = clock()
+        times.images += t1 - t0
+        if batch is None:
+            break
         job = None if batch["x"] is None else launch_batch(encoder, batch["x"], products, device=device,
                                                            prepare=prepare)
+        t2 = clock()
+        times.launch += t2 - t1
         if held is not None:
-            yield held[0], held[1].result() if held[1] is not None else None
+            out = held[1].result() if held[1] is not None else None
+            times.device += clock() - t2
+            yield held[0], out
         held = (batch, job)
     if held is not None:
-        yield held[0], held[1].result() if held[1] is not None else None
+        t0 = clock()
+        out = held[1].result() if held[1] is not None else None
+        times.device += clock() - t0
+        yield held[0], out
 
 
 def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[float], fingerprint: str,
@@ -981,7 +1029,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     if text is not None and text[0] is None:
         notes.append(f"class text embeddings '{text[3]}' already present")
     return ExtractResult(encoder_name, sets, added, embedded, plan.skipped, rejected, chunks, store.version, seconds,
-                         device=run_device, text_rows=text_rows, notes=notes)
+                         device=run_device, text_rows=text_rows, notes=notes, times=runner.times)
 
 
 class _LocalRun:
@@ -1001,6 +1049,7 @@ class _LocalRun:
         self.dtype, self.views, self.batch_size, self.num_workers = dtype, views, batch_size, num_workers
         self.device, self.strict, self.chunk_rows, self.progress, self.message = device, strict, chunk_rows, progress, message
         self.commit_seconds = commit_seconds
+        self.times: LoopTimes | None = None  # set by the local engine's run
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
                 record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> tuple[int, bool]:
@@ -1029,11 +1078,15 @@ class _LocalRun:
         last_commit = time.perf_counter()
         committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurelt-commit")
         in_flight: Future[tuple[int, bool]] | None = None
+        times = self.times = LoopTimes()
+        clock = time.perf_counter
 
         def landed() -> None:  # wait for the commit in flight (raising its error) and count it
             nonlocal in_flight, text_rows, chunks
             if in_flight is not None:
+                t0 = clock()
                 written, made = in_flight.result()
+                times.commit += clock() - t0
                 in_flight = None
                 text_rows += written
                 chunks += int(made)
@@ -1041,7 +1094,8 @@ class _LocalRun:
         try:
             batches = _loader(stream, num_workers=self.num_workers)
             for batch, vecs in _encoded(batches, self.encoder, self.products, device=self.device,
-                                        prepare=self.make_view.finish):
+                                        prepare=self.make_view.finish, times=times):
+                t_rows = clock()
                 if batch["rejects"]:
                     if self.strict:
                         sid, reason = batch["rejects"][0]
@@ -1056,6 +1110,7 @@ class _LocalRun:
                 embedded += batch["embedded"]
                 chunk_samples += batch["samples"]
                 bar.update(batch["samples"])
+                times.rows += clock() - t_rows
                 if chunk_samples >= self.chunk_rows or (
                         chunk_samples and time.perf_counter() - last_commit >= self.commit_seconds):
                     landed()
@@ -1066,7 +1121,9 @@ class _LocalRun:
                     last_commit = time.perf_counter()
             landed()
             if any(pending.values()) or rejects or chunks == 0:  # chunks == 0: the text rows may be new
+                t0 = clock()
                 written, made = self._commit(pending, rejects, record, added)
+                times.commit += clock() - t0
                 text_rows += written
                 chunks += int(made)
         finally:

@@ -534,6 +534,60 @@ def test_one_batch_in_flight_keeps_order(monkeypatch: pytest.MonkeyPatch) -> Non
     assert list(fx._encoded([], None, ["p"], device="cpu", prepare=None)) == []
 
 
+def test_loop_times_count_the_waits_of_each_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_encoded adds the loader wait to ``images``, the launch to ``launch`` and the wait for a
+    result to ``device``; the consumer's own time between batches goes to none of them."""
+    import featurelt.extract as fx
+
+    class Job:
+        def result(self) -> dict[str, np.ndarray]:
+            time.sleep(0.03)
+            return {"p": np.zeros((1, 2), np.float32)}
+
+    def launch(encoder, x, products, *, device, prepare=None, min_batch=1):
+        time.sleep(0.01)
+        return Job()
+
+    def loader():
+        for i in range(3):
+            time.sleep(0.02)
+            yield {"x": torch.zeros(1, 1)}
+
+    monkeypatch.setattr(fx, "launch_batch", launch)
+    times = fx.LoopTimes()
+    for _ in fx._encoded(loader(), None, ["p"], device="cpu", prepare=None, times=times):
+        time.sleep(0.05)  # the consumer: rows and commits, timed by the caller
+    assert times.images >= 3 * 0.02 and times.launch >= 3 * 0.01 and times.device >= 3 * 0.03
+    assert times.images < 3 * 0.05 and times.device < 3 * 0.05 + 0.03  # the consumer's sleeps are not in them
+    assert times.rows == times.commit == 0.0
+
+
+def test_loop_times_summary_by_hand() -> None:
+    from featurelt.extract import LoopTimes
+
+    t = LoopTimes(images=3.0, launch=1.0, device=5.0, rows=0.5, commit=0.5)
+    assert t.shares() == {"images": 0.3, "launch": 0.1, "device": 0.5, "rows": 0.05, "commit": 0.05}
+    assert t.summary("cpu") == "loop time: images 30 %, launch 10 %, device 50 %, rows 5 %, commit 5 %"
+    assert "waited for images" not in t.summary("cuda")  # 30 %: not over the threshold
+    t.images = 6.0
+    assert "the GPU waited for images" in t.summary("cuda") and "waited" not in t.summary("cpu")
+    assert LoopTimes().shares()["images"] == 0.0
+
+
+def test_extract_json_output(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert run(store_root, "pixels", "--json", "--limit", "5") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows_added"] == {"pixels": 5} and out["samples_embedded"] == 5 and out["sets"] == {"pixels": "pixels"}
+    assert out["images_per_second"] == pytest.approx(5 / out["seconds"])
+    assert set(out["times"]) == {"images", "launch", "device", "rows", "commit"}
+    assert 0 < sum(out["times"].values()) <= out["seconds"]
+    assert Store(store_root).count("emb_pixels") == 5
+    assert run(store_root, "text:minilm", "--json") == 0
+    text = json.loads(capsys.readouterr().out)
+    assert text["encoder"] == "text:minilm" and text["rows_added"] == K
+
+
 @pytest.mark.gpu
 def test_extract_on_cuda_matches_cpu(store_root: Path) -> None:
     """The CUDA path (pinned uint8 batches, normalisation on the GPU, one batch in flight, bf16

@@ -6,6 +6,7 @@ Heavy libraries (torch, open_clip, ray) are imported inside the command function
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -14,7 +15,7 @@ from featurelt.commands._common import non_negative_int, open_store, positive_in
 
 def register(sub: argparse._SubParsersAction, parents) -> None:
     p = sub.add_parser(
-        "extract", parents=[parents.store],
+        "extract", parents=[parents.store, parents.json],
         help="embed the store's samples with a frozen encoder (one emb_<name> table per product)",
         description="Stream the samples table through an encoder and write the embeddings into the store: "
         "one embedding set (table emb_<name>) per encoder product, plus a provenance row per set in "
@@ -116,7 +117,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.encoder} is a text encoder (class names only); {', '.join(ignored)} do not apply")
         text = extract_text(store, args.encoder, name=args.name, checkpoint=args.checkpoint,
                             templates=args.templates, device=args.device, seed=args.seed, untrained=args.untrained)
-        print(text.summary())
+        print(json.dumps(dataclasses.asdict(text), indent=2) if args.json else text.summary())
         return 0
     result = extract(store, args.encoder, products=args.products, name=args.name, split=args.split,
                      limit=args.limit, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
@@ -126,6 +127,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
                      chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, resize_on=args.resize_on,
                      progress=args.progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())
