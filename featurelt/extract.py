@@ -308,11 +308,11 @@ class _ViewMaker:
         self.augment = augment
         self.seed = seed
 
-    def from_bytes(self, data: bytes | None, needed: tuple[int, ...]) -> "torch.Tensor | None":
+    def from_bytes(self, data: bytes, needed: tuple[int, ...]) -> "torch.Tensor | None":
         """View 0 straight from the encoded bytes when that is all a sample needs and the host stage
         can skip PIL (:meth:`~featurelt.encoders.base.HostStage.from_bytes`), else None."""
         from_bytes = getattr(self.preprocess, "from_bytes", None)
-        return from_bytes(data) if from_bytes is not None and data is not None and needed == (0,) else None
+        return from_bytes(data) if from_bytes is not None and needed == (0,) else None
 
     def __call__(self, img: Any, sample_id: str, view: int) -> "torch.Tensor":
         if view == 0:
@@ -334,18 +334,19 @@ class _ViewMaker:
 def _decode_rows(table: pa.Table, needed: Sequence[tuple[int, ...]], make_view: _ViewMaker,
                  views: int) -> tuple[list["torch.Tensor"], list[str], list[int], list[float], list[tuple[str, str]]]:
     """Decode a batch of sample rows; returns tensors, sample ids, views, strengths and rejects."""
-    from featurelt.data.images import load_sample_image
+    from featurelt.data.images import decode_bytes, sample_bytes
 
     tensors, sids, vlist, strengths, rejects = [], [], [], [], []
     rows = table.to_pylist()
     for row, want in zip(rows, needed):
         sid = row["sample_id"]
         try:
-            direct = make_view.from_bytes(row["image"], want)
+            data, name = sample_bytes(row)
+            direct = make_view.from_bytes(data, want)
             if direct is not None:
                 made = [(0, direct)]
             else:
-                img = load_sample_image(row)
+                img = decode_bytes(data, name=name).convert("RGB")
                 made = [(v, make_view(img, sid, v)) for v in want]
         except Exception as exc:  # a bad image must not stop the run: it goes to `rejects`
             rejects.append((sid, f"{type(exc).__name__}: {exc}"))

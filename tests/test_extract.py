@@ -408,6 +408,29 @@ def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: 
     assert [r["sample_id"] for r in rej] == [sid, sid] and all("cannot decode" in r["reason"] for r in rej)
 
 
+def test_referenced_files_are_read_from_their_uri(store_root: Path, tmp_path: Path) -> None:
+    """Samples ingested by reference (a uri, no bytes) are read from their file, whether the worker
+    decodes with PIL or torchvision; a missing file is a reject that names it."""
+    rows = _sample_rows(5, 1, split_train=1)[:2]
+    (tmp_path / "ref0.png").write_bytes(rows[0]["image"])
+    rows[0].update(image=None, uri=str(tmp_path / "ref0.png"), sample_id="ref0")
+    rows[1].update(image=None, uri=str(tmp_path / "missing.png"), sample_id="ref1")
+    store = Store(store_root)
+    with store.transaction("test: referenced samples") as tx:
+        tx.append("samples", _samples_table(rows))
+    for where in ("host", "device"):
+        assert run(store_root, "clip:tiny", "--name", f"ref_{where}", "--resize-on", where) == 0
+    store.refresh()
+    vecs = {}
+    for where in ("host", "device"):
+        ids = _ids(store, f"emb_ref_{where}")
+        assert "ref0" in ids and "ref1" not in ids and len(ids) == K * PER_CLASS + 1
+        vecs[where] = np.asarray(store.read(f"emb_ref_{where}", filter="sample_id = 'ref0'")["vector"][0].as_py())
+    assert float(vecs["host"] @ vecs["device"]) > 0.999  # unit vectors; the two resizes differ by a grey level or so
+    rej = store.read("rejects").to_pylist()
+    assert [r["sample_id"] for r in rej] == ["ref1", "ref1"] and all("missing.png" in r["reason"] for r in rej)
+
+
 def test_workers_get_the_plan_from_a_file(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With workers the stream pickles small whatever the plan's size (the workers start together),
     they read the plan from a file, and the file is gone once the iteration ends."""

@@ -51,8 +51,9 @@ def read_uri(uri: str) -> bytes:
         return fh.read()
 
 
-def load_sample_image(row: dict[str, Any]) -> Image.Image:
-    """The RGB PIL image of a samples-table row (``image`` bytes, else ``uri``)."""
+def sample_bytes(row: dict[str, Any]) -> tuple[bytes, str]:
+    """The encoded image of a samples-table row (``image`` bytes, else the file at ``uri``) and the
+    name that errors give it."""
     name = f"sample {row.get('sample_id')}"
     data = row.get("image")
     if data is None:
@@ -64,6 +65,12 @@ def load_sample_image(row: dict[str, Any]) -> Image.Image:
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot read {uri} ({exc})") from None
         name = f"{name} ({uri})"
+    return data, name
+
+
+def load_sample_image(row: dict[str, Any]) -> Image.Image:
+    """The RGB PIL image of a samples-table row (``image`` bytes, else ``uri``)."""
+    data, name = sample_bytes(row)
     return decode_bytes(data, name=name).convert("RGB")
 
 
