@@ -8,10 +8,10 @@ Local engine (:func:`extract`)::
 
     samples (sample_id, split) --scan--> todo positions (split filter, --limit, minus rows already
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
-    workers take rows by position, decode + augment + resize / crop to uint8; with
-    ``resize_on="device"``, the default on CUDA, they only decode: plain PNG / JPEG straight to a
-    tensor by torchvision, other files through PIL) --> pinned uint8 batch to the
-    device, resized there if the workers did not, normalised (DeviceStage) --> encoder.encode under
+    workers take rows by position and decode to uint8: plain PNG / JPEG straight to a tensor by
+    torchvision, other files and augmented views through PIL; with ``resize_on="host"`` PIL also
+    resizes and crops) --> (pinned on CUDA) uint8 batch to the device, resized there (DeviceResize)
+    unless the workers did, normalised (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
     batch i+1 while the host reads back batch i) --> Arrow batches --> one store
     transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
@@ -889,10 +889,11 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run keeps; a commit costs about 15 ms on a local disk). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
     local Ray with 2 CPUs; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
     ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
-    ``resize_on``: where images are resized and cropped; ``host`` (PIL, in the workers) or ``device``
-    (:class:`~featurelt.encoders.base.DeviceResize` on the encoder's device, within 2 grey levels of
-    PIL; workers then only decode, which is what keeps a GPU fed); ``auto``: ``device`` on CUDA, ``host``
-    on the CPU (PIL's resize beats ``interpolate`` there for 224 px inputs; ``device`` wins for small ones).
+    ``resize_on``: where images are resized and cropped; ``device`` (:class:`~featurelt.encoders.base.DeviceResize`
+    on the encoder's device, in batches, within 2 grey levels of PIL; workers then only decode, which
+    is what keeps a GPU fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or
+    ``host`` (PIL's own resize, in the workers: the reference transform exactly); ``auto`` (default):
+    ``device`` (SAM, which pads after normalising, always resizes on the host).
     Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
     """
@@ -945,7 +946,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run_device = task_device if engine == "ray" else dev  # where the images are encoded
     if num_workers is None:  # a CPU encoder uses every core; a GPU needs decoding done in parallel
         num_workers = default_num_workers(run_device)
-    resize_on_device = resize_on == "device" or (resize_on == "auto" and run_device.startswith("cuda"))
+    resize_on_device = resize_on in ("auto", "device")
     encoder = _build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
                              image_size=image_size, seed=seed, untrained=untrained)
     make_view = _ViewMaker(encoder.transform, views=views, augment=augment, seed=seed,

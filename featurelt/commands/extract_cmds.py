@@ -53,10 +53,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the encoder runs (default auto: cuda when available, else cpu)")
     p.add_argument("--resize-on", dest="resize_on", choices=["auto", "host", "device"], default="auto",
-                   help="where images are resized and cropped: host (PIL in the workers) or device (on the "
-                   "encoder's device, within 2 grey levels of PIL, so that workers only decode, plain PNG and "
-                   "JPEG files without PIL; keeps a GPU fed). Default auto: device on CUDA, host on CPU, where "
-                   "PIL is faster at 224 px; on the CPU, device pays off for small inputs (clip:tiny's 32 px)")
+                   help="where images are resized and cropped: device (in batches on the encoder's device, within "
+                   "2 grey levels of PIL; workers only decode, plain PNG and JPEG files without PIL; keeps a GPU "
+                   "fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or host (PIL in the "
+                   "workers: the reference transform exactly). Default auto: device (SAM always resizes on the host)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored vector type (default float32; float16 halves the table size)")
     p.add_argument("--views", type=non_negative_int, default=0, metavar="N",
