@@ -94,8 +94,8 @@ class LoopTimes:
     def summary(self, device: str) -> str:
         line = "loop time: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in self.shares().items())
         if device.startswith("cuda") and self.shares()["images"] > 0.3:
-            line += (" (the GPU waited for images: more --num-workers, --resize-on device, or a faster image "
-                     "format would feed it)")
+            line += (" (the GPU waited for images: more --num-workers, or images stored smaller or in a faster "
+                     "format, would feed it)")
         return line
 
 

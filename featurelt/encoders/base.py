@@ -272,7 +272,8 @@ class HostStage:
             img = self.pil_steps(img)
         a = np.asarray(img, dtype=np.uint8)  # read-only, over PIL's bytes
         a = a[:, :, None] if a.ndim == 2 else a
-        return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))  # one copy, to_tensor's layout minus the float cast
+        # one copy into to_tensor's [C, H, W] layout (minus its float cast)
+        return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))
 
 
 def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
