@@ -17,8 +17,8 @@ of this process and of its worker processes.
 
 ``--host-workers 0,2`` also times the host side alone (no encoder): the DataLoader stage that reads
 rows from Lance and decodes, for each worker count, handing over the decoded ``uint8`` image (resize
-on the device, featurelt's default), the resized ``uint8`` image (normalisation on the
-device, the default on CPU) or ``float32`` (the whole transform in the workers); img/s after the
+on the device, featurelt's default), the resized ``uint8`` image (``--resize-on host``:
+normalisation on the device) or ``float32`` (the whole transform in the workers); img/s after the
 first batch (worker start-up excluded) and the time to the first batch. ``clip:ViT-B-32`` runs with random weights
 (``untrained=True``): the timing does not depend on the weights.
 
