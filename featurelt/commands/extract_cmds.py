@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         help="embed the store's samples with a frozen encoder (one emb_<name> table per product)",
         description="Stream the samples table through an encoder and write the embeddings into the store: "
         "one embedding set (table emb_<name>) per encoder product, plus a provenance row per set in "
-        "embedding_sets. Decoding and preprocessing run in DataLoader workers; encoding runs under "
-        "torch.inference_mode() with bf16/fp16 autocast on CUDA. Rows are committed in chunks, so an "
+        "embedding_sets. Images are decoded in DataLoader workers (--num-workers; 0: in this process), "
+        "resized and normalised in batches on the encoder's device (--resize-on) and encoded under "
+        "torch.inference_mode() with bf16/fp16 autocast on CUDA; the last line printed says where the "
+        "loop's time went (waiting for images, launching, waiting for the device, rows, commits). Rows are committed in chunks, so an "
         "interrupted run keeps what it committed; re-running the same command embeds only the missing "
         "samples (same encoder fingerprint = skipped), including samples ingested later. Images that fail "
         "to decode go to the rejects table (or stop the run with --strict). Text encoders (text:minilm) "
