@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import shutil
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.Cap
         assert p["encoder"] == name and p["store_version_read"] == 1 and p["featurelt_version"]
         assert "samples" in p["tables_read"]
     assert f"{n * len(enc.products)} rows added" in out or f"{n} rows added" in out
+    assert re.search(r"loop time: images \d+ %, launch \d+ %, device \d+ %, rows \d+ %, commit \d+ %", out), out
     # the vectors are what the encoder gives for the decoded images through its own (PIL) transform:
     # exactly with --resize-on host; by default (resize on the device) within 2 grey levels of it
     product = next(p for p in enc.products if not enc.requires_fit(p))
