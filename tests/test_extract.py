@@ -408,14 +408,18 @@ def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: 
     monkeypatch.setattr(HostStage, "from_bytes", spy)
     assert run(store_root, "clip:tiny", "--name", "direct", "--resize-on", "device") == 0
     assert len(direct) == K * PER_CLASS + 1 and sum(direct) == K * PER_CLASS  # all but the damaged file
+    monkeypatch.setattr(HostStage, "from_bytes", real)
+    assert run(store_root, "clip:tiny", "--name", "workers", "--resize-on", "device", "--num-workers", "2") == 0
     monkeypatch.setattr(HostStage, "from_bytes", lambda self, data: None)
     assert run(store_root, "clip:tiny", "--name", "pil", "--resize-on", "device") == 0
     store.refresh()
-    a, b = (store.read(f"emb_{n}").sort_by("sample_id") for n in ("direct", "pil"))
+    a, w, b = (store.read(f"emb_{n}").sort_by("sample_id") for n in ("direct", "workers", "pil"))
     assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist() and a.num_rows == K * PER_CLASS
-    assert np.array_equal(np.asarray(a.column("vector").to_pylist()), np.asarray(b.column("vector").to_pylist()))
+    assert w.column("sample_id").to_pylist() == a.column("sample_id").to_pylist()
+    va, vw, vb = (np.asarray(t.column("vector").to_pylist()) for t in (a, w, b))
+    assert np.array_equal(va, vb) and np.array_equal(va, vw)  # worker processes decode the same way
     rej = store.read("rejects").to_pylist()
-    assert [r["sample_id"] for r in rej] == [sid, sid] and all("cannot decode" in r["reason"] for r in rej)
+    assert [r["sample_id"] for r in rej] == [sid] * 3 and all("cannot decode" in r["reason"] for r in rej)
 
 
 def test_referenced_files_are_read_from_their_uri(store_root: Path, tmp_path: Path) -> None:
