@@ -159,7 +159,7 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
         make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0,
                                   resize_on_device=handover == "decoded uint8")
         if handover == "float32":  # the whole transform in the workers
-            make_view.preprocess, make_view.finish = enc.transform, None
+            make_view.preprocess, make_view.finish, make_view.host = enc.transform, None, None
         for nw in workers:
             steadies, firsts = [], []
             for _ in range(repeats):

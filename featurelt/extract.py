@@ -92,8 +92,9 @@ class LoopTimes:
         return {k: (v / total if total > 0 else 0.0) for k, v in vars(self).items()}
 
     def summary(self, device: str) -> str:
-        line = "loop time: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in self.shares().items())
-        if device.startswith("cuda") and self.shares()["images"] > 0.3:
+        shares = self.shares()
+        line = "loop time: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in shares.items())
+        if device.startswith("cuda") and shares["images"] > 0.3:
             line += (" (the GPU waited for images: more --num-workers, or images stored smaller or in a faster "
                      "format, would feed it)")
         return line
@@ -301,6 +302,7 @@ class _ViewMaker:
         from featurelt.encoders.base import split_transform
 
         stages = split_transform(transform, resize_on_device=resize_on_device)
+        self.host = None if stages is None else stages[0]  # a HostStage: may decode plain files without PIL
         self.preprocess = transform if stages is None else stages[0]
         self.finish = None if stages is None else stages[1]
         self.resizes_on_device = stages is not None and stages[1].resize is not None
@@ -311,8 +313,7 @@ class _ViewMaker:
     def from_bytes(self, data: bytes, needed: tuple[int, ...]) -> "torch.Tensor | None":
         """View 0 straight from the encoded bytes when that is all a sample needs and the host stage
         can skip PIL (:meth:`~featurelt.encoders.base.HostStage.from_bytes`), else None."""
-        from_bytes = getattr(self.preprocess, "from_bytes", None)
-        return from_bytes(data) if from_bytes is not None and needed == (0,) else None
+        return self.host.from_bytes(data) if self.host is not None and needed == (0,) else None
 
     def __call__(self, img: Any, sample_id: str, view: int) -> "torch.Tensor":
         if view == 0:
@@ -334,7 +335,7 @@ class _ViewMaker:
 def _decode_rows(table: pa.Table, needed: Sequence[tuple[int, ...]], make_view: _ViewMaker,
                  views: int) -> tuple[list["torch.Tensor"], list[str], list[int], list[float], list[tuple[str, str]]]:
     """Decode a batch of sample rows; returns tensors, sample ids, views, strengths and rejects."""
-    from featurelt.data.images import decode_bytes, sample_bytes
+    from featurelt.data.images import decode_rgb, sample_bytes
 
     tensors, sids, vlist, strengths, rejects = [], [], [], [], []
     rows = table.to_pylist()
@@ -346,7 +347,7 @@ def _decode_rows(table: pa.Table, needed: Sequence[tuple[int, ...]], make_view: 
             if direct is not None:
                 made = [(0, direct)]
             else:
-                img = decode_bytes(data, name=name).convert("RGB")
+                img = decode_rgb(data, name=name)
                 made = [(v, make_view(img, sid, v)) for v in want]
         except Exception as exc:  # a bad image must not stop the run: it goes to `rejects`
             rejects.append((sid, f"{type(exc).__name__}: {exc}"))

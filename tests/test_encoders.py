@@ -311,8 +311,8 @@ def test_host_stage_from_bytes_equals_the_pil_route(name: str) -> None:
     if host is None:
         return
     assert host.to_rgb == (host(Image.new("L", (9, 9))).shape[0] == 3)  # pixels: grey
-    assert split_transform(enc.transform)[0].from_bytes(_files()["png rgb"][0]) is None  # resize on the host: PIL
     files = _files()
+    assert split_transform(enc.transform)[0].from_bytes(files["png rgb"][0]) is None  # resize on the host: PIL
     side = int(host.resize.max_pixels ** 0.5) + 1  # over max_pixels: PIL resizes it in the worker
     files["png over max_pixels"] = (_encoded(Image.new("RGB", (side, side), (9, 99, 199)), format="PNG"), False)
     png = files["png rgb"][0]

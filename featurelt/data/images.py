@@ -68,10 +68,15 @@ def sample_bytes(row: dict[str, Any]) -> tuple[bytes, str]:
     return data, name
 
 
+def decode_rgb(data: bytes, *, name: str = "<bytes>") -> Image.Image:
+    """:func:`decode_bytes`, converted to RGB (what every encoder transform starts from)."""
+    return decode_bytes(data, name=name).convert("RGB")
+
+
 def load_sample_image(row: dict[str, Any]) -> Image.Image:
     """The RGB PIL image of a samples-table row (``image`` bytes, else ``uri``)."""
     data, name = sample_bytes(row)
-    return decode_bytes(data, name=name).convert("RGB")
+    return decode_rgb(data, name=name)
 
 
 def encode_png(array: np.ndarray) -> bytes:

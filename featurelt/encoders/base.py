@@ -331,15 +331,12 @@ class DeviceResize:
         :meth:`resample_float` (CUDA has no uint8 ``interpolate``)."""
         h, w = x.shape[-2:]
         nh, nw = self.output_size(h, w)
-        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))  # torchvision center_crop
-        if (nh, nw) == (h, w):
-            x = x.to(torch.float32)
-        elif x.device.type == "cpu":
-            x = self.resample_uint8(x, nh, nw)
-        else:
-            x = self.resample_float(x, nh, nw)
-        return x[..., top:top + self.size, left:left + self.size].to(torch.float32,
-                                                                      memory_format=torch.contiguous_format)
+        s = self.size
+        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))  # torchvision center_crop
+        if x.device.type == "cpu" and (nh, nw) != (h, w):
+            x = self.resample_uint8(x, nh, nw)[..., top:top + s, left:left + s]
+            return x.to(torch.float32, memory_format=torch.contiguous_format)  # to float and out of channels-last at once
+        return self.resample_float(x, nh, nw)[..., top:top + s, left:left + s]
 
     def resample_float(self, x: Tensor, nh: int, nw: int) -> Tensor:
         """uint8 ``[B, C, h, w]`` -> float32 ``[B, C, nh, nw]`` of whole numbers, on any device: PIL's
