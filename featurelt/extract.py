@@ -440,12 +440,12 @@ class _SampleStream:
 
 
 def _collate(images: list["torch.Tensor"]) -> "torch.Tensor | list[torch.Tensor]":
-    """One ``[B, C, H, W]`` tensor when the images have one size, else the list (images at their
-    decoded size, resized on the device)."""
-    import torch
+    """One ``[B, C, H, W]`` tensor (channels-last, :func:`~featurelt.encoders.base.stack_images`)
+    when the images have one size, else the list (images at their decoded size, resized on the device)."""
+    from featurelt.encoders.base import stack_images
 
     shape = images[0].shape
-    return torch.stack(images) if all(t.shape == shape for t in images) else images
+    return stack_images(images) if all(t.shape == shape for t in images) else images
 
 
 def _make_torch_stream_class() -> type:

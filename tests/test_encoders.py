@@ -18,7 +18,7 @@ from featurelt.encoders import (
     build_text_encoder,
     list_encoders,
 )
-from featurelt.encoders.base import checkpoint_sha256, load_templates, split_transform
+from featurelt.encoders.base import checkpoint_sha256, load_templates, split_transform, stack_images
 
 REQUIRED = {"clip:tiny", "sam:vit_b", "sam:vit_l", "sam:vit_h", "sam:tiny", "dinov2:small", "dinov2:base",
             "dinov2:large", "dinov2:giant", "dinov2:tiny", "pixels", "text:minilm", CLIP_FAMILY}
@@ -174,12 +174,37 @@ def test_split_transform_is_bit_identical(name: str) -> None:
     parts = [host(im) for im in _images()]
     assert all(p.dtype == torch.uint8 for p in parts)
     assert torch.equal(device_stage(torch.stack(parts)), _batch(enc))
+    out = device_stage(stack_images(parts))  # the channels-last batch workers hand over: same floats
+    assert out.is_contiguous() and torch.equal(out, _batch(enc))
     with pytest.raises(TypeError, match="uint8"):
         device_stage(torch.stack(parts).float())
     # by hand: one grey pixel through a 3-channel DeviceStage
     x = torch.full((1, 1, 1, 1), 51, dtype=torch.uint8)
     out = DeviceStage((0.1, 0.2, 0.3), (0.5, 0.5, 0.25), grey=True)(x)
     np.testing.assert_allclose(out.flatten().numpy(), [(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.5, (0.2 - 0.3) / 0.25], atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_stack_images_is_a_channels_last_stack(channels: int) -> None:
+    """Host stages hand over [C, H, W] views of interleaved pixels; stack_images batches them
+    channels-last (the same values as torch.stack), and both resamplings give the same result on
+    either layout."""
+    from featurelt.encoders.base import ConvertMode, DeviceResize, HostStage
+
+    rng = np.random.default_rng(3)
+    mode = "L" if channels == 1 else "RGB"
+    images = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert(mode) for _ in range(4)]
+    parts = [HostStage(ConvertMode(mode))(im) for im in images]
+    assert parts[0].shape == (channels, 20, 30) and parts[0].permute(1, 2, 0).is_contiguous()  # a view of [H, W, C]
+    np.testing.assert_array_equal(parts[1].permute(1, 2, 0).numpy(), np.asarray(images[1]).reshape(20, 30, channels))
+    batch = stack_images(parts)
+    assert batch.shape == (4, channels, 20, 30) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(parts))
+    resize = DeviceResize(16, 18, "shortest_crop", "bicubic")
+    assert torch.equal(resize(batch), resize(torch.stack(parts).contiguous()))
+    flat = torch.stack(parts).contiguous()
+    assert torch.equal(resize.resample_float(batch, 18, 27), resize.resample_float(flat, 18, 27))
+    assert resize.resample_float(batch, 18, 27).is_contiguous()
 
 
 def _resize_images() -> list[Image.Image]:
@@ -294,6 +319,7 @@ def test_plain_image_size_reads_png_and_jpeg_headers() -> None:
             out = decode_rgb_tensor(data)
             assert out.dtype == torch.uint8 and torch.equal(
                 out, torch.from_numpy(np.array(ref.convert("RGB"))).permute(2, 0, 1)), case  # PIL's pixels
+            assert out.permute(1, 2, 0).is_contiguous(), case  # interleaved, as stack_images wants it
     assert plain_image_size(b"") is None and plain_image_size(b"\xff\xd8\xff") is None
     assert plain_image_size(b"not an image at all") is None
 
@@ -644,6 +670,35 @@ def test_device_stages_do_not_make_the_host_wait() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", OFFLINE_IMAGE)
+def test_launching_a_batch_does_not_make_the_host_wait(name: str) -> None:
+    """The whole per-batch launch of the extract loop (pinning, host-to-device copy, device stages,
+    the encoder's forward under autocast, the device-to-host copy of the outputs) queues work
+    without synchronising: a sync anywhere in it would make the host wait for the batch in flight
+    and leave the GPU idle while the host prepares the next one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from featurelt.extract import launch_batch
+
+    enc = _build(name, device="cuda").to("cuda")
+    stages = split_transform(enc.transform, resize_on_device=True)
+    images = [im.convert("RGB").resize((40, 30)) for im in _images()]
+    if stages is None:  # SAM: the whole transform runs in the workers
+        x, prepare = torch.stack([enc.preprocess(im) for im in images]), None
+    else:
+        host, prepare = stages
+        x = stack_images([host(im) for im in images])  # channels-last, as workers hand it over
+    products = [p for p in enc.products if not enc.requires_fit(p)]
+    launch_batch(enc, x, products, device="cuda", prepare=prepare).result()  # first call: kernels, allocators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        job = launch_batch(enc, x, products, device="cuda", prepare=prepare)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.shape[0] == len(images) for v in job.result().values())
 
 @pytest.mark.gpu
 def test_device_resize_on_cuda_matches_cpu() -> None:
