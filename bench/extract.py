@@ -15,6 +15,9 @@ For each encoder, in the same process and run:
 Reports the median of ``--runs`` runs, the ratio extract/forward (target >= 0.85), and the peak RSS
 of this process and of its worker processes.
 
+``--memory 8192,65536`` also measures the peak RSS of ``extract`` alone (a fresh process per size)
+over the first N images: flat across sizes means memory does not grow with the data set (item 3).
+
 ``--host-workers 0,2`` also times the host side alone (no encoder): the DataLoader stage that reads
 rows from Lance and decodes, for each worker count, handing over the decoded ``uint8`` image (resize
 on the device, featurelt's default), the resized ``uint8`` image (``--resize-on host``:
@@ -181,6 +184,57 @@ def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers
     return out
 
 
+_MEMORY_CHILD = """
+import json, sys, time
+from featurelt.extract import extract
+from featurelt.store import Store
+a = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+res = extract(Store(a["root"]), a["encoder"], name=a["name"], limit=a["images"], batch_size=a["batch_size"],
+              num_workers=a["num_workers"], device=a["device"], untrained=a["untrained"], progress=False)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of the (large) bench
+# process would report the parent's peak
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t0, "embedded": res.samples_embedded,
+                  "img_s": res.images_per_second, "rss_mib": hwm / 1024}))
+"""
+
+
+def bench_memory(store: Store, name: str, sizes: list[int], *, batch_size: int, num_workers: int, device: str,
+                 untrained: bool) -> list[dict]:
+    """Peak RSS of ``extract`` over the first ``n`` samples, for each ``n`` in ``sizes``: each run in a
+    fresh Python process (so the peak is extract's own: imports, encoder, loader, pending chunk),
+    writing a fresh embedding set. Flat peaks across sizes = memory does not grow with the data set."""
+    import json
+    import subprocess
+
+    out = []
+    for n in sizes:
+        args = {"root": str(store.root), "encoder": name, "name": f"bench_mem_{n}_{time.time_ns()}", "images": n,
+                "batch_size": batch_size, "num_workers": num_workers, "device": device, "untrained": untrained}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, json.dumps(args)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"extract of {n} images failed:\n{proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        if row["embedded"] != n:
+            raise RuntimeError(f"extract embedded {row['embedded']} of {n} samples")
+        row.update(encoder=name, images=n, batch=batch_size, workers=num_workers)
+        out.append(row)
+        print(f"memory {name} {n} images: peak RSS {row['rss_mib']:.0f} MiB, {row['img_s']:.0f} img/s", flush=True)
+    return out
+
+
+def memory_markdown(rows: list[dict]) -> str:
+    lines = ["Peak RSS of `extract` by data set size (`--memory`): each run alone in a fresh process (its VmHWM; "
+             "DataLoader workers, when there are any, are processes of their own), a fresh embedding set over the "
+             "first `images` samples.", "",
+             "| encoder | images | batch | workers | peak RSS MiB | extract loop img/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {r['images']} | {r['batch']} | {r['workers']} | {r['rss_mib']:.0f} | "
+                     f"{r['img_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def host_markdown(rows: list[dict]) -> str:
     lines = ["Host side alone (`--host-workers`): Lance take + image decode (+ resize/crop, except for 'decoded', "
              "which leaves it to the device) in DataLoader workers, no encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
@@ -249,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                    "random weights, clip:tiny; both --images)")
     p.add_argument("--host-workers", default=None, metavar="N,N",
                    help="also time the host side alone (decode stage, no encoder) for these worker counts")
+    p.add_argument("--memory", default=None, metavar="N,N",
+                   help="also measure extract's peak RSS (each in a fresh process) over the first N images, for "
+                   "each N (the store holds the largest N): flat = memory does not grow with the data set")
     p.add_argument("--machine", default=None, help="machine label for RESULTS.md (default: hostname, cores)")
     p.add_argument("--results", type=Path, default=None,
                    help="replace the '## bench/extract.py' section of this RESULTS.md with the table")
@@ -265,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="featurelt-bench-") as tmp:
         wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]
-        store = make_store(Path(tmp) / "store", max(n for _, n in wanted), args.size, image_format=args.image_format)
+        sizes = [int(v) for v in args.memory.split(",")] if args.memory else []
+        store = make_store(Path(tmp) / "store", max([n for _, n in wanted] + sizes), args.size,
+                           image_format=args.image_format)
         for name, n in wanted if args.runs else []:  # --runs 0: the host side only
             untrained = not name.endswith(":tiny") and not name.startswith("pixels")
             row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -282,8 +341,16 @@ def main(argv: list[str] | None = None) -> int:
                 host += bench_host(store, name, images=n, batch_size=args.batch_size,
                                    workers=[int(w) for w in args.host_workers.split(",")],
                                    untrained=not name.endswith(":tiny") and not name.startswith("pixels"))
+        memory = []
+        for name, _ in wanted if sizes else []:
+            from featurelt.extract import resolve_device
+
+            memory += bench_memory(store, name, sizes, batch_size=args.batch_size, num_workers=args.num_workers,
+                                   device=resolve_device(args.device),
+                                   untrained=not name.endswith(":tiny") and not name.startswith("pixels"))
     rss = peak_rss_mib()
-    text = (markdown(rows, args, rss, machine) if rows else "") + ("\n" + host_markdown(host) if host else "")
+    text = (markdown(rows, args, rss, machine) if rows else "") + ("\n" + host_markdown(host) if host else "") \
+        + ("\n" + memory_markdown(memory) if memory else "")
     print(text)
     if args.results:
         replace_section(args.results, text)
