@@ -60,16 +60,20 @@ def encode_jpeg(array: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def make_store(root: Path, n: int, size: int, seed: int = 0, image_format: str = "png") -> Store:
-    """A store with ``n`` random ``size``x``size`` RGB samples (split train), PNG or JPEG (quality 90)."""
+def make_store(root: Path, n: int, size: int, seed: int = 0, image_format: str = "png",
+               max_size: int | None = None) -> Store:
+    """A store with ``n`` random ``size``x``size`` RGB samples (split train), PNG or JPEG (quality 90);
+    with ``max_size``, each image's height and width are drawn from ``size..max_size`` (a photo data
+    set's mixed sizes)."""
     rng = np.random.default_rng(seed)
     encode = encode_png if image_format == "png" else encode_jpeg
     rows = []
     for i in range(n):
-        data = encode(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+        h, w = (size, size) if max_size is None else rng.integers(size, max_size + 1, size=2)
+        data = encode(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
         rows.append({"sample_id": sample_id_for(data) + f"{i:06d}", "dataset": "bench", "split": "train",
                      "label": i % 10, "source": "original", "uri": None, "image": data,
-                     "content_sha256": sha256_hex(data), "width": size, "height": size, "description": None})
+                     "content_sha256": sha256_hex(data), "width": int(w), "height": int(h), "description": None})
     schema = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
                         ("label", pa.int32()), ("source", pa.string()), ("uri", pa.string()),
                         ("image", pa.large_binary()), ("content_sha256", pa.string()), ("width", pa.int32()),
@@ -251,7 +255,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
     lines = [SECTION, "",
              f"Machine: {machine}. Command: `{cmd}`. Median of {args.runs} runs; each run: baseline forward over "
              f"the in-memory preprocessed tensor before and after `extract()` into a fresh set from the store "
-             f"(random {args.size}x{args.size} {args.image_format.upper()}s; `images` per encoder). Ratio = extract / forward (target >= 0.85); "
+             f"(random {args.size}x{args.size}" + (f" to {args.max_size}x{args.max_size}" if args.max_size else "")
+             + f" {args.image_format.upper()}s; `images` per encoder). Ratio = extract / forward (target >= 0.85); "
              "`loop` times the embedding loop (read, decode, preprocess, encode, write, commit), `call` the "
              "whole call (encoder build and planning too). img/s columns are medians over runs; ratios are the "
              "median of the per-run ratios.", "",
@@ -285,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256, help="number of images in the benchmark store (default 256)")
     p.add_argument("--size", type=int, default=64, help="side of the random images in pixels (default 64)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="draw each image's height and width from --size..--max-size (mixed sizes, as photo data "
+                   "sets have; the batches then go over as lists of images)")
     p.add_argument("--format", dest="image_format", choices=["png", "jpeg"], default="png",
                    help="how the images are stored (default png; jpeg: quality 90, 4:2:0, as most photo data sets)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both measurements (default 64)")
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [(e.split("=")[0], int(e.split("=")[1]) if "=" in e else args.images) for e in args.encoders]
         sizes = [int(v) for v in args.memory.split(",")] if args.memory else []
         store = make_store(Path(tmp) / "store", max([n for _, n in wanted] + sizes), args.size,
-                           image_format=args.image_format)
+                           image_format=args.image_format, max_size=args.max_size)
         for name, n in wanted if args.runs else []:  # --runs 0: the host side only
             untrained = not name.endswith(":tiny") and not name.startswith("pixels")
             row = bench_encoder(store, name, images=n, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -61,7 +61,7 @@ from featurelt.store.core import command_line
 if TYPE_CHECKING:  # torch stays a lazy import: `featurelt --help` must not load it
     import torch
 
-    from featurelt.encoders.base import Encoder
+    from featurelt.encoders.base import Encoder, PackedImages
 
 Engine = Literal["local", "ray"]
 ResizeOn = Literal["auto", "host", "device"]
@@ -439,13 +439,14 @@ class _SampleStream:
                        "embedded": len(pos) - len(rejects) if s == 0 else 0}
 
 
-def _collate(images: list["torch.Tensor"]) -> "torch.Tensor | list[torch.Tensor]":
+def _collate(images: list["torch.Tensor"]) -> "torch.Tensor | PackedImages":
     """One ``[B, C, H, W]`` tensor (channels-last, :func:`~featurelt.encoders.base.stack_images`)
-    when the images have one size, else the list (images at their decoded size, resized on the device)."""
-    from featurelt.encoders.base import stack_images
+    when the images have one size, else one buffer of them all
+    (:class:`~featurelt.encoders.base.PackedImages`: images at their decoded size, resized on the device)."""
+    from featurelt.encoders.base import PackedImages, stack_images
 
     shape = images[0].shape
-    return stack_images(images) if all(t.shape == shape for t in images) else images
+    return stack_images(images) if all(t.shape == shape for t in images) else PackedImages.pack(images)
 
 
 def _make_torch_stream_class() -> type:
@@ -562,15 +563,18 @@ class EncodedBatch:
         return {p: t.numpy() for p, t in self.outputs.items()}
 
 
-def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", products: list[str], *, device: str,
-                 prepare: Callable[[Any], "torch.Tensor"] | None = None,
+def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor] | PackedImages", products: list[str], *,
+                 device: str, prepare: Callable[[Any], "torch.Tensor"] | None = None,
                  min_batch: int = 1) -> EncodedBatch:
-    """Start encoding ``x`` [B,C,H,W] (or a list of B [C,H,W] images of different sizes, for a
-    ``prepare`` that resizes); ``prepare`` (e.g. a :class:`~featurelt.encoders.base.DeviceStage`
+    """Start encoding ``x`` [B,C,H,W] (or B [C,H,W] images of different sizes, as a list or a
+    :class:`~featurelt.encoders.base.PackedImages`, for a ``prepare`` that resizes); ``prepare``
+    (e.g. a :class:`~featurelt.encoders.base.DeviceStage`
     turning uint8 into normalised floats) runs on the device first. On CUDA this returns once the
     work is queued; on the CPU the result is ready. On CUDA out-of-memory the batch is encoded in
     halves (recursively, synchronously) instead of failing."""
     import torch
+
+    from featurelt.encoders.base import PackedImages
 
     try:
         with torch.inference_mode():
@@ -578,6 +582,8 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", pro
             pin = device.startswith("cuda")
             if isinstance(x, torch.Tensor):
                 on_device = (x.pin_memory() if pin else x).to(device, non_blocking=True)
+            elif isinstance(x, PackedImages):  # images of different sizes, in one buffer
+                on_device = x.to(device, pin=pin)
             else:
                 on_device = [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in x]
             if prepare is not None:
@@ -604,7 +610,7 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", pro
     return EncodedBatch({p: torch.from_numpy(np.concatenate([a[p], b[p]])) for p in products})
 
 
-def encode_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor]", products: list[str], *, device: str,
+def encode_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor] | PackedImages", products: list[str], *, device: str,
                  prepare: Callable[[Any], "torch.Tensor"] | None = None,
                  min_batch: int = 1) -> dict[str, np.ndarray]:
     """Encode ``x`` [B,C,H,W] -> ``{product: float32 array [B, D]}`` (:func:`launch_batch`, then wait)."""

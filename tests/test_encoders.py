@@ -207,6 +207,45 @@ def test_stack_images_is_a_channels_last_stack(channels: int) -> None:
     assert resize.resample_float(batch, 18, 27).is_contiguous()
 
 
+class _PackedBatches(torch.utils.data.IterableDataset):
+    def __init__(self, images: list[torch.Tensor]) -> None:
+        self.images = images
+
+    def __iter__(self):
+        from featurelt.encoders.base import PackedImages
+
+        yield PackedImages.pack(self.images)
+
+
+def test_packed_images_cross_to_the_main_process_as_one_buffer() -> None:
+    """Images of different sizes travel as one uint8 buffer: unpacked they equal the images, a slice
+    is the images in it, DeviceStage takes the packed batch as it takes the list, and a DataLoader
+    worker hands the batch over as one shared-memory buffer (not one per image)."""
+    from featurelt.encoders.base import DeviceResize, DeviceStage, PackedImages
+
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(0, 256, (h, w, c), dtype=np.uint8) for h, w, c in [(20, 30, 3), (9, 14, 3), (25, 11, 1), (16, 16, 3)]]
+    images = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]  # [C, H, W] views, as workers make them
+    packed = PackedImages.pack(images)
+    assert len(packed) == 4 and packed.data.numel() == sum(a.size for a in arrays)
+    for t, u in zip(images, packed.unpack()):
+        assert torch.equal(t, u) and u.permute(1, 2, 0).is_contiguous()
+    half = packed[2:]
+    assert half.shapes == packed.shapes[2:] and all(torch.equal(a, b) for a, b in zip(half.unpack(), images[2:]))
+    assert half.data.untyped_storage().data_ptr() == packed.data.untyped_storage().data_ptr()  # a view
+    with pytest.raises(ValueError, match="contiguous"):
+        packed[::2]
+    stage = DeviceStage((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), resize=DeviceResize(12, 14, "shortest_crop", "bilinear"))
+    rgb = [t if t.shape[0] == 3 else t.expand(3, -1, -1) for t in images]
+    assert torch.equal(stage(PackedImages.pack(rgb)), stage(rgb))
+    got = next(iter(torch.utils.data.DataLoader(_PackedBatches(images), batch_size=None, num_workers=1,
+                                                multiprocessing_context="spawn")))  # lance is loaded: no fork
+    assert isinstance(got, PackedImages) and got.shapes == packed.shapes
+    views = got.unpack()
+    assert all(torch.equal(a, b) for a, b in zip(views, images))
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+
+
 def _resize_images() -> list[Image.Image]:
     """Smooth and noisy images, up- and downscaled by every tiny transform, one over max_pixels."""
     rng = np.random.default_rng(1)
@@ -691,14 +730,20 @@ def test_launching_a_batch_does_not_make_the_host_wait(name: str) -> None:
         host, prepare = stages
         x = stack_images([host(im) for im in images])  # channels-last, as workers hand it over
     products = [p for p in enc.products if not enc.requires_fit(p)]
-    launch_batch(enc, x, products, device="cuda", prepare=prepare).result()  # first call: kernels, allocators
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        job = launch_batch(enc, x, products, device="cuda", prepare=prepare)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(v.shape[0] == len(images) for v in job.result().values())
+    batches = [x]
+    if stages is not None:  # images of different sizes, packed as workers hand them over
+        from featurelt.encoders.base import PackedImages
+
+        batches.append(PackedImages.pack([host(im.resize((40 + 3 * i, 30 + i))) for i, im in enumerate(images)]))
+    for batch in batches:
+        launch_batch(enc, batch, products, device="cuda", prepare=prepare).result()  # first call: kernels, allocators
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            job = launch_batch(enc, batch, products, device="cuda", prepare=prepare)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(v.shape[0] == len(images) for v in job.result().values())
 
 @pytest.mark.gpu
 def test_device_resize_on_cuda_matches_cpu() -> None:

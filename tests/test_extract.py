@@ -422,6 +422,31 @@ def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: 
     assert [r["sample_id"] for r in rej] == [sid] * 3 and all("cannot decode" in r["reason"] for r in rej)
 
 
+def test_images_of_different_sizes_give_the_same_rows(store_root: Path) -> None:
+    """A batch whose images differ in size goes over as one packed buffer (resize on the device):
+    worker processes give the main process's rows exactly, and PIL's resize (--resize-on host)
+    within a grey level or so."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for i, (h, w) in enumerate([(10, 14), (20, 9), (12, 12), (7, 30), (33, 25), (16, 16)]):
+        data = encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        rows.append({"sample_id": f"mixed{i}", "dataset": "toy", "split": "train", "label": i % K, "source": "original",
+                     "uri": None, "image": data, "content_sha256": sha256_hex(data), "width": w, "height": h,
+                     "description": None})
+    store = Store(store_root)
+    with store.transaction("test: mixed sizes") as tx:
+        tx.append("samples", _samples_table(rows))
+    for name, args in [("main", ()), ("workers", ("--num-workers", "2")), ("host", ("--resize-on", "host"))]:
+        assert run(store_root, "clip:tiny", "--name", name, "--batch-size", "5", "--resize-on", "device", *args) == 0
+    store.refresh()
+    a, w, h = (store.read(f"emb_{n}").sort_by("sample_id") for n in ("main", "workers", "host"))
+    assert a.num_rows == K * PER_CLASS + 6
+    assert a.column("sample_id").to_pylist() == w.column("sample_id").to_pylist() == h.column("sample_id").to_pylist()
+    va, vw, vh = (np.asarray(t.column("vector").to_pylist()) for t in (a, w, h))
+    assert np.array_equal(va, vw)
+    assert np.min(np.sum(va * vh, axis=1)) > 0.999  # unit vectors
+
+
 def test_referenced_files_are_read_from_their_uri(store_root: Path, tmp_path: Path) -> None:
     """Samples ingested by reference (a uri, no bytes) are read from their file, whether the worker
     decodes with PIL or torchvision; a missing file is a reject that names it."""
@@ -540,6 +565,15 @@ def test_out_of_memory_retries_with_half_batch() -> None:
     out = encode_batch(enc, u8, ["pixels"], device="cpu", prepare=finish)
     assert seen == [10, 5, 2, 3, 5, 2, 3]
     np.testing.assert_array_equal(out["pixels"], real(finish(u8))["pixels"].numpy())
+    # images of different sizes, packed in one buffer: the halves are slices of it
+    from featurelt.encoders.base import PackedImages
+
+    resize = split_transform(enc.transform, resize_on_device=True)[1]
+    mixed = [torch.randint(0, 256, (1, 20 + i, 30 - i), dtype=torch.uint8) for i in range(10)]
+    seen.clear()
+    out = encode_batch(enc, PackedImages.pack(mixed), ["pixels"], device="cpu", prepare=resize)
+    assert seen == [10, 5, 2, 3, 5, 2, 3]
+    np.testing.assert_array_equal(out["pixels"], real(resize(mixed))["pixels"].numpy())
 
 
 def test_one_batch_in_flight_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
