@@ -224,6 +224,54 @@ def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: p
     assert sorted(store.read("embedding_sets").column("rows").to_pylist()) == sorted([8, K * PER_CLASS - 8, len(new_rows)])
 
 
+@pytest.mark.slow
+def test_kill_9_midway_leaves_the_store_valid_and_resumes(store_root: Path) -> None:
+    """A real ``kill -9`` of ``featurelt extract`` after its first commits, while later batches are
+    being written: the store opens at its last commit, holds whole chunks without duplicates, and the
+    same command then adds only the missing rows."""
+    import signal
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    extra = []
+    for i in range(1500):  # enough batches (one commit each) that the run is still going when killed
+        data = encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+        extra.append({"sample_id": f"k{i:05d}", "dataset": "toy", "split": "train", "label": i % K, "source": "original",
+                      "uri": None, "image": data, "content_sha256": sha256_hex(data), "width": SIZE, "height": SIZE,
+                      "description": None})
+    store = Store(store_root)
+    with store.transaction("test: more samples to kill in") as tx:
+        tx.append("samples", _samples_table(extra))
+    total = K * PER_CLASS + len(extra)
+    cmd = [sys.executable, "-m", "featurelt", "--store", str(store_root), "extract", "pixels", "--batch-size", "4",
+           "--commit-seconds", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            store.refresh()
+            if store.has_table("emb_pixels") and store.count("emb_pixels") >= 40:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"extract ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    store = Store(store_root)  # opens at the last commit
+    ids = _ids(store, "emb_pixels")
+    assert 40 <= len(ids) < total and len(set(ids)) == len(ids) and len(ids) % 4 == 0  # whole batches only
+    assert store.read("embedding_sets").column("rows").to_pylist() == [len(ids)]
+    before = {r["sample_id"]: r["vector"] for r in store.read("emb_pixels").to_pylist()}
+    assert main(["--store", str(store_root), "extract", "pixels", "--batch-size", "64", "--no-progress"]) == 0
+    store.refresh()
+    ids = _ids(store, "emb_pixels")
+    assert len(ids) == total and len(set(ids)) == total
+    after = {r["sample_id"]: r["vector"] for r in store.read("emb_pixels").to_pylist()}
+    assert all(np.array_equal(after[sid], vec) for sid, vec in before.items())  # committed rows untouched
+
+
 def test_commit_every_chunk_rows_or_commit_seconds(store_root: Path) -> None:
     from featurelt.extract import extract
 
