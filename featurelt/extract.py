@@ -10,8 +10,9 @@ Local engine (:func:`extract`)::
     embedded with the same fingerprint) --> _SampleStream (torch IterableDataset; DataLoader
     workers take rows by position and decode to uint8: plain PNG / JPEG straight to a tensor by
     torchvision, other files and augmented views through PIL; with ``resize_on="host"`` PIL also
-    resizes and crops) --> (pinned on CUDA) uint8 batch to the device, resized there (DeviceResize)
-    unless the workers did, normalised (DeviceStage) --> encoder.encode under
+    resizes and crops; images over twice the input size are resized in the worker) --> one
+    channels-last batch, or one packed buffer when the sizes differ --> (pinned on CUDA) to the
+    device, resized there (DeviceResize) unless the workers did, normalised (DeviceStage) --> encoder.encode under
     torch.inference_mode() (bf16/fp16 autocast on CUDA; one batch in flight, so the GPU encodes
     batch i+1 while the host reads back batch i) --> Arrow batches --> one store
     transaction per chunk: ``chunk_rows`` samples, or fewer once ``commit_seconds`` have passed since
