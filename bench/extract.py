@@ -228,26 +228,31 @@ def bench_memory(store: Store, name: str, sizes: list[int], *, batch_size: int, 
     return out
 
 
-def memory_markdown(rows: list[dict]) -> str:
-    lines = ["Peak RSS of `extract` by data set size (`--memory`): each run alone in a fresh process (its VmHWM; "
-             "DataLoader workers, when there are any, are processes of their own), a fresh embedding set over the "
-             "first `images` samples.", "",
-             "| encoder | images | batch | workers | peak RSS MiB | extract loop img/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['encoder']} | {r['images']} | {r['batch']} | {r['workers']} | {r['rss_mib']:.0f} | "
-                     f"{r['img_s']:.0f} |")
+def md_table(intro: str, header: list[str], rows: list[list[object]]) -> str:
+    """A paragraph and a markdown table under it."""
+    lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def memory_markdown(rows: list[dict]) -> str:
+    return md_table(
+        "Peak RSS of `extract` by data set size (`--memory`): each run alone in a fresh process (its VmHWM; "
+        "DataLoader workers, when there are any, are processes of their own), a fresh embedding set over the "
+        "first `images` samples.",
+        ["encoder", "images", "batch", "workers", "peak RSS MiB", "extract loop img/s"],
+        [[r["encoder"], r["images"], r["batch"], r["workers"], f"{r['rss_mib']:.0f}", f"{r['img_s']:.0f}"] for r in rows])
 
 
 def host_markdown(rows: list[dict]) -> str:
-    lines = ["Host side alone (`--host-workers`): Lance take + image decode (+ resize/crop, except for 'decoded', "
-             "which leaves it to the device) in DataLoader workers, no encoder; median of 3 passes of img/s after the first batch, and of the time to the first batch (worker "
-             "start-up; the first loader of a process also starts the fork server).", "",
-             "| encoder | handover | workers | images | img/s (steady) | first batch (s) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['encoder']} | {r['handover']} | {r['workers']} | {r['images']} | {r['steady']:.0f} | "
-                     f"{r['first_s']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return md_table(
+        "Host side alone (`--host-workers`): Lance take + image decode (+ resize/crop, except for 'decoded', "
+        "which leaves it to the device) in DataLoader workers, no encoder; median of 3 passes of img/s after the "
+        "first batch, and of the time to the first batch (worker start-up; the first loader of a process also "
+        "starts the fork server).",
+        ["encoder", "handover", "workers", "images", "img/s (steady)", "first batch (s)"],
+        [[r["encoder"], r["handover"], r["workers"], r["images"], f"{r['steady']:.0f}", f"{r['first_s']:.2f}"]
+         for r in rows])
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float], machine: str) -> str:

@@ -233,17 +233,9 @@ def test_kill_9_midway_leaves_the_store_valid_and_resumes(store_root: Path) -> N
     import subprocess
     import sys
 
-    rng = np.random.default_rng(11)
-    extra = []
-    for i in range(1500):  # enough batches (one commit each) that the run is still going when killed
-        data = encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
-        extra.append({"sample_id": f"k{i:05d}", "dataset": "toy", "split": "train", "label": i % K, "source": "original",
-                      "uri": None, "image": data, "content_sha256": sha256_hex(data), "width": SIZE, "height": SIZE,
-                      "description": None})
     store = Store(store_root)
-    with store.transaction("test: more samples to kill in") as tx:
-        tx.append("samples", _samples_table(extra))
-    total = K * PER_CLASS + len(extra)
+    # enough batches (one commit each) that the run is still going when it is killed
+    total = K * PER_CLASS + _add_random_samples(store, [(SIZE, SIZE)] * 1500, prefix="k", seed=11)
     cmd = [sys.executable, "-m", "featurelt", "--store", str(store_root), "extract", "pixels", "--batch-size", "4",
            "--commit-seconds", "0", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -341,6 +333,20 @@ def test_split_limit_and_missing_split(store_root: Path, capsys: pytest.CaptureF
 
 
 # --------------------------------------------------------------------------- bad input
+def _add_random_samples(store: Store, shapes: list[tuple[int, int]], *, prefix: str, seed: int) -> int:
+    """Append random RGB PNG train samples of these (height, width), ids ``<prefix>00000``...; returns how many."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, (h, w) in enumerate(shapes):
+        data = encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        rows.append({"sample_id": f"{prefix}{i:05d}", "dataset": "toy", "split": "train", "label": i % K,
+                     "source": "original", "uri": None, "image": data, "content_sha256": sha256_hex(data),
+                     "width": w, "height": h, "description": None})
+    with store.transaction(f"test: {len(rows)} random samples") as tx:
+        tx.append("samples", _samples_table(rows))
+    return len(rows)
+
+
 def _add_corrupt(store: Store) -> str:
     row = _sample_rows(3, 1, split_train=1)[0]
     row["image"] = row["image"][:40]  # truncated PNG
@@ -474,16 +480,8 @@ def test_images_of_different_sizes_give_the_same_rows(store_root: Path) -> None:
     """A batch whose images differ in size goes over as one packed buffer (resize on the device):
     worker processes give the main process's rows exactly, and PIL's resize (--resize-on host)
     within a grey level or so."""
-    rng = np.random.default_rng(7)
-    rows = []
-    for i, (h, w) in enumerate([(10, 14), (20, 9), (12, 12), (7, 30), (33, 25), (16, 16)]):
-        data = encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        rows.append({"sample_id": f"mixed{i}", "dataset": "toy", "split": "train", "label": i % K, "source": "original",
-                     "uri": None, "image": data, "content_sha256": sha256_hex(data), "width": w, "height": h,
-                     "description": None})
     store = Store(store_root)
-    with store.transaction("test: mixed sizes") as tx:
-        tx.append("samples", _samples_table(rows))
+    _add_random_samples(store, [(10, 14), (20, 9), (12, 12), (7, 30), (33, 25), (16, 16)], prefix="mixed", seed=7)
     for name, args in [("main", ()), ("workers", ("--num-workers", "2")), ("host", ("--resize-on", "host"))]:
         assert run(store_root, "clip:tiny", "--name", name, "--batch-size", "5", "--resize-on", "device", *args) == 0
     store.refresh()
