@@ -1,0 +1,57 @@
+"""The benchmark scripts in bench/ run end to end at toy sizes and print their tables (no timing is
+asserted: speed targets live in bench/RESULTS.md, measured by these scripts at full size)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "bench" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _row(out: str, start: str) -> list[str]:
+    """The cells of the first markdown table row that starts with ``start``."""
+    line = next(line for line in out.splitlines() if line.startswith(start))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _number(cell: str) -> float:
+    return float(re.match(r"[\d,.]+", cell).group(0).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_bench_extract_runs_at_toy_size() -> None:
+    out = _bench("extract.py", "--images", "48", "--size", "40", "--max-size", "72", "--runs", "1",
+                 "--encoders", "clip:tiny", "--batch-size", "16", "--device", "cpu", "--host-workers", "0",
+                 "--memory", "48")
+    row = _row(out, "| clip:tiny | cpu |")
+    forward, loop, ratio = _number(row[6]), _number(row[7]), _number(row[8])
+    assert forward > 0 and loop > 0 and ratio == pytest.approx(loop / forward, abs=0.01)
+    assert "loop time: images" in out
+    assert _number(_row(out, "| clip:tiny | decoded uint8 | 0 |")[4]) > 0  # host side alone
+    assert _number(_row(out, "| clip:tiny | 48 | 16 | 0 |")[4]) > 100  # peak RSS in MiB (torch alone is more)
+
+
+@pytest.mark.slow
+def test_bench_store_runs_at_toy_size() -> None:
+    out = _bench("store.py", "--rows", "2048", "--dim", "8", "--repeats", "1", "--skip-ingest")
+    assert _row(out, "| filtered scan")[1].endswith("ms")
+    assert _row(out, "| GROUP BY view over vector[1]")[2].endswith("ms")
+
+
+@pytest.mark.slow
+def test_bench_train_head_runs_at_toy_size() -> None:
+    out = _bench("train_head.py", "--rows", "1024", "--dim", "8", "--classes", "5", "--repeats", "1",
+                 "--heads", "linear", "--device", "cpu")
+    row = _row(out, "| linear |")
+    assert _number(row[1]) >= 0 and _number(row[3]) > 0
