@@ -200,6 +200,8 @@ def test_stack_images_is_a_channels_last_stack(channels: int) -> None:
     batch = stack_images(parts)
     assert batch.shape == (4, channels, 20, 30) and batch.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch, torch.stack(parts))
+    floats = [torch.rand(channels, 20, 30) for _ in range(3)]  # a whole transform's output: stays contiguous
+    assert stack_images(floats).is_contiguous() and torch.equal(stack_images(floats), torch.stack(floats))
     resize = DeviceResize(16, 18, "shortest_crop", "bicubic")
     assert torch.equal(resize(batch), resize(torch.stack(parts).contiguous()))
     flat = torch.stack(parts).contiguous()

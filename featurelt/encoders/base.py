@@ -289,13 +289,16 @@ class HostStage:
 
 
 def stack_images(images: Sequence[Tensor]) -> Tensor:
-    """Same-size ``[C, H, W]`` images -> one ``[B, C, H, W]`` batch stored channels-last.
+    """Same-size ``[C, H, W]`` images -> one ``[B, C, H, W]`` batch, in the images' own layout.
 
     Decoders and :class:`HostStage` hand over ``[C, H, W]`` views of interleaved ``[H, W, C]``
     pixels: stacking them channels-last is one plain copy per image, where a contiguous ``[B, C, H,
     W]`` batch would gather every channel plane (5x slower for 64 px RGB on cpu2); channels-last is
     also the layout :meth:`DeviceResize.resample_uint8` wants. Values are the same either way, and
-    :class:`DeviceStage` returns a contiguous float batch."""
+    :class:`DeviceStage` returns a contiguous float batch. Contiguous images (a whole transform's
+    float output) make a contiguous batch, as the encoder expects it."""
+    if images[0].is_contiguous() or not images[0].permute(1, 2, 0).is_contiguous():
+        return torch.stack(list(images))
     return torch.stack([t.permute(1, 2, 0) for t in images]).permute(0, 3, 1, 2)
 
 
