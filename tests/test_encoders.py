@@ -163,16 +163,23 @@ def test_split_transform_is_bit_identical(name: str) -> None:
     """Workers hand over uint8 and the device finishes the transform: same floats as the whole transform."""
     from featurelt.encoders.base import DeviceStage, split_transform
 
+    from featurelt.encoders.base import PackedImages
+
     enc = _build(name)
     stages = split_transform(enc.transform)
-    if enc.family == "sam":  # longest_pad zero-pads after normalising: runs whole in the workers
-        assert stages is None
-        return
     assert stages is not None
     host, device_stage = stages
     pickle.loads(pickle.dumps(host)), pickle.loads(pickle.dumps(device_stage))  # DataLoader workers
     parts = [host(im) for im in _images()]
     assert all(p.dtype == torch.uint8 for p in parts)
+    if enc.family == "sam":  # longest_pad: the sizes differ until the device stage pads after normalising
+        assert len({p.shape for p in parts}) > 1 and device_stage.pad_to == enc.image_size
+        assert torch.equal(device_stage(parts), _batch(enc))
+        assert torch.equal(device_stage(PackedImages.pack(parts)), _batch(enc))
+        parts = [host(im.resize((30, 20))) for im in _images()]  # one size: a batch
+        assert torch.equal(device_stage(stack_images(parts)), torch.stack([enc.preprocess(im.resize((30, 20)))
+                                                                           for im in _images()]))
+        return
     assert torch.equal(device_stage(torch.stack(parts)), _batch(enc))
     out = device_stage(stack_images(parts))  # the channels-last batch workers hand over: same floats
     assert out.is_contiguous() and torch.equal(out, _batch(enc))
@@ -279,10 +286,10 @@ def test_device_resize_is_within_two_grey_levels_of_pil(name: str) -> None:
 
     enc = _build(name)
     stages = split_transform(enc.transform, resize_on_device=True)
-    if enc.family == "sam":
-        assert stages is None
-        return
     host, dev = stages
+    if enc.family == "sam":  # SAM keeps PIL's resize in the workers
+        assert dev.resize is None and host.resize is None
+        return
     resize = dev.resize
     assert isinstance(resize, DeviceResize)
     pickle.loads(pickle.dumps(host)), pickle.loads(pickle.dumps(dev))
@@ -742,17 +749,13 @@ def test_launching_a_batch_does_not_make_the_host_wait(name: str) -> None:
     enc = _build(name, device="cuda").to("cuda")
     stages = split_transform(enc.transform, resize_on_device=True)
     images = [im.convert("RGB").resize((40, 30)) for im in _images()]
-    if stages is None:  # SAM: the whole transform runs in the workers
-        x, prepare = torch.stack([enc.preprocess(im) for im in images]), None
-    else:
-        host, prepare = stages
-        x = stack_images([host(im) for im in images])  # channels-last, as workers hand it over
+    host, prepare = stages
     products = [p for p in enc.products if not enc.requires_fit(p)]
-    batches = [x]
-    if stages is not None:  # images of different sizes, packed as workers hand them over
-        from featurelt.encoders.base import PackedImages
+    from featurelt.encoders.base import PackedImages
 
-        batches.append(PackedImages.pack([host(im.resize((40 + 3 * i, 30 + i))) for i, im in enumerate(images)]))
+    batches = [stack_images([host(im) for im in images]),  # channels-last, as workers hand it over
+               # images of different sizes, packed as workers hand them over
+               PackedImages.pack([host(im.resize((40 + 3 * i, 30 + i))) for i, im in enumerate(images)])]
     for batch in batches:
         launch_batch(enc, batch, products, device="cuda", prepare=prepare).result()  # first call: kernels, allocators
         torch.cuda.synchronize()

@@ -457,25 +457,31 @@ class DeviceStage:
     The same float operations in the same order as the per-image transform, so the result is identical.
 
     With ``resize`` (a :class:`DeviceResize`), the input is the images at their decoded size (a
-    batch or a list) and they are resized and cropped first.
+    batch or a list) and they are resized and cropped first. With ``pad_to`` (SAM's ``longest_pad``),
+    each normalised image is zero-padded at the bottom and right to ``pad_to x pad_to``, as the
+    per-image transform does; images of different sizes (a list) are then finished one by one.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grey: bool = False
     resize: DeviceResize | None = None
+    pad_to: int | None = None
 
     def __call__(self, x: Tensor | Sequence[Tensor] | PackedImages) -> Tensor:
         if isinstance(x, PackedImages):
             x = x.unpack()
+        batches = self.resize is not None or self.pad_to is not None  # can make one batch of different sizes
         if isinstance(x, Tensor):
             ok, got = x.dtype == torch.uint8 and x.ndim == 4, f"{x.dtype} {tuple(x.shape)}"
-        else:  # images of different sizes: only a resizing stage can batch them
-            ok = self.resize is not None and len(x) > 0 and all(t.dtype == torch.uint8 and t.ndim == 3 for t in x)
-            got = f"a list of {len(x)} images" + ("" if self.resize is not None else " (and no resize)")
+        else:
+            ok = batches and len(x) > 0 and all(t.dtype == torch.uint8 and t.ndim == 3 for t in x)
+            got = f"a list of {len(x)} images" + ("" if batches else " (and neither resize nor pad_to)")
         if not ok:
-            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or, with resize, a list of uint8 "
-                            f"[C, H, W] images), got {got}")
+            raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or, with resize or pad_to, a list of "
+                            f"uint8 [C, H, W] images), got {got}")
+        if self.pad_to is not None and not isinstance(x, Tensor):
+            return torch.cat([self(t[None]) for t in x])
         if self.resize is not None:
             x = self.resize(x)  # whole numbers 0..255 in float32: the division below is the same
         # divide by a tensor on x's device: CUDA turns division by a Python number into a multiplication by
@@ -483,7 +489,10 @@ class DeviceStage:
         x = x.to(torch.float32, memory_format=torch.contiguous_format).div(torch.full((), 255.0, device=x.device))
         if self.grey:
             x = x.expand(-1, 3, -1, -1)
-        return x.sub(_channel_constants(self.mean, str(x.device))).div(_channel_constants(self.std, str(x.device)))
+        x = x.sub(_channel_constants(self.mean, str(x.device))).div(_channel_constants(self.std, str(x.device)))
+        if self.pad_to is not None:
+            x = torch.nn.functional.pad(x, (0, self.pad_to - x.shape[-1], 0, self.pad_to - x.shape[-2]))
+        return x
 
 
 @functools.lru_cache(maxsize=64)
@@ -521,10 +530,10 @@ def _device_resize_of(pil: list[Any]) -> DeviceResize | None:
 def split_transform(transform: Any, *, resize_on_device: bool = False) -> tuple[HostStage, DeviceStage] | None:
     """Split an image transform into a uint8 :class:`HostStage` and a batched :class:`DeviceStage`.
 
-    Handles :class:`Preprocess` (except ``longest_pad``, whose zero padding comes after the
-    normalisation) and a torchvision ``Compose`` of PIL steps ending in ``ToTensor`` (or open_clip's
-    ``MaybeToTensor``) + ``Normalize``, like open_clip's evaluation transform. Returns None for any
-    other transform: it then runs whole in the workers.
+    Handles :class:`Preprocess` and a torchvision ``Compose`` of PIL steps ending in ``ToTensor`` (or
+    open_clip's ``MaybeToTensor``) + ``Normalize``, like open_clip's evaluation transform. Returns None
+    for any other transform: it then runs whole in the workers. ``longest_pad`` (SAM) keeps its resize
+    in the workers, whose images then differ in size, and the device stage pads after normalising.
 
     ``resize_on_device``: move the resize and crop too (a :class:`DeviceResize`), so that workers
     only decode and convert the mode; for ``squash`` / ``shortest_crop`` with bilinear or bicubic
@@ -534,9 +543,9 @@ def split_transform(transform: Any, *, resize_on_device: bool = False) -> tuple[
     from torchvision import transforms as T
 
     if isinstance(transform, Preprocess):
-        if transform.resize_mode == "longest_pad":
-            return None
         norm = (tuple(transform.mean), tuple(transform.std))
+        if transform.resize_mode == "longest_pad":
+            return HostStage(transform.resize), DeviceStage(*norm, grey=transform.grey, pad_to=transform.size)
         if resize_on_device and transform.interpolation in ("bilinear", "bicubic"):
             resize = DeviceResize(transform.size, transform.resize_to if transform.resize_mode == "shortest_crop" else None,
                                   transform.resize_mode, transform.interpolation)  # type: ignore[arg-type]
