@@ -901,7 +901,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     on the encoder's device, in batches, within 2 grey levels of PIL; workers then only decode, which
     is what keeps a GPU fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or
     ``host`` (PIL's own resize, in the workers: the reference transform exactly); ``auto`` (default):
-    ``device`` (SAM always resizes on the host; its workers hand over uint8 and the device pads after normalising).
+    ``device`` (for SAM the device resizes the longer side, normalises, then pads).
     Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
     """

@@ -287,10 +287,8 @@ def test_device_resize_is_within_two_grey_levels_of_pil(name: str) -> None:
     enc = _build(name)
     stages = split_transform(enc.transform, resize_on_device=True)
     host, dev = stages
-    if enc.family == "sam":  # SAM keeps PIL's resize in the workers
-        assert dev.resize is None and host.resize is None
-        return
     resize = dev.resize
+    assert dev.pad_to == (enc.image_size if enc.family == "sam" else None)  # SAM: longest side, padded after
     assert isinstance(resize, DeviceResize)
     pickle.loads(pickle.dumps(host)), pickle.loads(pickle.dumps(dev))
     images = _resize_images()
@@ -381,7 +379,7 @@ def test_host_stage_from_bytes_equals_the_pil_route(name: str) -> None:
     from featurelt.data.images import decode_bytes
 
     enc = _build(name)
-    stages = split_transform(enc.transform, resize_on_device=True) if enc.family != "sam" else None
+    stages = split_transform(enc.transform, resize_on_device=True)
     host = stages[0] if stages else None
     if host is None:
         return

@@ -436,11 +436,18 @@ def test_resize_on_device(store_root: Path) -> None:
     assert np.min(np.sum(va * vb, axis=1)) > 0.999
     prov = {r["name"]: json.loads(r["provenance"]) for r in store.read("embedding_sets").to_pylist()}
     assert prov["host"]["resize_on"] == "host" and prov["dev"]["resize_on"] == "device"
-    # SAM pads after normalising: its resize stays in the workers whatever is asked
-    assert run(store_root, "sam:tiny", "--products", "latent", "--name", "samdev", "--resize-on", "device",
-               "--limit", "2") == 0
+    # SAM too: the device resizes the longer side, normalises, then pads
+    for where in ("host", "device"):
+        assert run(store_root, "sam:tiny", "--products", "latent", "--name", f"sam{where}", "--resize-on", where,
+                   "--limit", "4") == 0
     store.refresh()
-    assert json.loads(store.read("embedding_sets", filter="name = 'samdev'")["provenance"][0].as_py())["resize_on"] == "host"
+    for where in ("host", "device"):
+        assert json.loads(store.read("embedding_sets", filter=f"name = 'sam{where}'")["provenance"][0].as_py())[
+            "resize_on"] == where
+    va, vb = (np.asarray(store.read(f"emb_sam{w}").sort_by("sample_id").column("vector").to_pylist())
+              for w in ("host", "device"))
+    assert va.shape == (4, 256) and np.min(np.sum(va * vb, axis=1) / np.linalg.norm(va, axis=1)
+                                           / np.linalg.norm(vb, axis=1)) > 0.999
 
 
 def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="where images are resized and cropped: device (in batches on the encoder's device, within "
                    "2 grey levels of PIL; workers only decode, plain PNG and JPEG files without PIL; keeps a GPU "
                    "fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or host (PIL in the "
-                   "workers: the reference transform exactly). Default auto: device (SAM always resizes on the host)")
+                   "workers: the reference transform exactly). Default auto: device")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored vector type (default float32; float16 halves the table size)")
     p.add_argument("--views", type=non_negative_int, default=0, metavar="N",

@@ -372,12 +372,14 @@ class DeviceResize:
 
     Input: a ``uint8 [B, C, h, w]`` batch or a list of ``uint8 [C, h_i, w_i]`` images (sizes may
     differ: images of one size are resized together). Output: ``float32 [B, C, size, size]`` holding
-    whole numbers 0..255. An image already at :meth:`output_size` is only cropped.
+    whole numbers 0..255. An image already at :meth:`output_size` is only cropped. Mode ``longest``
+    (SAM) resizes the longer side to ``size`` and does not crop: a batch comes out at its
+    :meth:`output_size` (the device stage pads it after normalising).
     """
 
-    size: int                          # output height = width
+    size: int                          # output height = width (longest: the longer side)
     resize_to: int | None = None       # shorter side before the crop (shortest_crop); None: size
-    mode: Literal["shortest_crop", "squash"] = "shortest_crop"
+    mode: Literal["shortest_crop", "squash", "longest"] = "shortest_crop"
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
     @property
@@ -389,6 +391,9 @@ class DeviceResize:
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Size after the resize, before the crop."""
         s = self.size
+        if self.mode == "longest":  # Preprocess's longest_pad
+            scale = s / max(w, h)
+            return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
         return (s, s) if self.mode == "squash" else resized_size(h, w, self.resize_to or s)
 
     def pil(self, img: Any) -> Any:
@@ -405,11 +410,15 @@ class DeviceResize:
         h, w = x.shape[-2:]
         nh, nw = self.output_size(h, w)
         s = self.size
-        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))  # torchvision center_crop
+        if self.mode == "longest":  # no crop
+            rows, cols = slice(None), slice(None)
+        else:  # torchvision center_crop
+            top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+            rows, cols = slice(top, top + s), slice(left, left + s)
         if x.device.type == "cpu" and (nh, nw) != (h, w):
-            x = self.resample_uint8(x, nh, nw)[..., top:top + s, left:left + s]
+            x = self.resample_uint8(x, nh, nw)[..., rows, cols]
             return x.to(torch.float32, memory_format=torch.contiguous_format)  # to float and out of channels-last at once
-        return self.resample_float(x, nh, nw)[..., top:top + s, left:left + s]
+        return self.resample_float(x, nh, nw)[..., rows, cols]
 
     def resample_float(self, x: Tensor, nh: int, nw: int) -> Tensor:
         """uint8 ``[B, C, h, w]`` -> float32 ``[B, C, nh, nw]`` of whole numbers, on any device: PIL's
@@ -532,26 +541,26 @@ def split_transform(transform: Any, *, resize_on_device: bool = False) -> tuple[
 
     Handles :class:`Preprocess` and a torchvision ``Compose`` of PIL steps ending in ``ToTensor`` (or
     open_clip's ``MaybeToTensor``) + ``Normalize``, like open_clip's evaluation transform. Returns None
-    for any other transform: it then runs whole in the workers. ``longest_pad`` (SAM) keeps its resize
-    in the workers, whose images then differ in size, and the device stage pads after normalising.
+    for any other transform: it then runs whole in the workers. For ``longest_pad`` (SAM) the images
+    differ in size after the resize, and the device stage pads them after normalising.
 
     ``resize_on_device``: move the resize and crop too (a :class:`DeviceResize`), so that workers
-    only decode and convert the mode; for ``squash`` / ``shortest_crop`` with bilinear or bicubic
-    resampling, and for a ``Compose`` made of ``Resize(int)``, ``CenterCrop`` and mode conversion.
+    only decode and convert the mode; for ``squash`` / ``shortest_crop`` / ``longest_pad`` with
+    bilinear or bicubic resampling, and for a ``Compose`` made of ``Resize(int)``, ``CenterCrop`` and mode conversion.
     Otherwise the resize stays in the workers.
     """
     from torchvision import transforms as T
 
     if isinstance(transform, Preprocess):
         norm = (tuple(transform.mean), tuple(transform.std))
-        if transform.resize_mode == "longest_pad":
-            return HostStage(transform.resize), DeviceStage(*norm, grey=transform.grey, pad_to=transform.size)
+        pad_to = transform.size if transform.resize_mode == "longest_pad" else None  # SAM pads after normalising
         if resize_on_device and transform.interpolation in ("bilinear", "bicubic"):
-            resize = DeviceResize(transform.size, transform.resize_to if transform.resize_mode == "shortest_crop" else None,
-                                  transform.resize_mode, transform.interpolation)  # type: ignore[arg-type]
+            mode = "longest" if pad_to else transform.resize_mode
+            resize = DeviceResize(transform.size, transform.resize_to if mode == "shortest_crop" else None,
+                                  mode, transform.interpolation)  # type: ignore[arg-type]
             return (HostStage(ConvertMode("L" if transform.grey else "RGB"), resize, to_rgb=not transform.grey),
-                    DeviceStage(*norm, grey=transform.grey, resize=resize))
-        return HostStage(transform.resize), DeviceStage(*norm, grey=transform.grey)
+                    DeviceStage(*norm, grey=transform.grey, resize=resize, pad_to=pad_to))
+        return HostStage(transform.resize), DeviceStage(*norm, grey=transform.grey, pad_to=pad_to)
     if isinstance(transform, T.Compose) and len(transform.transforms) >= 2:
         *pil, to_tensor, norm = transform.transforms
         if type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(norm, T.Normalize) \
