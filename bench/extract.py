@@ -269,7 +269,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
              "ratio loop | extract call img/s | ratio call |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        resize = r["resize_on"]  # as asked (auto: device, except for SAM)
+        resize = r["resize_on"]  # as asked (auto: device)
         lines.append(f"| {r['encoder']} | {r['device']} | {resize} | {r['images']} | {r['batch']} | {r['workers']} | "
                      f"{r['forward']:.1f} | {r['extract_loop']:.1f} | {r['ratio_loop']:.2f} | "
                      f"{r['extract_call']:.1f} | {r['ratio_call']:.2f} |")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="distinct images in the baseline's in-memory tensor, which the forward cycles through "
                    "(default 4096)")
     p.add_argument("--resize-on", choices=["auto", "host", "device"], default="auto",
-                   help="extract's --resize-on (default auto: device, except for SAM)")
+                   help="extract's --resize-on (default auto: device)")
     p.add_argument("--runs", type=int, default=5,
                    help="runs per encoder; the median is reported (default 5; 0 = only --host-workers)")
     p.add_argument("--encoders", nargs="+", default=["clip:ViT-B-32", "clip:tiny"], metavar="NAME[=IMAGES]",
