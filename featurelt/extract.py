@@ -583,10 +583,8 @@ def launch_batch(encoder: "Encoder", x: "torch.Tensor | list[torch.Tensor] | Pac
             pin = device.startswith("cuda")
             if isinstance(x, torch.Tensor):
                 on_device = (x.pin_memory() if pin else x).to(device, non_blocking=True)
-            elif isinstance(x, PackedImages):  # images of different sizes, in one buffer
-                on_device = x.to(device, pin=pin)
-            else:
-                on_device = [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in x]
+            else:  # images of different sizes: one buffer, one copy
+                on_device = (x if isinstance(x, PackedImages) else PackedImages.pack(x)).to(device, pin=pin)
             if prepare is not None:
                 on_device = prepare(on_device)
             with _autocast(device):
@@ -627,6 +625,13 @@ def _encoded(batches: Iterable[dict[str, Any]], encoder: "Encoder", products: li
     commits and waits for the loader. ``times`` accumulates the images / launch / device seconds."""
     times = times if times is not None else LoopTimes()
     clock = time.perf_counter
+
+    def read_back(job: EncodedBatch | None) -> dict[str, np.ndarray] | None:
+        t0 = clock()
+        out = job.result() if job is not None else None
+        times.device += clock() - t0
+        return out
+
     held: tuple[dict[str, Any], EncodedBatch | None] | None = None
     source = iter(batches)
     while True:
@@ -638,18 +643,12 @@ def _encoded(batches: Iterable[dict[str, Any]], encoder: "Encoder", products: li
             break
         job = None if batch["x"] is None else launch_batch(encoder, batch["x"], products, device=device,
                                                            prepare=prepare)
-        t2 = clock()
-        times.launch += t2 - t1
+        times.launch += clock() - t1
         if held is not None:
-            out = held[1].result() if held[1] is not None else None
-            times.device += clock() - t2
-            yield held[0], out
+            yield held[0], read_back(held[1])
         held = (batch, job)
     if held is not None:
-        t0 = clock()
-        out = held[1].result() if held[1] is not None else None
-        times.device += clock() - t0
-        yield held[0], out
+        yield held[0], read_back(held[1])
 
 
 def embedding_batch(sample_ids: list[str], views: list[int], strengths: list[float], fingerprint: str,

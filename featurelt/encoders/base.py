@@ -187,10 +187,8 @@ class Preprocess:
             img = TF.resize(img, self.resize_to or self.size, interpolation=interp, antialias=True)
             return TF.center_crop(img, [self.size, self.size])
         if self.resize_mode == "longest_pad":
-            w, h = img.size
-            scale = self.size / max(w, h)
-            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-            return TF.resize(img, [nh, nw], interpolation=interp, antialias=True)
+            return TF.resize(img, list(longest_side_size(img.height, img.width, self.size)), interpolation=interp,
+                             antialias=True)
         raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
 
     def __call__(self, img: Any) -> Tensor:
@@ -357,6 +355,13 @@ def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (new_long, size) if w <= h else (size, new_long)
 
 
+def longest_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output ``(height, width)`` when the longer side becomes ``size`` (SAM's ``ResizeLongestSide``,
+    :class:`Preprocess` ``longest_pad``), rounded to the nearest pixel, at least 1."""
+    scale = size / max(w, h)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
 @dataclass(frozen=True)
 class DeviceResize:
     """Resize (and center crop) uint8 images on the encoder's device, the way PIL does it.
@@ -370,9 +375,8 @@ class DeviceResize:
     tests/test_encoders.py). Output sizes and crop offsets follow torchvision's ``resize`` and
     ``center_crop``.
 
-    Input: a ``uint8 [B, C, h, w]`` batch or a list of ``uint8 [C, h_i, w_i]`` images (sizes may
-    differ: images of one size are resized together). Output: ``float32 [B, C, size, size]`` holding
-    whole numbers 0..255. An image already at :meth:`output_size` is only cropped. Mode ``longest``
+    Input: a ``uint8 [B, C, h, w]`` batch (:class:`DeviceStage` batches a list of images of
+    different sizes by size). Output: ``float32 [B, C, size, size]`` holding whole numbers 0..255. An image already at :meth:`output_size` is only cropped. Mode ``longest``
     (SAM) resizes the longer side to ``size`` and does not crop: a batch comes out at its
     :meth:`output_size` (the device stage pads it after normalising).
     """
@@ -392,8 +396,7 @@ class DeviceResize:
         """Size after the resize, before the crop."""
         s = self.size
         if self.mode == "longest":  # Preprocess's longest_pad
-            scale = s / max(w, h)
-            return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            return longest_side_size(h, w, s)
         return (s, s) if self.mode == "squash" else resized_size(h, w, self.resize_to or s)
 
     def pil(self, img: Any) -> Any:
@@ -404,7 +407,7 @@ class DeviceResize:
         nh, nw = self.output_size(img.height, img.width)
         return img.resize((nw, nh), Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR)
 
-    def _one_size(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor) -> Tensor:
         """Resize and crop a batch of one size: :meth:`resample_uint8` on the CPU, else
         :meth:`resample_float` (CUDA has no uint8 ``interpolate``)."""
         h, w = x.shape[-2:]
@@ -444,20 +447,6 @@ class DeviceResize:
         return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(nh, nw), mode=self.interpolation,
                              antialias=True, align_corners=False)
 
-    def __call__(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        if isinstance(images, Tensor):
-            return self._one_size(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(tuple(im.shape), []).append(i)
-        done: list[Tensor] = [images[0]] * len(images)
-        for idx in groups.values():
-            for i, row in zip(idx, self._one_size(stack_images([images[i] for i in idx]))):
-                done[i] = row
-        # one stack back in the input order (indexing the output with a list of positions would copy
-        # that list to the GPU and make the host wait for the batch in flight)
-        return torch.stack(done)
-
 
 @dataclass(frozen=True)
 class DeviceStage:
@@ -466,9 +455,10 @@ class DeviceStage:
     The same float operations in the same order as the per-image transform, so the result is identical.
 
     With ``resize`` (a :class:`DeviceResize`), the input is the images at their decoded size (a
-    batch or a list) and they are resized and cropped first. With ``pad_to`` (SAM's ``longest_pad``),
-    each normalised image is zero-padded at the bottom and right to ``pad_to x pad_to``, as the
-    per-image transform does; images of different sizes (a list) are then finished one by one.
+    batch, or a list / :class:`PackedImages` when the sizes differ: each size is finished as one
+    batch) and they are resized and cropped first. With ``pad_to`` (SAM's ``longest_pad``), each
+    normalised image is zero-padded at the bottom and right to ``pad_to x pad_to``, as the per-image
+    transform does.
     """
 
     mean: tuple[float, ...]
@@ -489,8 +479,17 @@ class DeviceStage:
         if not ok:
             raise TypeError(f"DeviceStage expects a uint8 [B, C, H, W] batch (or, with resize or pad_to, a list of "
                             f"uint8 [C, H, W] images), got {got}")
-        if self.pad_to is not None and not isinstance(x, Tensor):
-            return torch.cat([self(t[None]) for t in x])
+        if not isinstance(x, Tensor):  # images of different sizes: each size as one batch
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, im in enumerate(x):
+                groups.setdefault(tuple(im.shape), []).append(i)
+            done: list[Tensor] = [x[0]] * len(x)
+            for idx in groups.values():
+                for i, row in zip(idx, self(stack_images([x[i] for i in idx]))):
+                    done[i] = row
+            # one stack back in the input order (indexing the output with a list of positions would copy
+            # that list to the GPU and make the host wait for the batch in flight)
+            return torch.stack(done)
         if self.resize is not None:
             x = self.resize(x)  # whole numbers 0..255 in float32: the division below is the same
         # divide by a tensor on x's device: CUDA turns division by a Python number into a multiplication by
