@@ -105,7 +105,7 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
     products = [p for p in enc.products if not enc.requires_fit(p)]  # SAM's pca_map is fitted per store first
     n = min(images, store.count("samples"))
     m = max(batch_size, min(n, baseline_images))
-    rows = store.read("samples", columns=["sample_id", "image", "uri"]).slice(0, m).to_pylist()
+    rows = store.dataset("samples").to_table(columns=["sample_id", "image", "uri"], limit=m).to_pylist()  # first m only
     x_all = torch.stack([enc.preprocess(load_sample_image(r)) for r in rows])  # decoded + preprocessed in memory
     if dev.startswith("cuda"):
         x_all = x_all.pin_memory()
