@@ -20,6 +20,12 @@ Part 1b (``--stream``, store source only): the same table read per batch from th
 ``LanceDataset.take``) against the same ``HeadTrainer`` epoch over features loaded into memory;
 reported: median epoch seconds of each, the ratio, and the RSS each loaded train set holds.
 
+Part 1c (``--knn Q``): the ``knn`` head (fitted, no epochs: faiss ``IndexFlatIP`` over the train rows,
+weighted vote of the k = 20 nearest) against the same search written in PyTorch -- unit rows, one
+matmul and ``topk`` per chunk of queries, the same vote with ``scatter_add`` -- on the same table,
+for Q queries (train rows plus noise), interleaved; reported: median seconds of fit + predict of each,
+the ratio, and the share of queries on which the two predict the same class.
+
 Part 2 (``--fmnist``): Fashion-MNIST through the CLI -- ``ingest --builtin fashion-mnist`` +
 ``make-lt --imbalance 100`` + ``extract pixels`` + ``train-head`` (from scratch) against a second
 ``train-head`` re-run on the cached features (median of ``--fmnist-repeats`` re-runs).
@@ -236,6 +242,54 @@ def bench_stream(store: Store, *, device: torch.device, repeats: int, batch_size
             "rss_memory_mib": rss["never"], "features_in": trainers["always"].data.features_in}
 
 
+def baseline_knn(x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor, *, k: int, temperature: float,
+                 num_classes: int, chunk: int = 4096) -> torch.Tensor:
+    """kNN written in PyTorch: cosine = matmul of unit rows, ``topk``, votes ``exp(cos / T)`` summed per class."""
+    xu = F.normalize(x, dim=1)
+    preds = []
+    for q in F.normalize(queries, dim=1).split(chunk):
+        sims, ids = (q @ xu.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, y[ids], (sims / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def bench_knn(store: Store | None, *, queries: int, device: torch.device, repeats: int,
+              memory: dict | None = None) -> dict:
+    """fit + predict of the knn head vs :func:`baseline_knn` on the same features (module docstring)."""
+    cfg = TrainCfg(features=("synthetic",), head="knn", device=device.type)
+    if store is not None:
+        data, _train, _classes = load_train_data(store, cfg, device=device, views=False)
+    else:
+        data = synthetic_train_data(device=device, **memory)  # type: ignore[arg-type]
+    x, y = torch.as_tensor(data.x), torch.as_tensor(data.y)
+    gen = torch.Generator().manual_seed(1)
+    pick = torch.randperm(len(y), generator=gen)[:queries]
+    q = (x[pick].cpu() + 0.05 * torch.randn(len(pick), x.shape[1], generator=gen)).to(x.device)
+    ours, base, agree = [], [], 0.0
+    for rep in range(repeats + 1):  # rep 0 warms up both
+        sync(device)
+        t = time.perf_counter()
+        trainer = HeadTrainer(cfg, data)
+        trainer.fit()
+        p_ours = trainer.predict(q).argmax(1)
+        sync(device)
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        p_base = baseline_knn(x, y, q, k=trainer.head.k, temperature=trainer.head.temperature,
+                              num_classes=data.num_classes)
+        sync(device)
+        t_base = time.perf_counter() - t
+        agree = float((p_ours.cpu() == p_base.cpu()).float().mean())
+        if rep:
+            ours.append(t_ours)
+            base.append(t_base)
+        print(f"  knn rep {rep}{' (warm-up)' if not rep else ''}: featurelt {t_ours:.3f} s, torch {t_base:.3f} s, "
+              f"same prediction {100 * agree:.2f} %", flush=True)
+    mo, mb = statistics.median(ours), statistics.median(base)
+    return {"queries": len(pick), "featurelt_s": mo, "baseline_s": mb, "ratio": mo / mb, "agree": agree}
+
+
 # ---------------------------------------------------------------------------------------------- fashion-mnist
 def cli(root: Path, *argv: str) -> float:
     t = time.perf_counter()
@@ -267,7 +321,7 @@ def machine(device: torch.device) -> str:
 
 
 def markdown(args: argparse.Namespace, device: torch.device, results: list[dict], fm: dict | None,
-             write_s: float, st: dict | None = None) -> str:
+             write_s: float, st: dict | None = None, kn: dict | None = None) -> str:
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} -- {machine(device)}", "",
              f"`python bench/train_head.py {' '.join(sys.argv[1:])}`", "",
              f"Feature table: {args.rows} x {args.dim} float32, {args.classes} classes (Pareto counts), "
@@ -283,6 +337,11 @@ def markdown(args: argparse.Namespace, device: torch.device, results: list[dict]
                   f"reading each batch from the store vs {st['memory_s']:.3f} s over features in memory "
                   f"(ratio {st['ratio']:.2f}, median of {args.repeats}); the loaded train data holds {st['rss_store_mib']:.0f} MiB "
                   f"of RSS streamed vs {st['rss_memory_mib']:.0f} MiB in memory."]
+    if kn:
+        lines += ["", f"kNN head (k = 20, {kn['queries']} queries against the {args.rows} train rows): fit + predict "
+                  f"{kn['featurelt_s']:.3f} s (faiss IndexFlatIP) vs {kn['baseline_s']:.3f} s (PyTorch matmul + topk, "
+                  f"same vote): ratio {kn['ratio']:.2f}, median of {args.repeats}; the same class for "
+                  f"{100 * kn['agree']:.2f} % of the queries."]
     if fm:
         lines += ["", f"Fashion-MNIST ({fm['rows']} rows with pixel features, imbalance 100, {args.fmnist_epochs} epochs, "
                   f"balanced-softmax): ingest + make-lt {fm['ingest_make_lt_s']:.1f} s; extract pixels "
@@ -318,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default); memory: built in memory (machines without pylance)")
     p.add_argument("--stream", action="store_true",
                    help="also time epochs with features read per batch from the store (--source store)")
+    p.add_argument("--knn", type=int, default=0, metavar="Q",
+                   help="also time the knn head (fit + predict of Q queries) against PyTorch matmul + topk")
     p.add_argument("--fmnist", action="store_true", help="also time extract + train vs re-run on Fashion-MNIST")
     p.add_argument("--fmnist-limit", type=int, default=None, help="ingest --limit for Fashion-MNIST")
     p.add_argument("--fmnist-epochs", type=int, default=10, help="train-head epochs on Fashion-MNIST")
@@ -340,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.stream and store is not None else None
         results = [bench_head(store, h, device=device, repeats=args.repeats, batch_size=args.batch_size,
                               memory=memory) for h in args.heads.split(",")]
+        kn = bench_knn(store, queries=args.knn, device=device, repeats=args.repeats, memory=memory) \
+            if args.knn else None
         fm = bench_fmnist(Path(tmp), limit=args.fmnist_limit, epochs=args.fmnist_epochs, repeats=args.fmnist_repeats,
                           device=args.device) if args.fmnist else None
-    block = markdown(args, device, results, fm, write_s, st)
+    block = markdown(args, device, results, fm, write_s, st, kn)
     print(block)
     if args.results:
         write_results(args.results, block)

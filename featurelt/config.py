@@ -39,7 +39,7 @@ class TrainCfg:
     stream_features: StreamMode = "auto"    # auto: read batches from the store when the features would take over half
                                             # the available RAM; always: always; never: always load them into memory
     # --- head (registry featurelt.heads.HEADS)
-    head: str = "linear"                    # head name: linear | cosine | adapter | lfm-projection | fusion | mlp
+    head: str = "linear"                    # head name: linear | cosine | adapter | lfm-projection | fusion | mlp | ncm | knn
     head_opts: dict[str, Any] = field(default_factory=dict)     # keyword options of the head, e.g. {tau: 0.05}
     # --- loss (registry featurelt.losses.LOSSES)
     loss: str = "ce"                        # loss name, e.g. ce | balanced-softmax | ldam | ns-ce (sections 1, 3, 5)

@@ -196,7 +196,7 @@ RERUN = 1                                                    # index of the head
 def sweep_specs(epochs: int, seed: int) -> list[tuple[str, list[str]]]:
     """The heads the demo trains (METHODS.md sections): CE and balanced softmax (1), LFM text-guided mixup
     (6), fusion of all cached sources (token width 64) with the prototype losses (2), the ECVL adapter with
-    class-balanced sampling (5). SGD, lr 0.1 cosine-annealed (0.01 for the LFM projection, whose cosine logits diverge at 0.1)."""
+    class-balanced sampling (5), and the kNN classifier on the cached features (1: fitted, no training). SGD, lr 0.1 cosine-annealed (0.01 for the LFM projection, whose cosine logits diverge at 0.1)."""
     common = ["--epochs", str(epochs), "--seed", str(seed)]
     return [
         ("linear + CE", ["--head", "linear", "--loss", "ce", "--features", SINGLE_FEATURES, "--lr", "0.1", *common]),
@@ -209,6 +209,7 @@ def sweep_specs(epochs: int, seed: int) -> list[tuple[str, list[str]]]:
                                        "--lr", "0.1", *common]),
         ("ECVL adapter", ["--head", "adapter", "--sampler", "class-balanced", "--loss", "ce",
                           "--features", SINGLE_FEATURES, "--text-set", TEXT_SET, "--lr", "0.1", *common]),
+        ("kNN on the cached features", ["--head", "knn", "--features", SINGLE_FEATURES, "--seed", str(seed)]),
     ]
 
 

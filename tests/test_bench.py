@@ -52,6 +52,9 @@ def test_bench_store_runs_at_toy_size() -> None:
 @pytest.mark.slow
 def test_bench_train_head_runs_at_toy_size() -> None:
     out = _bench("train_head.py", "--rows", "1024", "--dim", "8", "--classes", "5", "--repeats", "1",
-                 "--heads", "linear", "--device", "cpu")
+                 "--heads", "linear", "--device", "cpu", "--knn", "64")
     row = _row(out, "| linear |")
     assert _number(row[1]) >= 0 and _number(row[3]) > 0
+    assert "kNN head (k = 20, 64 queries" in out
+    same = re.search(r"the same class for ([0-9.]+) % of the queries", out)
+    assert same is not None and float(same.group(1)) >= 95  # faiss and the PyTorch search agree

@@ -78,13 +78,13 @@ def test_demo_end_to_end_on_digits(tmp_path: Path, capsys) -> None:
     runs = store.sql(f"SELECT {', '.join(TABLE_COLUMNS)} FROM runs").to_pylist()
     by_id = {r["run_id"]: r for r in runs}
     printed = _printed_table(out)
-    assert len(printed) == 5
+    assert len(printed) == 6
     sweep = printed
-    # the heads the issue asks for: CE, balanced softmax, LFM, fusion with prototype losses, adapter
+    # the heads the issue asks for: CE, balanced softmax, LFM, fusion with prototype losses, adapter; and kNN
     kinds = {(r["head"], r["loss"], r["sampler"]) for r in sweep}
     assert ("linear", "ce", "instance") in kinds and ("linear", "balanced-softmax", "instance") in kinds
     assert ("lfm-projection", "ce", "lfm") in kinds and ("adapter", "ce", "class-balanced") in kinds
-    assert any(h == "fusion" for h, _, _ in kinds)
+    assert any(h == "fusion" for h, _, _ in kinds) and ("knn", "none", "none") in kinds
     fusion_cfg = store.sql("SELECT config, features FROM runs WHERE head = 'fusion'").to_pylist()[0]
     assert "tail-dist" in fusion_cfg["config"] and fusion_cfg["features"].count(",") >= 3
     # every printed number is the runs row, as featurelt sql prints it

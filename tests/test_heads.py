@@ -1,6 +1,8 @@
 """Heads (featurelt.heads): every registered head's shapes, and the formulas of METHODS.md sections 1, 2, 5, 6."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,11 +26,25 @@ def feats(d: int = sum(IN_DIMS)) -> torch.Tensor:
     return torch.randn(B, d, generator=torch.Generator().manual_seed(1))
 
 
+def labels(n: int = B) -> torch.Tensor:
+    return torch.arange(n) % K
+
+
 @pytest.mark.parametrize("name", HEADS.names())
 def test_every_head_shapes_and_backward(name):
     torch.manual_seed(0)
     head = HEADS.get(name)(ctx())
     x = feats()
+    if head.fitted:  # knn, ncm: made by fit(), no parameters, no gradient
+        with pytest.raises(ValueError, match="not fitted"):
+            head(x)
+        head.fit([(x[:4], labels(4)), (x[4:], labels()[4:])])
+        assert head(x).shape == (B, K) and not list(head.parameters())
+        with pytest.raises(ValueError, match="expects features"):
+            head.fit([(torch.randn(B, 3), labels())])
+        return
+    with pytest.raises(TypeError, match="not fitted"):
+        head.fit([(x, labels())])
     logits = head(x)
     assert logits.shape == (B, K)
     z = head.features(x)
@@ -127,3 +143,40 @@ def test_registry_errors():
         HEADS.get("linear")(ctx(), tau=1.0)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         HEADS.get("fusion")(ctx(), width=10, num_heads=3)
+
+
+def test_ncm_is_cosine_to_the_normalised_class_means():
+    """METHODS.md section 1: mu_c = unit(sum of unit rows of class c), z_c = cos(f, mu_c) / tau."""
+    x, y = feats(), torch.tensor([0, 0, 1, 1, 1, 3, 3])  # class 2 and 4: no rows
+    head = HEADS.get("ncm")(ctx(), tau=0.5)
+    head.fit([(x[:3], y[:3]), (x[3:], y[3:])])
+    u = F.normalize(x, dim=1)
+    for c in (0, 1, 3):
+        mu = F.normalize(u[y == c].sum(0), dim=0)
+        assert_close(head(x)[:, c], u @ mu / 0.5)
+    assert torch.isneginf(head(x)[:, [2, 4]]).all()  # a class without train rows is never predicted
+    assert head.counts.tolist() == [2, 3, 0, 2, 0]
+    again = HEADS.get("ncm")(ctx(), tau=0.5)
+    again.load_state_dict(head.state_dict())
+    assert_close(again(x), head(x))
+
+
+def test_knn_weighted_vote_by_hand():
+    """Four 2-d train rows; the query's 3 nearest by cosine vote exp(cos / T) for their classes."""
+    train_x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.0]])
+    train_y = torch.tensor([0, 1, 1, 2])
+    head = HEADS.get("knn")(HeadContext(in_dims=[2], num_classes=4), k=3, temperature=0.5)
+    head.fit([(train_x, train_y)])
+    q = torch.tensor([[3.0, 1.0]])  # cosines 3/sqrt10, 1/sqrt10, 4/sqrt20, -3/sqrt10 (the last is not among the 3)
+    s10, s20 = 10 ** 0.5, 20 ** 0.5
+    votes = torch.tensor([math.exp(3 / s10 / 0.5), math.exp(1 / s10 / 0.5) + math.exp(4 / s20 / 0.5), 0.0, 0.0])
+    assert_close(head(q)[0], votes.log().float())
+    assert head(q).argmax().item() == 1  # two neighbours of class 1 outvote the nearest one
+    k1 = HEADS.get("knn")(HeadContext(in_dims=[2], num_classes=4), k=1)
+    k1.fit([(train_x, train_y)])
+    assert k1(q).argmax().item() == 0  # k = 1: the most similar row (class 0) decides
+    again = HEADS.get("knn")(HeadContext(in_dims=[2], num_classes=4), k=3, temperature=0.5)
+    again.load_state_dict(head.state_dict())  # the checkpoint carries the index and its labels
+    assert_close(again(q), head(q))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        HEADS.get("knn")(HeadContext(in_dims=[2], num_classes=4), k=0)

@@ -439,3 +439,48 @@ def test_available_memory_is_positive_and_capped_by_ram():
 
     free = available_memory()
     assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("head", ["knn", "ncm"])
+def test_fitted_heads_from_cli_match_numpy(full_root, tmp_path, head, capsys, monkeypatch):
+    """knn (k = 1: the label of the most cosine-similar train row of a target class) and ncm (the most cosine-similar
+    normalised class mean) against numpy over the same features (METHODS.md section 1); the same
+    predictions with the features on the device, in host memory and read from the store; the
+    checkpoint predicts the same; the runs row says no loss, sampler or epochs."""
+    import featurelt.train.head as head_mod
+    from featurelt.data.features import load_features
+    from featurelt.heads import HEADS, HeadContext
+
+    root = copy_store(full_root, tmp_path)
+    store = Store(root)
+    tr = load_features(store, ["pixels"], split="train")
+    te = load_features(store, ["pixels"], split="test")
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    target = tr.labels < K  # the auxiliary class K is masked out: fitted heads leave its rows out
+    if head == "knn":
+        expect = tr.labels[target][(unit(te.x) @ unit(tr.x[target]).T).argmax(1)]
+    else:
+        means = np.stack([unit(tr.x)[tr.labels == c].sum(0) for c in range(K)])
+        expect = (unit(te.x) @ unit(means).T).argmax(1)
+    opts = ["--head-opt", "k=1"] if head == "knn" else []
+    runs = {}
+    for where, mode in (("device", "never"), ("host", "never"), ("store", "always")):
+        with monkeypatch.context() as m:
+            if where == "host":
+                m.setattr(head_mod, "fits_on_device", lambda nbytes, device: False)
+            capsys.readouterr()
+            assert train(root, "--head", head, *opts, "--stream-features", mode, "--json") == 0
+            runs[where] = json.loads(capsys.readouterr().out)
+        assert runs[where]["features_in"] == where
+        got = Store(root).sql(f"SELECT sample_id, prediction FROM predictions WHERE run_id = '{runs[where]['run_id']}'")
+        pred = dict(zip(got.column("sample_id").to_pylist(), got.column("prediction").to_pylist()))
+        keep = te.labels < K
+        assert [pred[s] for s in te.sample_ids[keep]] == expect[keep].tolist()
+    run = last_run(root)
+    assert (run["loss"], run["sampler"], run["epochs"]) == ("none", "none", 0)
+    model = HEADS.get(head)(HeadContext(in_dims=[64], num_classes=K + 1), **({"k": 1} if head == "knn" else {}))
+    model.load_state_dict(torch.load(run["checkpoint"]))
+    with torch.no_grad():
+        assert model(torch.from_numpy(te.x))[:, :K].argmax(1).tolist() == expect.tolist()
+    assert train(root, "--head", head, "--proto") == 1
+    assert "fitted, not trained: --proto does not apply" in capsys.readouterr().err

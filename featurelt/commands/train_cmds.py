@@ -48,9 +48,12 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="read each batch's feature rows from the store instead of loading the split into RAM: "
                    "auto (default) when the features would take over half the available memory, always, never")
     g = p.add_argument_group("model")
-    g.add_argument("--head", help="head name (default linear): see featurelt.heads.HEADS")
+    g.add_argument("--head", help="head name (default linear): linear, mlp, cosine, adapter, lfm-projection, fusion "
+                   "(trained); ncm, knn (fitted in one pass over the train features: no epochs, and the loss, "
+                   "sampler and optimizer do not apply)")
     g.add_argument("--head-opt", dest="head_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="head option, repeatable (e.g. tau=0.05, init=text, lam=0.2, alpha=0.5, hidden=512)")
+                   help="head option, repeatable (e.g. tau=0.05, init=text, lam=0.2, alpha=0.5, hidden=512; knn: k=20, "
+                   "temperature=0.07)")
     g.add_argument("--loss", help="loss name (default ce): ce, balanced-softmax, logit-adjust, ldam, focal, "
                    "class-balanced, ns-ce, contrastive-vl")
     g.add_argument("--loss-opt", dest="loss_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",

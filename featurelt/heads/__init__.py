@@ -9,11 +9,12 @@ options, and is an ``nn.Module`` with
   prototype losses of section 2 pull together).
 
 Families: ``linear.py`` (linear, mlp), ``text.py`` (cosine, adapter, lfm-projection: classifiers over
-class text embeddings, sections 1, 5, 6), ``fusion.py`` (self-attention over cached sources, section 2).
+class text embeddings, sections 1, 5, 6), ``fusion.py`` (self-attention over cached sources, section 2),
+``neighbors.py`` (ncm, knn: fitted in one pass over the train features instead of trained, section 1).
 """
 from __future__ import annotations
 
 from featurelt.heads.base import HEADS, Head, HeadContext
-from featurelt.heads import fusion, linear, text  # noqa: F401  (register the heads)
+from featurelt.heads import fusion, linear, neighbors, text  # noqa: F401  (register the heads)
 
 __all__ = ["HEADS", "Head", "HeadContext"]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
+from typing import ClassVar, Iterable
 
 from torch import Tensor, nn
 
@@ -43,7 +43,14 @@ class HeadContext:
 
 
 class Head(nn.Module, metaclass=abc.ABCMeta):
-    """Base class: ``forward`` = ``classify(features(x))``; subclasses define both halves."""
+    """Base class: ``forward`` = ``classify(features(x))``; subclasses define both halves.
+
+    Most heads are trained by gradient descent. A head with ``fitted = True`` (``knn``, ``ncm``) is
+    instead made in one pass over the train rows by :meth:`fit`, and has no parameters: train-head
+    then runs no epochs, and the loss, sampler and optimizer do not apply.
+    """
+
+    fitted: ClassVar[bool] = False
 
     def __init__(self, ctx: HeadContext) -> None:
         super().__init__()
@@ -75,6 +82,11 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, D_total]. Returns [B, K] logits."""
         return self.logits_and_features(x)[0]
+
+    def fit(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Fitted heads only: make the classifier from ``(features [B, D_total], labels [B])`` batches
+        that cover the train rows once."""
+        raise TypeError(f"head {type(self).__name__} is trained by gradient descent, not fitted")
 
 
 def unit(x: Tensor, eps: float = 1e-8) -> Tensor:

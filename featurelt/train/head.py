@@ -12,7 +12,9 @@
 3. for each epoch, draw the sampler's batches (METHODS.md sections 1, 3-6), mix inputs and one-hot
    labels where the sampler gives a partner (``x = lam_x x_i + (1 - lam_x) x_j``, soft target
    ``lam_y e_{y_i} + (1 - lam_y) e_{y_j}``), step the optimizer on the loss (plus the prototype add-on of
-   section 2), cosine-anneal the learning rate per epoch;
+   section 2), cosine-anneal the learning rate per epoch. A fitted head (``ncm``, ``knn``) runs no epochs:
+   it is made in one pass over the train rows of target classes (:meth:`HeadTrainer.fit`); its runs row says
+   ``loss = sampler = none``, ``epochs = 0``;
 4. evaluate on the eval split: original rows of target classes only, logits of auxiliary classes
    dropped (only the first K_target columns are kept, section 3), optional post-hoc logit adjustment
    (section 1); metrics of section 0 (:mod:`featurelt.metrics`);
@@ -202,6 +204,11 @@ class HeadTrainer:
         k = data.num_classes
         ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
         self.head: Head = build("head", cfg.head, HEADS.get(cfg.head), ctx, cfg.head_opts).to(self.device)
+        self.fitted = self.head.fitted  # knn, ncm: one pass of fit() instead of epochs
+        if self.fitted:
+            if cfg.proto:
+                raise ValueError(f"head '{cfg.head}' is fitted, not trained: --proto does not apply")
+            return
         loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target)
         self.loss = build("loss", cfg.loss, LOSSES.get(cfg.loss), loss_ctx, cfg.loss_opts).to(self.device)
         self.proto: ProtoLoss | None = None
@@ -332,6 +339,22 @@ class HeadTrainer:
         return mean
 
     @torch.no_grad()
+    def fit(self) -> None:
+        """Fitted heads (``head.fitted``): hand the train rows of target classes, in order, to
+        ``head.fit`` in batches. Rows of auxiliary classes are left out: evaluation masks their
+        classes away (section 3), and a kNN query whose neighbours were all auxiliary would have no vote."""
+        target = torch.nonzero(self.data.y.cpu() < self.data.num_target).flatten()
+        on_host = self.data.streamed or self.device.type == "cpu"
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for part in target.split(EVAL_BATCH):
+                rows = part if on_host else part.to(self.device)
+                yield self._gather(rows, None), self._labels(rows)
+
+        self.head.eval()
+        self.head.fit(batches())
+
+    @torch.no_grad()
     def predict(self, x: np.ndarray | Tensor) -> Tensor:
         """Logits [N, K] (all classes) of features [N, D_total], in batches; on the device."""
         self.head.eval()
@@ -443,13 +466,15 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
         seed_everything(cfg.seed)
         trainer = HeadTrainer(cfg, data)
         bar = None
-        if progress:
+        if progress and not trainer.fitted:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.epochs, desc=f"train-head {cfg.head}/{cfg.loss}/{cfg.sampler}", unit="epoch", disable=None,
                        leave=False)
         t_train = time.perf_counter()
-        for epoch in range(cfg.epochs):
+        if trainer.fitted:
+            trainer.fit()
+        for epoch in range(0 if trainer.fitted else cfg.epochs):
             te = time.perf_counter()
             loss = trainer.run_epoch(epoch)
             if device.type == "cuda":
@@ -488,14 +513,15 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
         checkpoint = save_checkpoint(trainer.head, resolved, root=root, run_id=run_id)
         row = pa.table({
             "run_id": [run_id], "time": pa.array([utcnow()], pa.timestamp("us")), "head": [cfg.head],
-            "loss": [cfg.loss], "sampler": [cfg.sampler], "features": [",".join(cfg.features)],
+            "loss": ["none" if trainer.fitted else cfg.loss], "sampler": ["none" if trainer.fitted else cfg.sampler],
+            "features": [",".join(cfg.features)],
             "config": [resolved.to_yaml()], "pinned_versions": [json.dumps(pinned_versions, sort_keys=True)],
             "metrics": [json.dumps(metrics, sort_keys=True)], "acc_all": [metrics["acc_all"]],
             "acc_many": pa.array([metrics["acc_many"]], pa.float64()),
             "acc_medium": pa.array([metrics["acc_medium"]], pa.float64()),
             "acc_few": pa.array([metrics["acc_few"]], pa.float64()),
             "macro_f1": [metrics["macro_f1"]], "head_tail_gap": pa.array([metrics["head_tail_gap"]], pa.float64()),
-            "train_seconds": [train_seconds], "epochs": pa.array([cfg.epochs], pa.int32()),
+            "train_seconds": [train_seconds], "epochs": pa.array([len(epoch_seconds)], pa.int32()),
             "seed": pa.array([cfg.seed], pa.int64()), "checkpoint": [checkpoint],
         })
         writer = Store(root, storage_options=storage_options)
@@ -518,7 +544,8 @@ def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -
         raise ValueError(f"store {root} is not a local directory: pass --out-dir for the checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "head.pt"
-    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, path)
+    state = head.state_dict()  # knn: its index and labels are the "_extra_state" entry (a dict of tensors)
+    torch.save({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}, path)
     (out / "config.yaml").write_text(cfg.to_yaml())
     return str(path)
 
