@@ -1,4 +1,4 @@
-"""Data commands: ingest, make-lt, classes."""
+"""Data commands: ingest, make-lt, classes, neighbors."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,31 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "train_count (split train, source original) and bucket (many|medium|few) with the thresholds used.")
     p.set_defaults(func=cmd_classes)
 
+    p = sub.add_parser(
+        "neighbors", parents=[parents.store, parents.as_of, parents.json],
+        help="suggest auxiliary neighbor classes: the vocabulary names nearest to each medium / few class",
+        description="Offline neighbor-class search (METHODS.md section 3): for each target class to extend "
+        "(medium and few by default), the --k names of a vocabulary file nearest to the class name in a text "
+        "encoder's space (cosine of class-name embeddings, exact search with faiss). Names already in the "
+        "classes table are never suggested. Collect images of the suggestions, then "
+        "`featurelt ingest DIR --source auxiliary --neighbor-of CLASS`.",
+        epilog="examples: featurelt neighbors --vocab names.txt;  featurelt neighbors --vocab names.txt --k 3 "
+        "--classes Sandal,Bag --json;  featurelt neighbors --vocab names.txt --encoder clip:ViT-B-32 "
+        "--checkpoint clip.bin")
+    p.add_argument("--vocab", required=True, metavar="FILE",
+                   help="candidate class names, one per line ('#' comments and blank lines skipped)")
+    p.add_argument("--k", type=positive_int, default=5, help="neighbors per class (default 5, the paper's)")
+    p.add_argument("--buckets", default="medium,few",
+                   help="extend the target classes of these buckets, comma-separated (default medium,few)")
+    p.add_argument("--classes", dest="class_names", metavar="NAME,...",
+                   help="extend these target classes instead (comma-separated names)")
+    p.add_argument("--encoder", default="text:minilm",
+                   help="text encoder (default text:minilm, bundled weights; or clip:<model> with --checkpoint)")
+    p.add_argument("--checkpoint", help="weights of --encoder (see `featurelt encoders`)")
+    p.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} (default 'a photo of a {}.')")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="text encoder device (default cpu)")
+    p.set_defaults(func=cmd_neighbors)
+
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from featurelt.data.ingest import ingest
@@ -122,4 +147,16 @@ def cmd_classes(args: argparse.Namespace) -> int:
     rows = store.read("classes").sort_by("label").to_pylist()
     print_rows(rows, as_json=args.json,
                columns=["label", "name", "source", "neighbor_of", "train_count", "bucket", "bucket_many", "bucket_few"])
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    from featurelt.data.neighbors import neighbor_search
+    from featurelt.extract import resolve_device
+
+    names = [n.strip() for n in args.class_names.split(",") if n.strip()] if args.class_names else None
+    rows = neighbor_search(open_store(args), args.vocab, k=args.k, buckets=[b.strip() for b in args.buckets.split(",")],
+                           classes=names, encoder=args.encoder, checkpoint=args.checkpoint, templates=args.templates,
+                           device=resolve_device(args.device))
+    print_rows(rows, as_json=args.json)
     return 0
