@@ -358,9 +358,11 @@ def _style() -> dict[str, Any]:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    """Legend label of a run: ``head / loss [sampler] (run_id)``."""
+    """Legend label of a run: ``head / loss [sampler] (run_id)``; ``head (run_id)`` for a fitted head
+    (knn, ncm: its runs row says loss none)."""
     sampler = f" [{run['sampler']}]" if run.get("sampler") and run["sampler"] not in ("none", "instance") else ""
-    return f"{run['head']} / {run['loss']}{sampler} ({run['run_id']})"
+    loss = f" / {run['loss']}" if run.get("loss") not in (None, "none") else ""
+    return f"{run['head']}{loss}{sampler} ({run['run_id']})"
 
 
 def plot_per_class(data: ReportData, path: Path) -> None:

@@ -333,3 +333,12 @@ def test_report_cli(report_store: Store, tmp_path: Path, capsys) -> None:
     rc = main(["report", "--store", report_store.root, "--run", "missing", "--out", str(out)])
     assert rc == 1
     assert "featurelt report: error: unknown run id(s) missing" in capsys.readouterr().err
+
+
+def test_run_label_names_loss_and_sampler_only_when_they_apply():
+    from featurelt.report import run_label
+
+    assert run_label({"head": "linear", "loss": "ce", "sampler": "instance", "run_id": "r1"}) == "linear / ce (r1)"
+    assert run_label({"head": "adapter", "loss": "ce", "sampler": "class-balanced", "run_id": "r2"}) == \
+        "adapter / ce [class-balanced] (r2)"
+    assert run_label({"head": "knn", "loss": "none", "sampler": "none", "run_id": "r3"}) == "knn (r3)"
