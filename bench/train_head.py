@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -168,6 +169,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``(fn(), seconds)``, the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def interleaved(label: str, ours: Callable[[int], Any], base: Callable[[int], Any], *, repeats: int,
+                device: torch.device, baseline: str, name: str = "featurelt",
+                note: Callable[[Any, Any], str] | None = None) -> tuple[float, float, tuple[Any, Any]]:
+    """``ours(i)`` then ``base(i)`` for ``i = 0..repeats`` (0 warms up both), each line printed.
+    Returns (median seconds of ours, of base, over i >= 1; the last outputs of both)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats + 1):
+        out_ours, t_ours = timed(lambda: ours(i), device)
+        out_base, t_base = timed(lambda: base(i), device)
+        if i:
+            times[0].append(t_ours)
+            times[1].append(t_base)
+        extra = f", {note(out_ours, out_base)}" if note is not None else ""
+        print(f"  {label} {i}{' (warm-up)' if not i else ''}: {name} {t_ours:.3f} s, {baseline} {t_base:.3f} s"
+              f"{extra}", flush=True)
+    return statistics.median(times[0]), statistics.median(times[1]), (out_ours, out_base)
+
+
 def bench_head(store: Store | None, head: str, *, device: torch.device, repeats: int, batch_size: int,
                memory: dict | None = None) -> dict:
     cfg = TrainCfg(features=("synthetic",), text_set="synthetic" if head == "adapter" else None, head=head,
@@ -185,23 +213,9 @@ def bench_head(store: Store | None, head: str, *, device: torch.device, repeats:
     model = (nn.Linear(dim, k) if head == "linear" else MinimalAdapter(dim, data.text)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(0)
-    ours, base = [], []
-    for epoch in range(repeats + 1):  # epoch 0 warms up both
-        sync(device)
-        t = time.perf_counter()
-        trainer.run_epoch(epoch)
-        sync(device)
-        t_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        baseline_epoch(model, opt, data.x, data.y, batch_size, gen)
-        sync(device)
-        t_base = time.perf_counter() - t
-        if epoch:
-            ours.append(t_ours)
-            base.append(t_base)
-        print(f"  {head} epoch {epoch}{' (warm-up)' if not epoch else ''}: featurelt {t_ours:.3f} s, "
-              f"minimal loop {t_base:.3f} s", flush=True)
-    mo, mb = statistics.median(ours), statistics.median(base)
+    mo, mb, _ = interleaved(f"{head} epoch", trainer.run_epoch,
+                            lambda epoch: baseline_epoch(model, opt, data.x, data.y, batch_size, gen),
+                            repeats=repeats, device=device, baseline="minimal loop")
     return {"head": head, "featurelt_s": mo, "baseline_s": mb, "ratio": mo / mb, "streamed": data.streamed}
 
 
@@ -226,18 +240,8 @@ def bench_stream(store: Store, *, device: torch.device, repeats: int, batch_size
         rss[mode] = rss_mib() - before  # memory the loaded train data holds
         torch.manual_seed(0)
         trainers[mode] = HeadTrainer(base, data)
-    times: dict[str, list[float]] = {"always": [], "never": []}
-    for epoch in range(repeats + 1):
-        for mode, trainer in trainers.items():
-            sync(device)
-            t = time.perf_counter()
-            trainer.run_epoch(epoch)
-            sync(device)
-            if epoch:
-                times[mode].append(time.perf_counter() - t)
-        print(f"  stream epoch {epoch}: store {times['always'][-1] if epoch else 0:.3f} s, "
-              f"memory {times['never'][-1] if epoch else 0:.3f} s", flush=True)
-    ms, mm = statistics.median(times["always"]), statistics.median(times["never"])
+    ms, mm, _ = interleaved("stream epoch", trainers["always"].run_epoch, trainers["never"].run_epoch,
+                            repeats=repeats, device=device, name="from the store", baseline="in memory")
     return {"store_s": ms, "memory_s": mm, "ratio": ms / mm, "rss_store_mib": rss["always"],
             "rss_memory_mib": rss["never"], "features_in": trainers["always"].data.features_in}
 
@@ -266,28 +270,20 @@ def bench_knn(store: Store | None, *, queries: int, device: torch.device, repeat
     gen = torch.Generator().manual_seed(1)
     pick = torch.randperm(len(y), generator=gen)[:queries]
     q = (x[pick].cpu() + 0.05 * torch.randn(len(pick), x.shape[1], generator=gen)).to(x.device)
-    ours, base, agree = [], [], 0.0
-    for rep in range(repeats + 1):  # rep 0 warms up both
-        sync(device)
-        t = time.perf_counter()
+    def ours(_: int) -> torch.Tensor:
         trainer = HeadTrainer(cfg, data)
         trainer.fit()
-        p_ours = trainer.predict(q).argmax(1)
-        sync(device)
-        t_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        p_base = baseline_knn(x, y, q, k=trainer.head.k, temperature=trainer.head.temperature,
-                              num_classes=data.num_classes)
-        sync(device)
-        t_base = time.perf_counter() - t
-        agree = float((p_ours.cpu() == p_base.cpu()).float().mean())
-        if rep:
-            ours.append(t_ours)
-            base.append(t_base)
-        print(f"  knn rep {rep}{' (warm-up)' if not rep else ''}: featurelt {t_ours:.3f} s, torch {t_base:.3f} s, "
-              f"same prediction {100 * agree:.2f} %", flush=True)
-    mo, mb = statistics.median(ours), statistics.median(base)
-    return {"queries": len(pick), "featurelt_s": mo, "baseline_s": mb, "ratio": mo / mb, "agree": agree}
+        return trainer.predict(q).argmax(1)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.cpu() == b.cpu()).float().mean())
+
+    head = HeadTrainer(cfg, data).head  # its defaults: k, temperature
+    mo, mb, last = interleaved(
+        "knn rep", ours, lambda _: baseline_knn(x, y, q, k=head.k, temperature=head.temperature,
+                                                num_classes=data.num_classes),
+        repeats=repeats, device=device, baseline="torch", note=lambda a, b: f"same prediction {100 * same(a, b):.2f} %")
+    return {"queries": len(pick), "featurelt_s": mo, "baseline_s": mb, "ratio": mo / mb, "agree": same(*last)}
 
 
 # ---------------------------------------------------------------------------------------------- fashion-mnist
