@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 import numpy as np
 import pyarrow as pa
 
-from featurelt.store import Store, StoreError, utcnow
+from featurelt.store import Store, StoreError, rejects_table, utcnow
 from featurelt.store.core import command_line
 
 if TYPE_CHECKING:  # torch stays a lazy import: `featurelt --help` must not load it
@@ -680,11 +680,9 @@ def _new_rows(batch: dict[str, Any], vectors: np.ndarray, done: dict[str, set[in
 
 
 def _rejects_table(rejects: list[tuple[str, str]], message: str) -> pa.Table:
-    now = utcnow()
-    return pa.table({"command": [message] * len(rejects), "stage": ["extract"] * len(rejects),
-                     "location": [f"samples/{sid}" for sid, _ in rejects], "row": pa.array([None] * len(rejects), pa.int64()),
-                     "sample_id": [sid for sid, _ in rejects], "reason": [r for _, r in rejects],
-                     "time": pa.array([now] * len(rejects), pa.timestamp("us"))})
+    """``rejects`` rows of samples that failed to decode: ``(sample_id, reason)`` pairs."""
+    return rejects_table(command=message, stage="extract",
+                         rows=[{"location": f"samples/{sid}", "sample_id": sid, "reason": r} for sid, r in rejects])
 
 
 # --------------------------------------------------------------------------- encoder setup

@@ -48,6 +48,18 @@ def test_every_schema_file_is_complete() -> None:
         assert [f.name for f in schema] == [f["name"] for f in spec["fields"]]
 
 
+def test_top_level_schemas_are_the_package_schemas() -> None:
+    """``schemas/`` at the top of the repo (for readers) and ``featurelt/schemas/`` (installed) are one set."""
+    from pathlib import Path
+
+    from featurelt.store.schema import SCHEMA_DIR
+
+    top = Path(__file__).resolve().parents[1] / "schemas"
+    assert sorted(p.name for p in top.glob("*.json")) == sorted(p.name for p in SCHEMA_DIR.glob("*.json"))
+    for p in top.glob("*.json"):
+        assert p.read_text() == (SCHEMA_DIR / p.name).read_text(), p.name
+
+
 def test_parse_type() -> None:
     assert parse_type("fixed_size_list<float16>[12]") == pa.list_(pa.float16(), 12)
     assert parse_type("list<int32>") == pa.list_(pa.int32())

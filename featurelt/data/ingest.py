@@ -766,7 +766,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: F
     from tqdm import tqdm
 
     from featurelt.data.classes import rebuild_classes
-    from featurelt.store.core import utcnow
+    from featurelt.store.core import rejects_table
 
     if source not in SOURCES:
         raise ValueError(f"unknown source '{source}'; available: {', '.join(SOURCES)}")
@@ -886,12 +886,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: F
         finally:
             bar.close()
         if bad:
-            now = utcnow()
-            tx.append("rejects", pa.table({
-                "command": [tx.message] * len(bad), "stage": ["ingest"] * len(bad),
-                "location": [b["location"] for b in bad], "row": pa.array([b["row"] for b in bad], pa.int64()),
-                "sample_id": pa.array([b["sample_id"] for b in bad], pa.string()),
-                "reason": [b["reason"] for b in bad], "time": pa.array([now] * len(bad), pa.timestamp("us"))}))
+            tx.append("rejects", rejects_table(command=tx.message, stage="ingest", rows=bad))
         if added == 0 and not bad and not registry.new:
             tx.discard()  # nothing new: no store version
         else:

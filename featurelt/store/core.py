@@ -51,6 +51,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def rejects_table(*, command: str, stage: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows of the ``rejects`` table (schemas/rejects.json), one per refused input, all stamped with one
+    time: each dict gives ``location`` and ``reason``, and may give ``row`` (1-based line of a manifest)
+    and ``sample_id``."""
+    now, n = utcnow(), len(rows)
+    return pa.table({"command": [command] * n, "stage": [stage] * n, "location": [r["location"] for r in rows],
+                     "row": pa.array([r.get("row") for r in rows], pa.int64()),
+                     "sample_id": pa.array([r.get("sample_id") for r in rows], pa.string()),
+                     "reason": [r["reason"] for r in rows], "time": pa.array([now] * n, pa.timestamp("us"))})
+
+
 def command_line() -> str:
     """The command line of this process, used as the default commit message."""
     argv = list(sys.argv)
