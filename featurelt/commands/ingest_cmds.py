@@ -1,7 +1,8 @@
-"""Data commands: ingest, make-lt, classes, neighbors."""
+"""Data commands: ingest, make-lt, classes, neighbors, filter-auxiliary."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from featurelt.commands._common import non_negative_int, open_store, positive_int, print_rows
 
@@ -111,6 +112,28 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="text encoder device (default cpu)")
     p.set_defaults(func=cmd_neighbors)
 
+    p = sub.add_parser(
+        "filter-auxiliary", parents=[parents.store, parents.json],
+        help="drop noisy auxiliary images: keep those with gamma1 < cos(target prototype, feature) < gamma2",
+        description="The image filter of METHODS.md section 3. For each auxiliary train image r of an auxiliary "
+        "class whose neighbor_of is target class i: keep it when its caption (samples.description, where there is "
+        "one) names its class and gamma1 < cos(p_i, f_r) < gamma2, with f_r its cached feature (--features, "
+        "DINOv2 in the paper) and p_i the mean feature of the original train rows of class i. Rejected rows move to "
+        "split 'filtered' with a rejects row giving the reason; classes is rebuilt; one store transaction.",
+        epilog="examples: featurelt filter-auxiliary --features dinov2_vits14_cls --dry-run;  "
+        "featurelt filter-auxiliary --features dinov2_vits14_cls --gamma1 0.4 --gamma2 0.9")
+    p.add_argument("--features", required=True,
+                   help="embedding sets to compare, comma-separated (joined on sample_id like train-head's)")
+    p.add_argument("--gamma1", type=float, default=0.3,
+                   help="keep images with cos > gamma1 (default 0.3; the paper gives no value: read the per-class "
+                   "cos_min / cos_mean / cos_max of a --dry-run)")
+    p.add_argument("--gamma2", type=float, default=0.95,
+                   help="keep images with cos < gamma2, i.e. not near-duplicates of the target class (default 0.95)")
+    p.add_argument("--no-caption-check", dest="caption", action="store_false",
+                   help="do not reject images whose description does not name their class")
+    p.add_argument("--dry-run", action="store_true", help="report what would be moved; write nothing")
+    p.set_defaults(func=cmd_filter_auxiliary)
+
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from featurelt.data.ingest import ingest
@@ -159,4 +182,20 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
                            classes=names, encoder=args.encoder, checkpoint=args.checkpoint, templates=args.templates,
                            device=resolve_device(args.device))
     print_rows(rows, as_json=args.json)
+    return 0
+
+
+def cmd_filter_auxiliary(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from featurelt.data.filters import filter_auxiliary
+
+    sets = [f.strip() for f in args.features.split(",") if f.strip()]
+    result = filter_auxiliary(open_store(args, write=not args.dry_run), sets, gamma1=args.gamma1, gamma2=args.gamma2,
+                              caption=args.caption, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(asdict(result), indent=1))
+        return 0
+    print_rows(result.per_class)
+    print(result.summary())
     return 0
