@@ -66,6 +66,8 @@ class TrainCfg:
     device: Device = "auto"                 # auto = cuda when available, else cpu
     # --- evaluation
     post_hoc_tau: float = 0.0               # post-hoc logit adjustment z_j - tau log n_j at inference (section 1); 0 = off
+    tau_norm: float = 0.0                   # tau-normalisation at inference: rows w_k / ||w_k||^tau, no bias (section 1;
+                                            # heads linear, mlp); 0 = off, 1 = unit rows
     # --- outputs
     out_dir: str | None = None              # checkpoint + config.yaml directory (default <store>/checkpoints/<run_id>)
 
@@ -101,7 +103,7 @@ def check(cfg: TrainCfg) -> None:
         raise bad("aux_cap", "must be >= 0")
     if not cfg.lr > 0:
         raise bad("lr", "must be > 0")
-    for name in ("weight_decay", "proto_beta", "post_hoc_tau"):
+    for name in ("weight_decay", "proto_beta", "post_hoc_tau", "tau_norm"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
     if not 0 <= cfg.momentum < 1:

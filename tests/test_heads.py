@@ -180,3 +180,21 @@ def test_knn_weighted_vote_by_hand():
     assert_close(again(q), head(q))
     with pytest.raises(ValueError, match="k must be >= 1"):
         HEADS.get("knn")(HeadContext(in_dims=[2], num_classes=4), k=0)
+
+
+def test_tau_normalised_logits():
+    """Kang et al. (METHODS.md section 1): rows w_k / ||w_k||^tau, bias left out; tau = 0 is W itself."""
+    from featurelt.heads.linear import tau_normalised
+
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.5]])
+    assert_close(tau_normalised(w, 1.0), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    assert_close(tau_normalised(w, 0.5), torch.tensor([[3 / 5 ** 0.5, 4 / 5 ** 0.5], [0.0, 0.5 / 0.5 ** 0.5]]))
+    assert_close(tau_normalised(w, 0.0), w)
+    x = feats()
+    for name in ("linear", "mlp"):
+        head = HEADS.get(name)(ctx())
+        z = head.features(x)
+        assert_close(head.tau_normalised_logits(x, 0.7), z @ tau_normalised(head.fc.weight, 0.7).T)
+        assert_close(head.tau_normalised_logits(x, 0.0), head(x) - head.fc.bias)  # tau 0: W, no bias
+    with pytest.raises(ValueError, match="one linear layer"):
+        HEADS.get("cosine")(ctx()).tau_normalised_logits(x, 1.0)

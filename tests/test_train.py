@@ -484,3 +484,25 @@ def test_fitted_heads_from_cli_match_numpy(full_root, tmp_path, head, capsys, mo
         assert model(torch.from_numpy(te.x))[:, :K].argmax(1).tolist() == expect.tolist()
     assert train(root, "--head", head, "--proto") == 1
     assert "fitted, not trained: --proto does not apply" in capsys.readouterr().err
+
+
+def test_tau_norm_from_cli(lt_root, tmp_path, capsys):
+    """--tau-norm: the stored predictions are argmax of features @ (w_k / ||w_k||^tau)^T from the checkpoint."""
+    from featurelt.data.features import load_features
+    from featurelt.heads import HEADS, HeadContext
+
+    root = copy_store(lt_root, tmp_path)
+    assert train(root, "--loss", "ce", "--epochs", "10", "--lr", "0.2", "--tau-norm", "1") == 0
+    run = last_run(root)
+    assert "tau_norm: 1.0" in run["config"]
+    head = HEADS.get("linear")(HeadContext(in_dims=[64], num_classes=K))
+    head.load_state_dict(torch.load(run["checkpoint"]))
+    test = load_features(Store(root), ["pixels"], split="test")
+    w = head.fc.weight.detach()
+    expect = (torch.from_numpy(test.x) @ (w / w.norm(dim=1, keepdim=True)).T).argmax(1).numpy()
+    got = Store(root).sql(f"SELECT sample_id, prediction FROM predictions WHERE run_id = '{run['run_id']}'")
+    pred = dict(zip(got.column("sample_id").to_pylist(), got.column("prediction").to_pylist()))
+    assert [pred[s] for s in test.sample_ids] == expect.tolist()
+    capsys.readouterr()
+    assert train(root, "--head", "cosine", "--tau-norm", "1") == 1  # refused before training
+    assert "needs a head whose classifier is one linear layer" in capsys.readouterr().err

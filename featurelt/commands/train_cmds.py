@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--post-hoc-tau", dest="post_hoc_tau", type=float,
                    help="post-hoc logit adjustment z - tau log(prior) at inference (default 0 = off)")
+    g.add_argument("--tau-norm", dest="tau_norm", type=float,
+                   help="tau-normalised classifier at inference (Kang et al.): rows w_k / ||w_k||^tau, no bias; heads "
+                   "linear and mlp (default 0 = off; 1 = unit rows)")
     g.add_argument("--out-dir", dest="out_dir", help="checkpoint directory root (default <store>/checkpoints)")
     g.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", type=_kv,
                    help="train a grid and print one comparison table; KEY is a config field (loss, sampler, head, lr, "
@@ -121,7 +124,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("features", "text_set", "train_split", "eval_split", "head", "loss", "proto", "proto_m",
                  "proto_beta", "proto_tau_head", "proto_tau_tail_std", "proto_tau_tail_dist", "sampler", "aux_cap",
                  "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
-                 "post_hoc_tau", "out_dir", "as_of", "stream_features"):
+                 "post_hoc_tau", "tau_norm", "out_dir", "as_of", "stream_features"):
         v = getattr(args, name, None)
         if v is not None:
             out[name] = v

@@ -83,6 +83,11 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
         """x: [B, D_total]. Returns [B, K] logits."""
         return self.logits_and_features(x)[0]
 
+    def tau_normalised_logits(self, x: Tensor, tau: float) -> Tensor:
+        """Heads with a linear classifier (linear, mlp): logits with tau-normalised rows (section 1)."""
+        raise ValueError(f"tau-normalisation (--tau-norm) needs a head whose classifier is one linear layer "
+                         f"(linear, mlp), not {type(self).__name__}")
+
     def fit(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
         """Fitted heads only: make the classifier from ``(features [B, D_total], labels [B])`` batches
         that cover the train rows once."""

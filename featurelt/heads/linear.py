@@ -1,4 +1,8 @@
-"""Plain classifiers on the concatenated features: ``linear`` and ``mlp`` (METHODS.md section 1)."""
+"""Plain classifiers on the concatenated features: ``linear`` and ``mlp`` (METHODS.md section 1).
+
+Both end in one linear layer ``fc``, so both can be tau-normalised at inference (Kang et al. 2020,
+section 1): :func:`tau_normalised` rows ``w_k / ||w_k||^tau`` and no bias (``train-head --tau-norm``).
+"""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -6,8 +10,30 @@ from torch import Tensor, nn
 from featurelt.heads.base import HEADS, Head, HeadContext
 
 
+def tau_normalised(weight: Tensor, tau: float) -> Tensor:
+    """weight: [K, D] classifier rows. Returns ``w_k / ||w_k||^tau`` [K, D]: tau = 0 leaves them, tau = 1
+    gives unit rows (head classes, whose rows grow larger, stop dominating; METHODS.md section 1)."""
+    if not tau >= 0:
+        raise ValueError(f"tau must be >= 0, got {tau!r}")
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+
+class LinearClassifierHead(Head):
+    """A head whose classifier is the linear layer ``fc`` on its latent: it can be tau-normalised."""
+
+    fc: nn.Linear
+
+    def classify(self, z: Tensor) -> Tensor:
+        return self.fc(z)
+
+    def tau_normalised_logits(self, x: Tensor, tau: float) -> Tensor:
+        """x: [B, D_total]. Returns [B, K] logits ``features(x) @ tau_normalised(W, tau)^T``, bias left out."""
+        self.check_input(x)
+        return self.features(x) @ tau_normalised(self.fc.weight, tau).T
+
+
 @HEADS.register("linear")
-class LinearHead(Head):
+class LinearHead(LinearClassifierHead):
     """Linear classifier ``z = W f + b`` on the concatenated features (section 1 baseline)."""
 
     def __init__(self, ctx: HeadContext) -> None:
@@ -18,12 +44,9 @@ class LinearHead(Head):
         """x: [B, D_total]. Returns x itself (the linear classifier reads the cached features)."""
         return x
 
-    def classify(self, z: Tensor) -> Tensor:
-        return self.fc(z)
-
 
 @HEADS.register("mlp")
-class MLPHead(Head):
+class MLPHead(LinearClassifierHead):
     """Two-layer perceptron: Linear -> ReLU -> Dropout -> Linear; the hidden layer is the latent."""
 
     def __init__(self, ctx: HeadContext, *, hidden: int = 512, dropout: float = 0.0) -> None:
@@ -39,6 +62,3 @@ class MLPHead(Head):
     def features(self, x: Tensor) -> Tensor:
         """x: [B, D_total]. Returns [B, hidden]."""
         return self.body(x)
-
-    def classify(self, z: Tensor) -> Tensor:
-        return self.fc(z)

@@ -204,6 +204,8 @@ class HeadTrainer:
         k = data.num_classes
         ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
         self.head: Head = build("head", cfg.head, HEADS.get(cfg.head), ctx, cfg.head_opts).to(self.device)
+        if cfg.tau_norm > 0:  # refuse before training a head that cannot be tau-normalised
+            self.head.tau_normalised_logits(torch.zeros(1, ctx.in_dim, device=self.device), cfg.tau_norm)
         self.fitted = self.head.fitted  # knn, ncm: one pass of fit() instead of epochs
         if self.fitted:
             if cfg.proto:
@@ -355,14 +357,15 @@ class HeadTrainer:
         self.head.fit(batches())
 
     @torch.no_grad()
-    def predict(self, x: np.ndarray | Tensor) -> Tensor:
-        """Logits [N, K] (all classes) of features [N, D_total], in batches; on the device."""
+    def predict(self, x: np.ndarray | Tensor, *, tau_norm: float = 0.0) -> Tensor:
+        """Logits [N, K] (all classes) of features [N, D_total], in batches; on the device. ``tau_norm > 0``:
+        with the classifier's rows tau-normalised (section 1; heads linear and mlp)."""
         self.head.eval()
         out = []
         for start in range(0, len(x), EVAL_BATCH):
             chunk = x[start:start + EVAL_BATCH]
             chunk = torch.as_tensor(chunk).to(self.device, non_blocking=True)
-            out.append(self.head(chunk))
+            out.append(self.head.tau_normalised_logits(chunk, tau_norm) if tau_norm > 0 else self.head(chunk))
         return torch.cat(out)
 
 
@@ -415,13 +418,14 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
 
 
 def evaluate(trainer: HeadTrainer, feats: FeatureSet, *, num_target: int, post_hoc_tau: float,
-             class_counts: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             class_counts: Tensor, tau_norm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(labels [N], prediction [N], top5 [N, min(5, K_target)], score [N]) over target classes only.
 
-    Auxiliary logits are dropped before the softmax (METHODS.md section 3); with ``post_hoc_tau > 0``
-    the kept logits become ``z_j - tau log pi_j`` (section 1).
+    Auxiliary logits are dropped before the softmax (METHODS.md section 3); with ``tau_norm > 0`` the
+    classifier rows are tau-normalised first, and with ``post_hoc_tau > 0`` the kept logits become
+    ``z_j - tau log pi_j`` (section 1).
     """
-    logits = trainer.predict(feats.x)[:, :num_target]
+    logits = trainer.predict(feats.x, tau_norm=tau_norm)[:, :num_target]
     if post_hoc_tau > 0:
         logits = post_hoc_logit_adjust(logits, class_counts.to(logits.device), post_hoc_tau)
     probs = torch.softmax(logits.float(), dim=1)
@@ -488,7 +492,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
             bar.close()
         te = time.perf_counter()
         labels, pred, top5, score = evaluate(trainer, evalset, num_target=data.num_target,
-                                             post_hoc_tau=cfg.post_hoc_tau, class_counts=data.class_counts)
+                                             post_hoc_tau=cfg.post_hoc_tau, class_counts=data.class_counts,
+                                             tau_norm=cfg.tau_norm)
         metrics = compute_metrics(labels, pred, buckets_from_classes(classes))
         eval_seconds = time.perf_counter() - te
 
