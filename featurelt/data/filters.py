@@ -38,7 +38,7 @@ from featurelt.store import command_line, rejects_table
 if TYPE_CHECKING:
     from featurelt.store import Store
 
-FILTERED_SPLIT = "filtered"  # where rejected auxiliary train rows go
+FILTERED_SPLIT = "filtered"  # where the train rows a filter rejects go
 CHUNK = 8192                 # feature rows read at a time
 
 
@@ -50,14 +50,13 @@ def prototype_cosines(x: Any, labels: np.ndarray, *, prototype_rows: np.ndarray,
     x: ``[N, D]`` rows (an array, or a :class:`~featurelt.data.features.StoreRows` read in chunks).
     Returns ``[len(query_rows)]`` float64; NaN where class ``c`` has no prototype row.
     """
-    classes = np.unique(query_classes)
-    index = {int(c): k for k, c in enumerate(classes)}
+    classes = np.unique(query_classes)  # sorted: np.searchsorted gives each class's slot
     sums = np.zeros((len(classes), x.shape[1]), dtype=np.float64)
     counts = np.zeros(len(classes), dtype=np.int64)
     rows = prototype_rows[np.isin(labels[prototype_rows], classes)]
     for start in range(0, len(rows), CHUNK):
         part = rows[start:start + CHUNK]
-        slot = np.array([index[int(c)] for c in labels[part]], dtype=np.int64)
+        slot = np.searchsorted(classes, labels[part])
         np.add.at(sums, slot, np.asarray(x[part], dtype=np.float64))
         np.add.at(counts, slot, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -67,7 +66,7 @@ def prototype_cosines(x: Any, labels: np.ndarray, *, prototype_rows: np.ndarray,
     for start in range(0, len(query_rows), CHUNK):
         f = np.asarray(x[query_rows[start:start + CHUNK]], dtype=np.float64)
         f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-        p = protos[[index[int(c)] for c in query_classes[start:start + CHUNK]]]
+        p = protos[np.searchsorted(classes, query_classes[start:start + CHUNK])]
         out[start:start + CHUNK] = (f * p).sum(axis=1)
     return out
 
