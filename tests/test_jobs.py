@@ -23,9 +23,14 @@ def test_step_argv() -> None:
 def test_every_job_file_parses() -> None:
     files = sorted(JOBS.glob("*.yaml"))
     assert files
+    from featurelt.cli import build_parser
+
+    parser = build_parser()
     for f in files:
         _, steps = load_job(f)
         assert steps and all(argv[0] for argv in steps)
+        for argv in steps:  # every step is a valid featurelt command line (parsed, not run)
+            assert parser.parse_args(argv).func, (f.name, argv)
 
 
 def test_bad_job_names_the_step(tmp_path) -> None:
