@@ -1,7 +1,7 @@
 """Exact cosine nearest-neighbour search over cached embeddings, with faiss (METHODS.md sections 1, 3).
 
 - :class:`VectorIndex`: faiss's exact inner-product index (``IndexFlatIP``) over rows scaled to unit
-  norm, so a search returns the k most cosine-similar rows, ties in row order.
+  norm, so a search returns the k most cosine-similar rows.
 - :func:`knn_votes`: the weighted vote of a kNN classifier on frozen features. Each of a query's k
   neighbours adds ``exp(cos / T)`` to its class (T = 0.07 by default), as in the kNN evaluation of
   self-supervised features (Wu et al. 2018; DINO, DINOv2).

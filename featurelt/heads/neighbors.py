@@ -10,7 +10,8 @@
 
 Both read the features as they are cached (``unit`` of the concatenated sources), so they are the
 reference any trained head should beat. The search runs on the CPU (faiss-cpu); features on a GPU
-are copied for it.
+are copied for it. ``knn`` keeps a float32 copy of the train features in host memory (its index, also
+saved in the checkpoint), even when train-head streams them from the store.
 """
 from __future__ import annotations
 
