@@ -120,7 +120,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "class whose neighbor_of is target class i: keep it when its caption (samples.description, where there is "
         "one) names its class and gamma1 < cos(p_i, f_r) < gamma2, with f_r its cached feature (--features, "
         "DINOv2 in the paper) and p_i the mean feature of the original train rows of class i. Rejected rows move to "
-        "split 'filtered' with a rejects row giving the reason; classes is rebuilt; one store transaction.",
+        "split 'filtered' with a rejects row giving the reason, in one store transaction.",
         epilog="examples: featurelt filter-auxiliary --features dinov2_vits14_cls --dry-run;  "
         "featurelt filter-auxiliary --features dinov2_vits14_cls --gamma1 0.4 --gamma2 0.9")
     p.add_argument("--features", required=True,
@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "S = cos(CLIP_img(image), CLIP_text(C_y)), the image embedding from --features (a set made by "
         "`featurelt extract clip:<model>`), C_y the image's description (the text it was generated from; "
         "without one, 'a photo of a {class}.' through --templates), embedded by the same model's text tower. "
-        "Images with S < mu move to split 'filtered' with a rejects row giving S; classes is rebuilt; one store "
+        "Images with S < mu move to split 'filtered' with a rejects row giving S, in one store "
         "transaction. Re-submit the rejected descriptions to your generator and ingest the new images.",
         epilog="examples: featurelt filter-generated --features clip_vit_b_32 --checkpoint clip.bin --dry-run;  "
         "featurelt filter-generated --features clip_vit_b_32 --checkpoint clip.bin --mu 0.25")

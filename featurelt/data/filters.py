@@ -2,8 +2,9 @@
 (METHODS.md section 3, seed 001) and the quality filter of generated images (section 4, seed 002, LTGC).
 
 Both move the train rows they reject to split ``filtered`` (rows and features stay in the store, out of
-training) and write one ``rejects`` row per image with its reason, in one transaction that also rebuilds
-``classes``; with ``dry_run`` they decide and report without writing.
+training) and write one ``rejects`` row per image with its reason, in one transaction; with ``dry_run``
+they decide and report without writing. ``classes`` is left as it is: its train counts are of original
+rows, and the filters move only auxiliary and generated ones.
 
 Auxiliary images (:func:`filter_auxiliary`). Images collected for an auxiliary class ``a`` (the neighbor
 of target class ``i``, ``neighbor_of = i``) are noisy. The paper keeps an image ``r`` only when
@@ -30,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurelt.data.classes import rebuild_classes
 from featurelt.data.features import load_features
 from featurelt.data.neighbors import name_key
 from featurelt.store import command_line, rejects_table
@@ -134,7 +134,6 @@ def _move_to_filtered(store: "Store", result: FilterResult, rejects: list[tuple[
         tx.update("samples", {"split": f"'{FILTERED_SPLIT}'"}, where=f"split = 'train' AND sample_id IN ({ids})")
         tx.append("rejects", rejects_table(command=msg, stage=result.command, rows=[
             {"location": f"samples/{sid}", "sample_id": sid, "reason": reason} for sid, reason in rejects]))
-        rebuild_classes(tx)
     result.store_version = store.version
     return result
 
