@@ -297,11 +297,14 @@ class Store:
     def transaction(self, message: str | None = None) -> Iterator["Transaction"]:
         """All-or-nothing write of one command: ``with store.transaction() as tx: tx.append(...)``.
 
-        Reads through ``store`` inside the block see the state before the transaction.
+        Reads through ``store`` inside the block see the latest committed state, read after the store
+        lock was taken: a decision made from them (labels to assign, rows already present, what is left
+        to embed) cannot be raced by another writer of the same local store.
         """
         if self._as_of is not None:
             raise StoreError(f"this Store is pinned to --as-of {self._as_of}; writes go to the latest version only")
         with self._lock():
+            self.refresh()
             tx = Transaction(self, message or command_line())
             try:
                 yield tx
