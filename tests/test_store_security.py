@@ -10,7 +10,7 @@ import lance
 import pytest
 
 from featurelt.cli import main
-from featurelt.store import ReadOnlyError, Store
+from featurelt.store import ReadOnlyError, Store, StoreError
 from featurelt.store.sql import connect
 
 
@@ -118,3 +118,124 @@ def test_readme_queries_still_run(digits_store: Path, capsys) -> None:
     assert main(["sql", "--store", root, "SELECT * FROM read_text('/etc/passwd')"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("featurelt sql: error: featurelt sql reads only the store's tables") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- a damaged log never deletes data
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock file) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".featurelt.lock"}
+
+
+def newest_manifest(dataset: Path) -> Path:
+    version = lance.dataset(str(dataset)).version  # Lance names it v.manifest, or (2**64 - 1 - v).manifest
+    (path,) = [p for p in (dataset / "_versions").glob("*.manifest") if p.stem in {str(version), str(2**64 - 1 - version)}]
+    return path
+
+
+def image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for k, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_damaged_log_is_an_error_and_deletes_nothing(digits_store: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(digits_store, root)
+    manifest = newest_manifest(root / "commits.lance")
+    manifest.write_bytes(b"not a lance manifest" * 4)
+    before = tree(root)
+    capsys.readouterr()
+    assert main(["log", "--store", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurelt log: error: cannot read ") and str(manifest) in err, err
+    assert main(["--store", str(root), "ingest", str(image_folder(tmp_path / "images"))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurelt ingest: error: cannot read ") and str(manifest) in err, err
+    assert main(["sql", "--store", str(root), "SELECT count(*) FROM samples"]) == 1
+    assert str(manifest) in capsys.readouterr().err
+    assert tree(root) == before  # no table removed, no version added or restored
+    with pytest.raises(StoreError, match="cannot read"):
+        with Store(root).transaction("write") as tx:
+            tx.append("classes", Store(root, as_of=1).read("classes"))
+    assert tree(root) == before
+
+
+class Transient(OSError):
+    """What an object store's hiccup looks like to pylance."""
+
+
+def failing(monkeypatch, table: str) -> None:
+    real = lance.dataset
+
+    def dataset(uri, *args, **kwargs):
+        if str(uri).endswith(f"/{table}.lance"):
+            raise Transient("Generic S3 error: connection reset by peer")
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(lance, "dataset", dataset)
+
+
+@pytest.mark.parametrize("unreadable", ["commits", "samples", "emb_x"])
+def test_transient_read_error_fails_the_write_and_drops_nothing(tmp_store: Store, monkeypatch, unreadable) -> None:
+    from tests.test_store import emb, samples
+
+    with tmp_store.transaction("v1") as tx:
+        tx.append("samples", samples(4))
+        tx.append("emb_x", emb(["s00000", "s00001"]))
+    root = Path(tmp_store.root)
+    before = tree(root)
+    failing(monkeypatch, unreadable)
+    with pytest.raises(StoreError, match=f"cannot read {root}/{unreadable}.lance.*connection reset by peer"):
+        with Store(root).transaction("v2") as tx:
+            tx.append("samples", samples(2, 10))
+            tx.append("emb_x", emb(["s00010"]))
+            tx.append("emb_new", emb(["s00010"]))
+    monkeypatch.undo()
+    after = Store(root)
+    assert after.version == 1 and after.count("samples") == 4 and after.count("emb_x") == 2
+    now = tree(root)
+    if unreadable == "commits":
+        assert now == before  # it failed before writing anything
+    # every file of a logged version is still there, unchanged (the undone versions are newer ones)
+    assert all(now.get(p) == data for p, data in before.items() if not p.endswith("latest_version_hint.json"))
+    with after.transaction("v3") as tx:  # and the next write recovers what the failed one left
+        tx.append("emb_new", emb(["s00010"]))
+    assert Store(root).count("samples") == 4 and Store(root).count("emb_new") == 1
+
+
+def test_recovery_keeps_an_unlogged_table_older_than_the_log(tmp_store: Store) -> None:
+    """A table the log does not name is removed only if all of it is newer than the last logged command
+    (what a killed command leaves); an older one may be data the log lost, and stays."""
+    from tests.test_store import emb, samples
+
+    with tmp_store.transaction("v1") as tx:
+        tx.append("samples", samples(2))
+    killed = tmp_store.uri("emb_killed")
+    lance.write_dataset(emb(["s00000"]), killed)  # a command killed before its log row
+    with tmp_store.transaction("v2") as tx:
+        tx.append("samples", samples(2, 10))
+    with pytest.raises(StoreError, match=r"emb_killed.lance is not in the store log, but its first version .* is older "
+                                         r"than the last logged command .*store version 2.*not removed"):
+        with tmp_store.transaction("v3") as tx:
+            tx.append("emb_killed", emb(["s00010"]))
+    assert lance.dataset(killed).count_rows() == 1
+    lance.write_dataset(emb(["s00001"]), tmp_store.uri("emb_late"))  # killed after the last commit: debris
+    with tmp_store.transaction("v3") as tx:
+        tx.append("emb_late", emb(["s00010", "s00011"]))
+    assert Store(tmp_store.root).count("emb_late") == 2 and lance.dataset(tmp_store.uri("emb_late")).version == 1
+
+
+def test_only_a_missing_dataset_is_absent() -> None:
+    from featurelt.store.core import _not_found
+
+    assert _not_found(ValueError("Dataset at path b/t.lance was not found: Not found: b/t.lance/_versions, x.rs:1"))
+    assert not _not_found(ValueError("Dataset at path b/t.lance/_versions/9.manifest was not found: Not found"))
+    assert not _not_found(ValueError("LanceError(IO): file size is too small"))
+    assert not _not_found(OSError("Generic S3 error: connection reset by peer"))
