@@ -262,3 +262,24 @@ def test_versions_label_rolled_back_and_intermediate_steps(store: Store) -> None
     assert labels[1] == "(not in store log: rolled back or interrupted) featurelt broken"
     assert labels[-1] == "[store v2] featurelt make-lt"
     assert "[store v2, intermediate step] featurelt make-lt" in labels
+
+
+def test_sql_layer_sits_on_core(store: Store) -> None:
+    """store/sql.py imports store/core.py, never the reverse; Store.sql is wired in featurelt/store/__init__.py."""
+    import ast
+    from pathlib import Path
+
+    import featurelt
+    from featurelt.store import core, sql
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+
+    assert not {m for m in imports(core) if m and (m.startswith("featurelt.store.sql") or m == "duckdb")}
+    assert "featurelt.store.core" in imports(sql)
+    with store.transaction("a") as tx:
+        tx.append("samples", samples(3))
+    assert featurelt.Store(store.root).sql("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 3}]
+    assert core.Store.sql is sql.run_sql

@@ -1,4 +1,4 @@
-"""The versioned feature store: one Lance dataset per table, one store log, DuckDB for SQL.
+"""The versioned feature store: one Lance dataset per table and one store log (SQL on top: store/sql.py).
 
 Layout of a store at ``ROOT`` (a local directory or any URI pylance accepts)::
 
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lance
 import pyarrow as pa
@@ -122,7 +122,12 @@ class Store:
     """A featurelt store rooted at ``path`` (default ``$FEATURELT_STORE`` or ``./featurelt-store``).
 
     ``as_of`` pins every read to a store version (int) or tag name (str); ``None`` reads the latest.
+    ``store.sql(query) -> pa.Table`` (read-only DuckDB SQL over the tables) comes from the layer above,
+    :func:`featurelt.store.sql.run_sql`, attached in ``featurelt/store/__init__.py``: this module does not
+    import the SQL layer.
     """
+
+    sql: Callable[[str], pa.Table]
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, as_of: int | str | None = None,
                  storage_options: dict[str, str] | None = None) -> None:
@@ -252,12 +257,6 @@ class Store:
         if not self.has_table(table):
             return 0
         return self.dataset(table).count_rows(filter=filter)
-
-    def sql(self, query: str) -> pa.Table:
-        """Run a read-only DuckDB query over the tables (see :mod:`featurelt.store.sql`)."""
-        from featurelt.store.sql import run_sql
-
-        return run_sql(self, query)
 
     def embedding_sets(self) -> list[str]:
         """Names of embedding sets (tables ``emb_<name>``) at the pinned version."""

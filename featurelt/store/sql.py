@@ -11,14 +11,13 @@ locked first (:data:`LOCKDOWN`): no file, network or extension access, no config
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import duckdb
 import lance
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from featurelt.store.core import Store
+from featurelt.store.core import Store
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
 
@@ -149,7 +148,7 @@ class _Float16AsFloat32(lance.LanceDataset):
         return _Float32Scanner(super().scanner(*args, **kwargs))
 
 
-def connect(store: "Store") -> duckdb.DuckDBPyConnection:
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with every store table registered as a view at the pinned version, then
     locked down (:data:`LOCKDOWN`): it can read those views and nothing else."""
     con = duckdb.connect()
@@ -161,8 +160,9 @@ def connect(store: "Store") -> duckdb.DuckDBPyConnection:
     return con
 
 
-def run_sql(store: "Store", query: str) -> pa.Table:
-    """Execute a read-only query and return the result as an Arrow table."""
+def run_sql(store: Store, query: str) -> pa.Table:
+    """Execute a read-only query over the store's tables at its pinned version; the result as an Arrow
+    table. Also ``Store.sql(query)`` (attached in ``featurelt/store/__init__.py``)."""
     con = connect(store)
     try:
         check_read_only(con, query)
