@@ -191,11 +191,13 @@ def write_result(result: pa.Table, fmt: OutputFormat, out: str | None) -> str | 
         pq.write_table(result, out)
         return None
     if fmt == "csv":
-        import pyarrow.csv as pcsv
+        import csv
 
-        buf = io.BytesIO()
-        pcsv.write_csv(_plain(result), buf)
-        text = buf.getvalue().decode()
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")  # standard minimal quoting: only values that need it
+        writer.writerow(result.column_names)
+        writer.writerows(zip(*_text_columns(result)))
+        text = buf.getvalue()
     elif fmt == "json":
         text = json.dumps(result.to_pylist(), default=str, indent=1) + "\n"
     elif fmt == "table":
@@ -209,15 +211,20 @@ def write_result(result: pa.Table, fmt: OutputFormat, out: str | None) -> str | 
     return text
 
 
-def _plain(t: pa.Table) -> pa.Table:
-    """Lists and binaries as strings, so CSV can hold them."""
+def _text_columns(t: pa.Table) -> list[list[str | None]]:
+    """Every column as text, formatted as Arrow casts it (``true``, ``1.5``, ``2024-01-02 03:04:05``); lists,
+    binaries and what Arrow cannot cast (structs, maps) as Python prints them; nulls stay ``None``."""
+    import pyarrow.compute as pc
+
     cols = []
     for col in t.columns:
-        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type) \
-                or pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-            col = pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
-        cols.append(col)
-    return pa.Table.from_arrays(cols, names=t.column_names)
+        try:
+            if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+                raise pa.ArrowNotImplementedError("binary as Python bytes")
+            cols.append(pc.cast(col, pa.string()).to_pylist())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            cols.append([None if v is None else str(v) for v in col.to_pylist()])
+    return cols
 
 
 def format_table(t: pa.Table, *, max_rows: int = 200, max_width: int = 60) -> str:
