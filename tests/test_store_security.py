@@ -210,26 +210,27 @@ def test_transient_read_error_fails_the_write_and_drops_nothing(tmp_store: Store
     assert Store(root).count("samples") == 4 and Store(root).count("emb_new") == 1
 
 
-def test_recovery_keeps_an_unlogged_table_older_than_the_log(tmp_store: Store) -> None:
-    """A table the log does not name is removed only if all of it is newer than the last logged command
-    (what a killed command leaves); an older one may be data the log lost, and stays."""
+def test_recovery_removes_only_what_no_store_version_names(tmp_store: Store) -> None:
+    """A table the log does not name is what a killed command created: the next write to it starts it
+    afresh. A table the log names is never removed, even when the transaction's view of the log is
+    older than the log (another writer committed meanwhile)."""
     from tests.test_store import emb, samples
 
     with tmp_store.transaction("v1") as tx:
         tx.append("samples", samples(2))
-    killed = tmp_store.uri("emb_killed")
-    lance.write_dataset(emb(["s00000"]), killed)  # a command killed before its log row
+    lance.write_dataset(emb(["s00000"]), tmp_store.uri("emb_killed"))  # a command killed before its log row
     with tmp_store.transaction("v2") as tx:
         tx.append("samples", samples(2, 10))
-    with pytest.raises(StoreError, match=r"emb_killed.lance is not in the store log, but its first version .* is older "
-                                         r"than the last logged command .*store version 2.*not removed"):
-        with tmp_store.transaction("v3") as tx:
-            tx.append("emb_killed", emb(["s00010"]))
-    assert lance.dataset(killed).count_rows() == 1
-    lance.write_dataset(emb(["s00001"]), tmp_store.uri("emb_late"))  # killed after the last commit: debris
     with tmp_store.transaction("v3") as tx:
-        tx.append("emb_late", emb(["s00010", "s00011"]))
-    assert Store(tmp_store.root).count("emb_late") == 2 and lance.dataset(tmp_store.uri("emb_late")).version == 1
+        tx.append("emb_killed", emb(["s00010", "s00011"]))
+    assert Store(tmp_store.root).count("emb_killed") == 2 and lance.dataset(tmp_store.uri("emb_killed")).version == 1
+    with tmp_store.transaction("v4") as tx:
+        tx.base_versions.pop("emb_killed")  # as if v3 had been committed by another writer after we began
+        with pytest.raises(StoreError, match=r"not removing .*emb_killed.lance: the store log refers to it "
+                                             r"\(store versions 3\)"):
+            tx.append("emb_killed", emb(["s00012"]))
+        tx.discard()
+    assert Store(tmp_store.root).count("emb_killed") == 2
 
 
 def test_only_a_missing_dataset_is_absent() -> None:

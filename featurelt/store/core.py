@@ -387,9 +387,9 @@ class Transaction:
     def _prepare(self, table: str) -> lance.LanceDataset | None:
         """Bring ``table`` back to its logged version if a killed command left newer Lance versions.
 
-        Only versions newer than the logged one are undone (restored over, never deleted), and only
-        a table no store version refers to, all of whose versions are newer than the last logged
-        command, is removed: anything else that disagrees with the log is a :class:`StoreError`.
+        Only versions newer than the logged one are undone (restored over, never deleted), and only a
+        table no store version refers to is removed: anything else that disagrees with the log is a
+        :class:`StoreError`.
         """
         if table in SYSTEM_TABLES:
             raise StoreError(f"'{table}' is a system table")
@@ -418,27 +418,16 @@ class Transaction:
         return self.store._raw(table)
 
     def _drop(self, table: str) -> None:
-        """Remove a table that no logged store version refers to and that is younger than the log's last
-        commit (what a killed command left); refuse anything else."""
+        """Remove a table that no logged store version refers to (what a killed or failed command created);
+        refuse one the log names."""
         uri = self.store.uri(table)
         log = self.store.log()  # read again: what is logged now, not what was logged when we began
         if any(table in c.tables for c in log):
             raise StoreError(f"not removing {uri}: the store log refers to it (store versions "
                              f"{', '.join(str(c.store_version) for c in log if table in c.tables)})")
-        ds = self.store._raw(table)
-        if ds is None:
-            return
-        if log:
-            first = min(v["timestamp"] for v in ds.versions()).astimezone(timezone.utc).replace(tzinfo=None)
-            if first <= log[-1].time:
-                raise StoreError(
-                    f"{uri} is not in the store log, but its first version ({first:%Y-%m-%d %H:%M:%S} UTC) is older "
-                    f"than the last logged command ({log[-1].time:%Y-%m-%d %H:%M:%S} UTC, store version "
-                    f"{log[-1].store_version}): it may hold data the log lost, so it is not removed; inspect it "
-                    "with lance.dataset(...) and move it away by hand to go on")
         if _is_local(self.store.root):
             shutil.rmtree(uri.removeprefix("file://"))
-        else:
+        elif self.store._raw(table) is not None:
             lance.LanceDataset.drop(uri, storage_options=self.store.storage_options)  # type: ignore[attr-defined]
 
     def schema_for(self, table: str, sample: pa.Schema | None = None, **params: Any) -> pa.Schema:
