@@ -414,7 +414,7 @@ class Transaction:
         if ds.version < logged:
             raise StoreError(f"table '{table}' is at Lance version {ds.version} but the store log says {logged} "
                              f"({_describe(self.store.uri(table), None)}): versions are missing; not writing to it")
-        ds.checkout_version(logged).restore()
+        self.store._raw(table, logged).restore()
         return self.store._raw(table)
 
     def _drop(self, table: str) -> None:
