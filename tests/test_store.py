@@ -214,7 +214,7 @@ def test_cli_store_commands(store: Store, tmp_path, capsys) -> None:
     assert main(["sql", "--store", root, "--format", "json", "SELECT count(*) AS n FROM samples"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 8}]
     assert main(["sql", "--store", root, "--as-of", "v1", "--format", "csv", "SELECT count(*) AS n FROM samples"]) == 0
-    assert capsys.readouterr().out.splitlines() == ['"n"', "4"]
+    assert capsys.readouterr().out.splitlines() == ["n", "4"]
     out = tmp_path / "r.parquet"
     assert main(["sql", "--store", root, "--format", "parquet", "--out", str(out), "SELECT * FROM samples"]) == 0
     import pyarrow.parquet as pq
@@ -262,3 +262,44 @@ def test_versions_label_rolled_back_and_intermediate_steps(store: Store) -> None
     assert labels[1] == "(not in store log: rolled back or interrupted) featurelt broken"
     assert labels[-1] == "[store v2] featurelt make-lt"
     assert "[store v2, intermediate step] featurelt make-lt" in labels
+
+
+def test_sql_layer_sits_on_core(store: Store) -> None:
+    """store/sql.py imports store/core.py, never the reverse; Store.sql is wired in featurelt/store/__init__.py."""
+    import ast
+    from pathlib import Path
+
+    import featurelt
+    from featurelt.store import core, sql
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+
+    assert not {m for m in imports(core) if m and (m.startswith("featurelt.store.sql") or m == "duckdb")}
+    assert "featurelt.store.core" in imports(sql)
+    with store.transaction("a") as tx:
+        tx.append("samples", samples(3))
+    assert featurelt.Store(store.root).sql("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 3}]
+    assert core.Store.sql is sql.run_sql
+
+
+def test_sql_csv_quotes_only_what_needs_it(store: Store, capsys) -> None:
+    """Standard minimal quoting: plain ids and numbers bare; commas, quotes and newlines quoted; null empty."""
+    import csv
+    import io
+
+    with store.transaction("a") as tx:
+        tx.append("samples", samples(2))
+    q = ("SELECT sample_id, label, 'a,b' AS comma, 'say \"hi\"' AS quote, 'x' || chr(10) || 'y' AS nl, "
+         "NULL::VARCHAR AS nothing, 0.5 AS half FROM samples ORDER BY sample_id")
+    capsys.readouterr()
+    assert main(["sql", "--store", store.root, "--format", "csv", q]) == 0
+    out = capsys.readouterr().out
+    assert out == ('sample_id,label,comma,quote,nl,nothing,half\n'
+                   's00000,0,"a,b","say ""hi""","x\ny",,0.5\n'
+                   's00001,1,"a,b","say ""hi""","x\ny",,0.5\n')
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows[1] == {"sample_id": "s00001", "label": "1", "comma": "a,b", "quote": 'say "hi"', "nl": "x\ny",
+                       "nothing": "", "half": "0.5"}

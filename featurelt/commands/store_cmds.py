@@ -37,11 +37,13 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                        help="run a read-only DuckDB query over the store's tables",
                        description="Run read-only SQL with DuckDB. Every table is a view with its own name "
                        "(samples, classes, rejects, runs, predictions, text_embeddings, embedding_sets, "
-                       "emb_<name> per embedding set), scanned lazily from Lance. Statements that would modify "
-                       "data are refused.",
+                       "emb_<name> per embedding set), scanned lazily from Lance. Only queries run: statements that "
+                       "would modify data or settings (INSERT, COPY, ATTACH, INSTALL, SET, ...) are refused, and so "
+                       "are reads of anything but the store's tables (read_csv, read_text, files, URLs). CSV output "
+                       "quotes only the values that need it.",
                        epilog="example: featurelt sql \"SELECT c.bucket, count(*) FROM samples s JOIN classes c "
                        "USING (label) WHERE s.split='train' GROUP BY 1\"")
-    p.add_argument("query", help="SQL text (SELECT / WITH / EXPLAIN)")
+    p.add_argument("query", help="SQL text (SELECT / WITH / FROM / DESCRIBE / EXPLAIN [ANALYZE] of a query)")
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
                    help="output format (default: table; parquet needs --out)")
     p.add_argument("--out", help="write the result to this file instead of stdout")

@@ -1,4 +1,4 @@
-"""The versioned feature store: one Lance dataset per table, one store log, DuckDB for SQL.
+"""The versioned feature store: one Lance dataset per table and one store log (SQL on top: store/sql.py).
 
 Layout of a store at ``ROOT`` (a local directory or any URI pylance accepts)::
 
@@ -22,12 +22,13 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lance
 import pyarrow as pa
@@ -74,6 +75,38 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def _manifests(uri: str) -> dict[int, Path]:
+    """``{lance version: manifest file}`` of a local dataset (``{}`` when there is none)."""
+    out = {}
+    for f in Path(uri.removeprefix("file://"), "_versions").glob("*.manifest"):
+        if f.stem.isdigit():
+            n = int(f.stem)  # Lance's V2 naming stores u64::MAX - version, so the newest sorts first
+            out[n if n < 2**63 else 2**64 - 1 - n] = f
+    return out
+
+
+def _describe(uri: str, version: int | None) -> str:
+    """``uri`` and, for a local dataset, the manifest file that holds ``version`` (default: the newest)."""
+    if not _is_local(uri):
+        return uri if version is None else f"{uri} (version {version})"
+    manifests = _manifests(uri)
+    if version is None and manifests:
+        version = max(manifests)
+    if version in manifests:
+        return f"{uri} (manifest of version {version}: {manifests[version]})"
+    return uri if version is None else f"{uri} (version {version}: no manifest in {uri}/_versions)"
+
+
+def _not_found(exc: Exception) -> bool:
+    """Whether Lance's error says the dataset does not exist (no versions at all), not that it failed."""
+    match = re.search(r"Dataset at path (\S+) was not found", str(exc))
+    return isinstance(exc, ValueError) and match is not None and not match.group(1).endswith(".manifest")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+
+
 @dataclass(frozen=True)
 class Commit:
     """One row of the store log."""
@@ -89,7 +122,12 @@ class Store:
     """A featurelt store rooted at ``path`` (default ``$FEATURELT_STORE`` or ``./featurelt-store``).
 
     ``as_of`` pins every read to a store version (int) or tag name (str); ``None`` reads the latest.
+    ``store.sql(query) -> pa.Table`` (read-only DuckDB SQL over the tables) comes from the layer above,
+    :func:`featurelt.store.sql.run_sql`, attached in ``featurelt/store/__init__.py``: this module does not
+    import the SQL layer.
     """
+
+    sql: Callable[[str], pa.Table]
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, as_of: int | str | None = None,
                  storage_options: dict[str, str] | None = None) -> None:
@@ -110,20 +148,36 @@ class Store:
         return f"{self.root}/{table}.lance"
 
     def _raw(self, table: str, version: int | None = None) -> lance.LanceDataset | None:
-        try:
-            return lance.dataset(self.uri(table), version=version, storage_options=self.storage_options)
-        except (ValueError, FileNotFoundError, OSError):
+        """The table's Lance dataset (latest or ``version``); ``None`` only when it does not exist at all.
+
+        Anything else that stops it opening (a damaged manifest, a missing version, a transient
+        object-store error) is a :class:`StoreError` naming the file: reading such a table as absent
+        would make the log look empty and recovery drop logged tables.
+        """
+        uri = self.uri(table)
+        if version is None and _is_local(uri) and not _manifests(uri):
             return None
+        try:
+            return lance.dataset(uri, version=version, storage_options=self.storage_options)
+        except Exception as exc:
+            if version is None and not _is_local(uri) and _not_found(exc):
+                return None
+            raise StoreError(f"cannot read {_describe(uri, version)}: {_first_line(exc)}") from exc
 
     # ------------------------------------------------------------------ the log
     def log(self) -> list[Commit]:
-        """All commits of the store, oldest first."""
+        """All commits of the store, oldest first (``[]`` only for a store that has never been written).
+        A log that exists but cannot be read is a :class:`StoreError` naming the file."""
         ds = self._raw(LOG_TABLE)
         if ds is None:
             return []
-        rows = ds.to_table().sort_by("store_version").to_pylist()
-        return [Commit(r["store_version"], r["time"], r["message"], json.loads(r["tables"]),
-                       [c for c in r["changed"].split(",") if c]) for r in rows]
+        try:
+            rows = ds.to_table().sort_by("store_version").to_pylist()
+            return [Commit(r["store_version"], r["time"], r["message"], json.loads(r["tables"]),
+                           [c for c in r["changed"].split(",") if c]) for r in rows]
+        except Exception as exc:
+            raise StoreError(f"cannot read the store log {_describe(self.uri(LOG_TABLE), ds.version)}: "
+                             f"{_first_line(exc)}") from exc
 
     def head(self) -> Commit | None:
         """The latest commit, or ``None`` for an empty store."""
@@ -204,12 +258,6 @@ class Store:
             return 0
         return self.dataset(table).count_rows(filter=filter)
 
-    def sql(self, query: str) -> pa.Table:
-        """Run a read-only DuckDB query over the tables (see :mod:`featurelt.store.sql`)."""
-        from featurelt.store.sql import run_sql
-
-        return run_sql(self, query)
-
     def embedding_sets(self) -> list[str]:
         """Names of embedding sets (tables ``emb_<name>``) at the pinned version."""
         return [t[len(EMBEDDING_PREFIX):] for t in self.tables() if t.startswith(EMBEDDING_PREFIX)]
@@ -265,11 +313,9 @@ class Store:
             row = pa.table({"name": [name], "store_version": [head.store_version], "time": [utcnow()]})
             self._write_raw(TAG_TABLE, conform(row, arrow_schema(TAG_TABLE), table=TAG_TABLE),
                             message=f"tag {name}")
-            for table, version in head.tables.items():  # Lance-native tags too, for other clients
-                ds = self._raw(table)
-                if ds is not None:
-                    with contextlib.suppress(Exception):
-                        ds.tags.create(name, version)
+            for table, version in head.tables.items():  # Lance-native tags too, for other clients (best effort)
+                with contextlib.suppress(Exception):
+                    self.dataset(table).tags.create(name, version)
         return head.store_version
 
     # ------------------------------------------------------------------ writing
@@ -339,28 +385,50 @@ class Transaction:
 
     # -- helpers
     def _prepare(self, table: str) -> lance.LanceDataset | None:
-        """Bring ``table`` back to its logged version if a killed command left newer Lance versions."""
+        """Bring ``table`` back to its logged version if a killed command left newer Lance versions.
+
+        Only versions newer than the logged one are undone (restored over, never deleted), and only a
+        table no store version refers to is removed: anything else that disagrees with the log is a
+        :class:`StoreError`.
+        """
         if table in SYSTEM_TABLES:
             raise StoreError(f"'{table}' is a system table")
         ds = self.store._raw(table)
         if table in self._reconciled:
             return ds
-        self._reconciled.add(table)
         logged = self.base_versions.get(table)
+        if ds is None and logged is not None:
+            raise StoreError(f"table '{table}' is at Lance version {logged} in the store log, but "
+                             f"{self.store.uri(table)} does not exist; not writing to it")
         if ds is not None and logged is None:
             # created by a command that never committed: not part of the store
             self._drop(table)
-            return None
-        if ds is not None and ds.version != logged:
-            ds.checkout_version(logged).restore()
-            ds = self.store._raw(table)
+            ds = None
+        elif ds is not None and ds.version != logged:
+            ds = self._restore(table, ds, logged)
+        self._reconciled.add(table)
         return ds
 
+    def _restore(self, table: str, ds: lance.LanceDataset, logged: int) -> lance.LanceDataset:
+        """Undo the Lance versions of ``table`` newer than ``logged`` (a new version with the logged rows)."""
+        if ds.version < logged:
+            raise StoreError(f"table '{table}' is at Lance version {ds.version} but the store log says {logged} "
+                             f"({_describe(self.store.uri(table), None)}): versions are missing; not writing to it")
+        self.store._raw(table, logged).restore()
+        return self.store._raw(table)
+
     def _drop(self, table: str) -> None:
+        """Remove a table that no logged store version refers to (what a killed or failed command created);
+        refuse one the log names."""
+        uri = self.store.uri(table)
+        log = self.store.log()  # read again: what is logged now, not what was logged when we began
+        if any(table in c.tables for c in log):
+            raise StoreError(f"not removing {uri}: the store log refers to it (store versions "
+                             f"{', '.join(str(c.store_version) for c in log if table in c.tables)})")
         if _is_local(self.store.root):
-            shutil.rmtree(self.store.uri(table).removeprefix("file://"), ignore_errors=True)
-        else:  # object store: overwrite with an empty dataset is not possible without a schema; drop via lance
-            lance.LanceDataset.drop(self.store.uri(table), storage_options=self.store.storage_options)  # type: ignore[attr-defined]
+            shutil.rmtree(uri.removeprefix("file://"))
+        elif self.store._raw(table) is not None:
+            lance.LanceDataset.drop(uri, storage_options=self.store.storage_options)  # type: ignore[attr-defined]
 
     def schema_for(self, table: str, sample: pa.Schema | None = None, **params: Any) -> pa.Schema:
         """The Arrow schema a write to ``table`` must have (embedding params from the table or ``params``)."""
@@ -522,16 +590,17 @@ class Transaction:
                               message=self.message)
 
     def _rollback(self) -> None:
+        """Best effort after a failed command: undo this transaction's versions (the next transaction's
+        :meth:`_prepare` finishes what cannot be done now, e.g. after a transient read error)."""
         for table in self.new_versions:
             logged = self.base_versions.get(table)
-            if logged is None:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if logged is None:
                     self._drop(table)
-            else:
-                with contextlib.suppress(Exception):
+                else:
                     ds = self.store._raw(table)
                     if ds is not None and ds.version != logged:
-                        ds.checkout_version(logged).restore()
+                        self._restore(table, ds, logged)
 
 
 def open_store(path: str | os.PathLike[str] | None = None, *, as_of: int | str | None = None) -> Store:
