@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -95,6 +96,27 @@ class ReportData:
     top_confusions: list[dict[str, Any]]    # label, name, prediction, predicted_name, n, row_fraction
     projection: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+LATEST_RUN = re.compile(r"latest(?:~(\d+))?")
+
+
+def resolve_run_id(store: "Store", ref: str) -> str:
+    """The run id ``ref`` names: ``latest`` is the newest run of the ``runs`` table (by ``time``; the
+    store as pinned by ``--as-of``), ``latest~N`` the one N runs before it; any other text is returned as
+    given (an id, checked where it is used). ``ValueError`` when there are no runs or fewer than N + 1."""
+    m = LATEST_RUN.fullmatch(ref.strip())
+    if m is None:
+        return ref
+    back = int(m.group(1) or 0)
+    n_runs = store.sql("SELECT count(*) FROM runs").column(0)[0].as_py() if store.has_table("runs") else 0
+    if n_runs == 0:
+        raise ValueError(f"run '{ref}': store {store.root} has no runs yet; train a head first (featurelt train-head)")
+    if back >= n_runs:
+        raise ValueError(f"run '{ref}': the store has {n_runs} run(s), so the oldest is latest~{n_runs - 1} "
+                         "(see featurelt runs)")
+    q = f"SELECT run_id FROM runs ORDER BY time DESC, run_id DESC LIMIT 1 OFFSET {back}"
+    return store.sql(q).column(0)[0].as_py()
 
 
 def load_runs(store: "Store", run_ids: list[str]) -> list[dict[str, Any]]:
@@ -275,7 +297,10 @@ def project_2d(x: np.ndarray, *, method: ProjectionMethod = "auto", seed: int = 
 def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...] = (),
             embedding_set: str | None = None, max_points: int = 3000, projection: ProjectionMethod = "auto",
             max_confusion_classes: int = 20) -> tuple[ReportData, np.ndarray | None]:
-    """Read everything a report needs. Returns the data and the 2-D projection points (or None)."""
+    """Read everything a report needs. Returns the data and the 2-D projection points (or None).
+    ``run_id`` and ``compare`` may name runs as ``latest`` / ``latest~N`` (:func:`resolve_run_id`)."""
+    run_id = resolve_run_id(store, run_id)
+    compare = [resolve_run_id(store, c) for c in compare]
     run_ids = [run_id, *[c for c in compare if c != run_id]]
     if len(set(run_ids)) != len(run_ids):
         raise ValueError(f"--compare lists a run twice: {', '.join(compare)}")
@@ -665,7 +690,7 @@ def write_report(store: "Store", run_id: str, *, compare: list[str] | tuple[str,
         proj["points"] = [{"sample_id": s, "label": lab, "bucket": b, "x": float(p[0]), "y": float(p[1])}
                           for s, lab, b, p in zip(data.projection["sample_ids"], data.projection["labels"],
                                                   data.projection["buckets"], points)]
-    doc = {"run_id": run_id, "compare": data.run_ids[1:], "store": data.store_root,
+    doc = {"run_id": data.run_ids[0], "compare": data.run_ids[1:], "store": data.store_root,
            "store_version": data.store_version, "eval_split": data.eval_split,
            "bucket_thresholds": data.bucket_thresholds, "runs": data.runs,
            "bucket_from_predictions": data.bucket_from_predictions, "per_class": data.per_class,

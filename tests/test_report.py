@@ -71,8 +71,8 @@ def _predictions(run_id: str, n_wrong: list[int]) -> tuple[pa.Table, dict[str, f
     return table, acc
 
 
-def _run_row(run_id: str, head: str, loss: str, acc: dict[str, float], macro_f1: float) -> dict:
-    return {"run_id": run_id, "time": np.datetime64("2026-01-01T00:00:00").astype("datetime64[us]").item(),
+def _run_row(run_id: str, head: str, loss: str, acc: dict[str, float], macro_f1: float, day: int) -> dict:
+    return {"run_id": run_id, "time": np.datetime64(f"2026-01-{day:02d}T00:00:00").astype("datetime64[us]").item(),
             "head": head, "loss": loss, "sampler": "instance", "features": "pixels",
             "config": f"head: {head}\nloss: {loss}\nnote: '<script>alert(1)</script>'\n",
             "pinned_versions": json.dumps({"store_version": 3, "tables": {"samples": 1, "emb_pixels": 1}}),
@@ -95,10 +95,10 @@ def report_store(tmp_path_factory) -> Store:
         tx.append("samples", samples)
         tx.append("classes", _classes())
         tx.append("emb_pixels", _embeddings(samples))
-    for run_id, (head, loss, wrong, f1) in RUNS.items():
+    for day, (run_id, (head, loss, wrong, f1)) in enumerate(RUNS.items(), start=1):  # run-bs is the latest
         preds, acc = _predictions(run_id, wrong)
         with store.transaction(f"train-head {run_id}") as tx:
-            tx.append("runs", pa.Table.from_pylist([_run_row(run_id, head, loss, acc, f1)]))
+            tx.append("runs", pa.Table.from_pylist([_run_row(run_id, head, loss, acc, f1, day)]))
             tx.append("predictions", preds)
     store.refresh()
     return store
@@ -342,3 +342,40 @@ def test_run_label_names_loss_and_sampler_only_when_they_apply():
     assert run_label({"head": "adapter", "loss": "ce", "sampler": "class-balanced", "run_id": "r2"}) == \
         "adapter / ce [class-balanced] (r2)"
     assert run_label({"head": "knn", "loss": "none", "sampler": "none", "run_id": "r3"}) == "knn (r3)"
+
+
+# ---------------------------------------------------------------- --run latest / latest~N
+def test_resolve_run_id_latest(report_store: Store, tmp_path: Path) -> None:
+    from featurelt.report import resolve_run_id
+
+    assert resolve_run_id(report_store, "latest") == "run-bs"          # 2026-01-02
+    assert resolve_run_id(report_store, "latest~0") == "run-bs"
+    assert resolve_run_id(report_store, "latest~1") == "run-ce"        # 2026-01-01
+    assert resolve_run_id(report_store, "run-ce") == "run-ce"          # an id passes through
+    with pytest.raises(ValueError, match=r"run 'latest~2': the store has 2 run\(s\), so the oldest is latest~1"):
+        resolve_run_id(report_store, "latest~2")
+    empty = Store(tmp_path / "empty")
+    with pytest.raises(ValueError, match="run 'latest': store .* has no runs yet"):
+        resolve_run_id(empty, "latest")
+    # --as-of pins the runs table: at the version of the first run, latest is run-ce
+    first = Store(report_store.root, as_of=report_store.version - 1)
+    assert resolve_run_id(first, "latest") == "run-ce"
+
+
+def test_cli_run_latest_in_report_eval_runs(report_store: Store, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "latest"
+    rc = main(["report", "--store", report_store.root, "--run", "latest", "--compare", "latest~1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["run_id"] == "run-bs" and doc["compare"] == ["run-ce"]
+    capsys.readouterr()
+    assert main(["runs", "--store", report_store.root, "--run", "latest~1", "--json"]) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ["run-ce"]
+    # eval recomputes the latest run (the fixture's macro_f1 is made up, so it differs: status 1)
+    rc = main(["eval", "--store", report_store.root, "--run", "latest"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("run run-bs: 60 predictions") and rc == 1 and "macro_f1" in captured.err
+    for argv in (["eval", "--run", "latest~7"], ["runs", "--run", "latest~7"],
+                 ["report", "--run", "run-ce", "--compare", "latest~7", "--out", str(out)]):
+        assert main([argv[0], "--store", report_store.root, *argv[1:]]) == 1
+        assert f"featurelt {argv[0]}: error: run 'latest~7': the store has 2 run(s)" in capsys.readouterr().err

@@ -15,11 +15,13 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "when umap-learn is installed), and each run's config and pinned store versions. The tables of "
         "numbers are SQL over the runs table (and predictions joined to classes), so they match "
         "`featurelt sql` exactly.",
-        epilog="example: featurelt report --run RUN_ID --compare OTHER_ID --out report/ && "
-        "xdg-open report/index.html")
-    p.add_argument("--run", required=True, metavar="ID", help="run id to report on (see `featurelt runs`)")
+        epilog="examples: featurelt report --run RUN_ID --compare OTHER_ID --out report/ && "
+        "xdg-open report/index.html;  featurelt report --run latest --compare latest~1 --out report/")
+    p.add_argument("--run", required=True, metavar="ID",
+                   help="run id to report on (see `featurelt runs`), latest (the newest run) or latest~N (N runs "
+                   "before it)")
     p.add_argument("--compare", action="append", default=[], metavar="ID",
-                   help="another run to compare with (repeat the flag for more runs)")
+                   help="another run to compare with, an id or latest~N (repeat the flag for more runs)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--embedding-set", dest="embedding_set", metavar="NAME",
                    help="embedding set to project, e.g. clip_tiny (default: the run's first feature set)")
