@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "dinov2:<size>|tiny | pixels | text:minilm (see `featurelt encoders`)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights: an open_clip checkpoint file, a segment-anything .pth, or a Hugging Face "
-                   "DINOv2 / sentence-transformers folder (required for named models; tiny variants need none)")
+                   "DINOv2 / sentence-transformers folder, e.g. from `hf download facebook/dinov2-small --local-dir "
+                   "dinov2-small` (required for named models; tiny variants need none)")
     p.add_argument("--products", nargs="+", metavar="PRODUCT",
                    help="which encoder outputs to store (default: all), e.g. latent pca_map for SAM, cls "
                    "mean_patch for DINOv2")

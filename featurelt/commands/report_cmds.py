@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "text:minilm class names) -> train a sweep of heads (CE, balanced softmax, LFM, fusion with prototype "
         "losses, ECVL adapter, ...) -> print the comparison table (all / many / medium / few / macro-F1, read "
         "back from the runs table) -> re-train one head from the cached features and time it against the "
-        "full pipeline -> write an HTML report of the sweep. Data: fashion-mnist from the Debian package "
-        "files (/usr/share/datasets/fashion-mnist) when present, else scikit-learn's digits; a subsample "
+        "full pipeline -> write an HTML report of the sweep. Data: fashion-mnist from the files of the Debian "
+        "package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) when present, else scikit-learn's "
+        "digits; a subsample "
         "of each split keeps it under 5 minutes on a 2-core CPU. The tiny encoders are randomly initialised "
         "(no downloads): the point is the pipeline, not their accuracy.",
         epilog="example: featurelt demo --store demo-store --out demo-report")
