@@ -584,7 +584,7 @@ def plot_buckets(data: ReportData, path: Path) -> "Figure":
     panel, x labels with each bucket's class and train image counts) and macro-F1 on its own axis (right)."""
     n_runs = len(data.runs)
     acc_groups = [g for g in BAR_GROUPS if g[1] != "macro_f1"]
-    fig = _figure(max(9.0, 2.5 + 0.5 * (len(acc_groups) + 1) * max(1, n_runs)), 5.6)
+    fig = _figure(max(9.0, 2.5 + 0.3 * (len(acc_groups) + 1) * max(1, n_runs)), 5.6)
     ax_acc, ax_f1 = fig.subplots(1, 2, width_ratios=[len(acc_groups), 1.3])
     caption = {r["bucket"]: f"{r['bucket']}\n{r['classes']:,} classes\n{r['train_images']:,} train imgs"
                for r in data.bucket_sizes}
