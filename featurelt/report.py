@@ -674,11 +674,17 @@ def plot_examples(data: ReportData, images: dict[str, "np.ndarray | str"], path:
     rows = data.examples["rows"]
     k = max(len(r["neighbors"]) for r in rows)
     cell = 1.45
-    fig = _figure(cell * (k + 1.4), cell * 1.35 * len(rows) + 0.8)
-    grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[1, 0.25] + [1] * k)
+    from matplotlib.figure import Figure
+
+    # a fixed grid (no constrained layout: it would lay out every thumbnail's axes, several seconds)
+    height = cell * 1.35 * len(rows) + 1.1
+    fig = Figure(figsize=(cell * (k + 1.4), height), dpi=110)
+    grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[1, 0.25] + [1] * k, left=0.06, right=0.99,
+                            bottom=0.1 / height, top=1 - 1.1 / height, wspace=0.08, hspace=0.45)
     fig.suptitle(f"Few-shot classes: a '{data.examples['split']}' image, the run's prediction and its {k} "
                  f"nearest train images\n(exact cosine over emb_{data.examples['embedding_set']}; "
-                 f"misclassified images chosen first; bold: a train image of the true class)", fontsize=11)
+                 f"misclassified images chosen first; bold: a train image of the true class)", fontsize=11,
+                 y=1 - 0.08 / height, va="top")
 
     def show(ax, sid: str, title: str, color: str = "black", weight: str = "normal") -> None:
         img = images.get(sid)
@@ -705,7 +711,7 @@ def plot_examples(data: ReportData, images: dict[str, "np.ndarray | str"], path:
             same_class = nb["label"] == row["label"]
             show(fig.add_subplot(grid[i, j + 2]), nb["sample_id"], f"{_short(nb['name'])}\ncos {nb['cosine']:.2f}",
                  weight="bold" if same_class else "normal")
-    _save(fig, path)
+    fig.savefig(path, format="png")
     return fig
 
 

@@ -119,6 +119,12 @@ def report_store(tmp_path_factory) -> Store:
     return store
 
 
+@pytest.fixture(scope="module")
+def full_report(report_store: Store, tmp_path_factory) -> Path:
+    """The report of run-ce compared with run-bs, default options (written once for the tests that read it)."""
+    return write_report(report_store, "run-ce", compare=["run-bs"], out_dir=tmp_path_factory.mktemp("full") / "rep")
+
+
 class _Page(HTMLParser):
     """Collects images, tables (id -> rows of cell text) and checks that tags balance."""
 
@@ -235,11 +241,11 @@ def test_project_2d_pca_matches_sklearn() -> None:
 
 
 # ---------------------------------------------------------------- the report
-def test_report_files_figures_and_numbers(report_store: Store, tmp_path: Path) -> None:
+def test_report_files_figures_and_numbers(report_store: Store, full_report: Path) -> None:
     from PIL import Image
 
-    out = tmp_path / "rep"
-    index = write_report(report_store, "run-ce", compare=["run-bs"], out_dir=out)
+    index = full_report
+    out = index.parent
     assert index == out / "index.html"
     page = parse_page(index)
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -405,10 +411,10 @@ def test_cli_run_latest_in_report_eval_runs(report_store: Store, tmp_path: Path,
 
 
 # ---------------------------------------------------------------- issue 19, point 12: a report people can read
-def test_report_runs_table_wraps_and_shows_fewer_columns(report_store: Store, tmp_path: Path) -> None:
+def test_report_runs_table_wraps_and_shows_fewer_columns(full_report: Path) -> None:
     from featurelt.report import CSS, RUNS_TABLE_ALL, RUNS_TABLE_COLUMNS
 
-    index = write_report(report_store, "run-ce", compare=["run-bs"], out_dir=tmp_path / "r", examples=0)
+    index = full_report
     page = parse_page(index)
     assert page.tables["runs"][0] == list(RUNS_TABLE_COLUMNS) and len(RUNS_TABLE_COLUMNS) <= 10
     assert "checkpoint" not in RUNS_TABLE_ALL and "config" not in RUNS_TABLE_ALL
@@ -437,11 +443,11 @@ def test_report_bucket_chart_macro_f1_on_its_own_axis(report_store: Store, tmp_p
     assert legend == ["linear / ce on pixels (run-ce)", "linear / balanced_softmax on pixels (run-bs)"]
 
 
-def test_report_buckets_show_class_and_image_counts(report_store: Store, tmp_path: Path) -> None:
+def test_report_buckets_show_class_and_image_counts(report_store: Store, full_report: Path, tmp_path: Path) -> None:
     from featurelt.report import plot_buckets
 
-    index = write_report(report_store, "run-ce", out_dir=tmp_path / "r", examples=0)
-    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    index = full_report
+    doc = json.loads((index.parent / "report.json").read_text())
     # by hand from the fixture: train counts 300+150 / 80+40 / 12+4, PER_TEST test images per class
     want = [("many", 2, 450), ("medium", 2, 120), ("few", 2, 16)]
     assert [(b["bucket"], b["classes"], b["train_images"]) for b in doc["buckets"]] == want
@@ -473,14 +479,15 @@ def test_report_one_confusion_matrix_per_run(report_store: Store, tmp_path: Path
         np.testing.assert_array_equal(np.array(doc["confusion"][run_id]["counts"]), counts)
 
 
-def test_report_few_shot_examples_and_nearest_train_images(report_store: Store, tmp_path: Path) -> None:
-    from featurelt.report import sample_images
+def test_report_few_shot_examples_and_nearest_train_images(report_store: Store, full_report: Path,
+                                                           tmp_path: Path) -> None:
+    from featurelt.report import few_shot_examples, sample_images
 
-    out = tmp_path / "r"
-    index = write_report(report_store, "run-ce", out_dir=out, neighbors=4)
+    index = full_report
+    out = index.parent
     doc = json.loads((out / "report.json").read_text())
     ex = doc["examples"]
-    assert ex["embedding_set"] == "pixels" and ex["k"] == 4 and ex["split"] == "test"
+    assert ex["embedding_set"] == "pixels" and ex["k"] == 5 and ex["split"] == "test"
     rows = ex["rows"]
     assert [r["label"] for r in rows] == [4, 5]                        # the few classes
     preds = {r["sample_id"]: r["prediction"] for r in report_store.sql(
@@ -499,7 +506,7 @@ def test_report_few_shot_examples_and_nearest_train_images(report_store: Store, 
         assert r["predicted_name"] == NAMES[r["prediction"]] and r["name"] == NAMES[r["label"]]
         q = vec[r["sample_id"]] / np.linalg.norm(vec[r["sample_id"]])
         cos = train @ q
-        best = np.argsort(-cos, kind="stable")[:4]
+        best = np.argsort(-cos, kind="stable")[:5]
         assert [n["sample_id"] for n in r["neighbors"]] == [emb[i]["sample_id"] for i in best]
         assert [n["cosine"] for n in r["neighbors"]] == pytest.approx(cos[best].tolist(), abs=1e-5)
         assert [n["label"] for n in r["neighbors"]] == [emb[i]["label"] for i in best]
@@ -519,6 +526,9 @@ def test_report_few_shot_examples_and_nearest_train_images(report_store: Store, 
 
     with Image.open(out / "few_shot_examples.png") as im:
         assert im.size[0] > 600 and len(np.unique(np.asarray(im.convert("L")))) > 20
+    # fewer classes, other k, a small batch size (the train rows streamed into the index in many batches)
+    one = few_shot_examples(report_store, "run-bs", "test", "pixels", n_classes=1, k=2, batch_size=7)
+    assert [r["label"] for r in one] == [4] and len(one[0]["neighbors"]) == 2
     # examples=0 leaves the panel out
     write_report(report_store, "run-ce", out_dir=tmp_path / "none", examples=0)
     assert not (tmp_path / "none" / "few_shot_examples.png").exists()
