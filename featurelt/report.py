@@ -187,9 +187,15 @@ def bucket_accuracy(store: "Store", run_ids: list[str], split: str) -> list[dict
     return sorted(rows, key=lambda r: (rank[r["run_id"]], order.get(r["bucket"], 9)))
 
 
+def count_of(n: int, singular: str, plural: str) -> str:
+    """``1 class``, ``1,234 classes``."""
+    return f"{n:,} {singular if n == 1 else plural}"
+
+
 def bucket_caption(row: dict[str, Any]) -> str:
     """``few (136 classes, 1,234 train imgs)`` for a :func:`bucket_sizes` row."""
-    return f"{row['bucket']} ({row['classes']:,} classes, {row['train_images']:,} train imgs)"
+    return (f"{row['bucket']} ({count_of(row['classes'], 'class', 'classes')}, "
+            f"{count_of(row['train_images'], 'train img', 'train imgs')})")
 
 
 def bucket_sizes(store: "Store", split: str) -> list[dict[str, Any]]:
@@ -238,7 +244,7 @@ def few_shot_examples(store: "Store", run_id: str, split: str, embedding_set: st
         WHERE r = 1 ORDER BY label""").to_pylist()
     if not picked:
         return []
-    train = store.sql(f"SELECT sample_id, label FROM samples WHERE split = 'train'").to_pylist()
+    train = store.sql("SELECT sample_id, label FROM samples WHERE split = 'train'").to_pylist()
     train_label = {r["sample_id"]: r["label"] for r in train}
     wanted = {r["sample_id"]: i for i, r in enumerate(picked)}
     train_ids = pa.array(list(train_label), pa.string())
@@ -542,7 +548,8 @@ def plot_per_class(data: ReportData, path: Path) -> None:
             if b <= a:
                 continue
             ax.axvspan(a, b, color=BUCKET_COLORS[bucket], alpha=0.10, lw=0)
-            ax.text(math.sqrt(a * b), 1.035, f"{bucket} ({n_classes_of.get(bucket, 0):,} classes)", ha="center",
+            ax.text(math.sqrt(a * b), 1.035, f"{bucket} ({count_of(n_classes_of.get(bucket, 0), 'class', 'classes')})",
+                    ha="center",
                     va="bottom", fontsize=10,
                     color=BUCKET_COLORS[bucket], fontweight="bold", transform=ax.get_xaxis_transform())
     n_runs = len(data.run_ids)
@@ -586,11 +593,10 @@ def plot_buckets(data: ReportData, path: Path) -> "Figure":
     acc_groups = [g for g in BAR_GROUPS if g[1] != "macro_f1"]
     fig = _figure(max(9.0, 2.5 + 0.3 * (len(acc_groups) + 1) * max(1, n_runs)), 5.6)
     ax_acc, ax_f1 = fig.subplots(1, 2, width_ratios=[len(acc_groups), 1.3])
-    caption = {r["bucket"]: f"{r['bucket']}\n{r['classes']:,} classes\n{r['train_images']:,} train imgs"
-               for r in data.bucket_sizes}
-    total = {"classes": sum(r["classes"] for r in data.bucket_sizes),
+    total = {"bucket": "all", "classes": sum(r["classes"] for r in data.bucket_sizes),
              "train_images": sum(r["train_images"] for r in data.bucket_sizes)}
-    caption["all"] = f"all\n{total['classes']:,} classes\n{total['train_images']:,} train imgs"
+    caption = {r["bucket"]: f"{r['bucket']}\n{count_of(r['classes'], 'class', 'classes')}\n"
+               f"{count_of(r['train_images'], 'train img', 'train imgs')}" for r in (*data.bucket_sizes, total)}
     width = 0.8 / n_runs
     for ax, groups in ((ax_acc, acc_groups), (ax_f1, [g for g in BAR_GROUPS if g[1] == "macro_f1"])):
         x = np.arange(len(groups))
@@ -852,16 +858,19 @@ def render_html(data: ReportData, figures: dict[str, str]) -> str:
                             table_id="examples", text_cols=("sample_id", "name", "predicted_name", "neighbors")))
 
     parts.append("<h2>Confusion matrices</h2>")
-    for run_id in data.run_ids:
+    if len(data.run_ids) > 1:
+        parts.append('<p class="muted">One per run (over the same classes when the runs share their labels); '
+                     "open a run to see its matrix.</p>")
+    for run_id, run in zip(data.run_ids, data.runs):
         conf = data.confusion[run_id]
-        parts.append(f"<h3>run <code>{_e(run_id)}</code></h3>")
+        parts.append(f"<details{' open' if run_id == data.run_ids[0] else ''}><summary>run <code>{_e(run_id)}</code>: "
+                     f"{_e(run_label(run))}</summary>")
         if f"confusion-{run_id}" in figures:
             parts.append(_img(figures[f"confusion-{run_id}"], f"confusion matrix of run {run_id}"))
         if len(conf["shown_labels"]) < len(conf["labels"]):
             parts.append(f'<p class="muted">Showing the {len(conf["shown_labels"])} classes with the most errors '
                          f"(as true or predicted class) of {len(conf['labels'])}.</p>")
-        parts.append(f"<details{' open' if run_id == data.run_ids[0] else ''}><summary>most frequent confusions"
-                     "</summary>")
+        parts.append("<h4>most frequent confusions</h4>")
         parts.append(_table(conf["top"], ["label", "name", "prediction", "predicted_name", "n", "row_fraction"],
                             table_id=f"top_confusions-{run_id}", text_cols=("name", "predicted_name")))
         parts.append("</details>")

@@ -462,6 +462,7 @@ def test_report_buckets_show_class_and_image_counts(report_store: Store, full_re
     from featurelt.report import bucket_caption
 
     assert bucket_caption({"bucket": "few", "classes": 136, "train_images": 1234}) == "few (136 classes, 1,234 train imgs)"
+    assert bucket_caption({"bucket": "many", "classes": 1, "train_images": 1}) == "many (1 class, 1 train img)"
 
 
 def test_report_one_confusion_matrix_per_run(report_store: Store, tmp_path: Path) -> None:
