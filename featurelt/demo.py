@@ -70,7 +70,7 @@ def choose_dataset(dataset: Dataset, *, fashion_dir: Path = FASHION_MNIST_DIR) -
         if not present:
             missing = [f for f in FASHION_MNIST_FILES if not (fashion_dir / f).is_file()]
             raise FileNotFoundError(f"--dataset fashion-mnist needs {fashion_dir}/{{{','.join(missing)}}} "
-                                    "(Debian package fashion-mnist); use --dataset digits")
+                                    "(Debian package dataset-fashion-mnist); use --dataset digits")
         return "fashion-mnist", f"asked for with --dataset (files in {fashion_dir})"
     if dataset == "digits":
         return "digits", "asked for with --dataset (scikit-learn's 8x8 digits, bundled with scikit-learn)"
@@ -78,7 +78,7 @@ def choose_dataset(dataset: Dataset, *, fashion_dir: Path = FASHION_MNIST_DIR) -
         raise ValueError(f"dataset must be auto, digits or fashion-mnist, got {dataset!r}")
     if present:
         return "fashion-mnist", f"auto: the Debian fashion-mnist files are present in {fashion_dir}"
-    return "digits", (f"auto: {fashion_dir} has no fashion-mnist files (apt install fashion-mnist to use it); "
+    return "digits", (f"auto: {fashion_dir} has no fashion-mnist files (apt install dataset-fashion-mnist to use it); "
                       "using scikit-learn's 8x8 digits")
 
 
@@ -149,11 +149,23 @@ class Pipeline:
         if rc != 0:
             raise StepFailed(f"step '{shown}' failed with exit status {rc}:\n{text}{err.getvalue()}")
         last = [line for line in text.strip().splitlines() if line.strip()][-1:] if text.strip() else []
-        summary = f" -> {last[0].strip()[:110]}" if last else ""
+        summary = f" -> {summary_line(last[0])}" if last else ""
         print(f"     {dt:6.1f} s{summary}", flush=True)
         if self.verbose and text:
             print(text, end="")
         return dt, text
+
+
+def summary_line(text: str, width: int = 110) -> str:
+    """``text`` on one line of at most ``width`` characters, cut between words and ending in `` …`` when
+    it is longer (a single word longer than ``width`` is cut inside it)."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    keep = text[:width - 2]                      # room for " …"
+    if text[width - 2] != " " and " " in keep:   # the cut falls inside a word: drop that word
+        keep = keep[:keep.rfind(" ")]
+    return keep.rstrip() + " …"
 
 
 def _quote(a: str) -> str:

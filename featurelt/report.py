@@ -10,10 +10,15 @@ store, so the page agrees with ``featurelt sql``:
 - per-class accuracy is ``predictions`` joined to ``classes`` on the evaluation split;
 - the confusion matrix counts ``(label, prediction)`` pairs of the evaluation split.
 
-Figures: per-class accuracy against train count (log x, bucket regions shaded), a grouped bar chart
-per bucket comparing runs, the row-normalised confusion matrix (the most confused classes when there
-are many), and a 2-D projection (PCA, or UMAP when ``umap-learn`` is installed) of an embedding set
-coloured by bucket, computed on at most ``max_points`` evaluation samples streamed from the store.
+Figures: per-class accuracy against train count (log x, bucket regions shaded), accuracy per bucket
+comparing runs (x labels with each bucket's classes and train images) beside macro-F1 on its own axis,
+one row-normalised confusion matrix per run (the most confused classes when there are many, the same
+classes in every run's), a 2-D projection (PCA, or UMAP when ``umap-learn`` is installed) of an
+embedding set coloured by bucket, computed on at most ``max_points`` evaluation samples streamed from
+the store, and a panel of few-shot examples: a test image of each few class shown, the run's prediction
+and its nearest train images (exact cosine over the embedding set with :class:`featurelt.index.VectorIndex`),
+decoded from the ``samples`` table (stored bytes or uri). Legends name each run's head, loss, sampler
+and feature sets. The HTML runs table shows the main columns and folds the rest.
 Buckets follow METHODS.md section 0 (thresholds stored in the classes table).
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -87,14 +93,38 @@ class ReportData:
     runs: list[dict[str, Any]]              # runs rows (RUN_COLUMNS), in run_ids order
     eval_split: str                         # split of the primary run's predictions shown
     bucket_thresholds: dict[str, int]       # {"bucket_many": .., "bucket_few": ..}
+    bucket_sizes: list[dict[str, Any]]      # bucket, classes, train_images, eval_images, caption
     bucket_from_predictions: list[dict[str, Any]]  # run_id, bucket, n, correct, accuracy
     per_class: dict[str, list[dict[str, Any]]]      # run_id -> label, name, train_count, bucket, n, correct, accuracy
-    confusion_labels: list[int]             # labels of the confusion matrix rows/columns
-    confusion_names: list[str]
-    confusion_counts: list[list[int]]       # [K, K] counts, rows = true label
-    top_confusions: list[dict[str, Any]]    # label, name, prediction, predicted_name, n, row_fraction
+    # run_id -> labels, names (matrix rows / columns), counts [K, K] (rows = true label), shown_labels (the
+    # classes drawn: the same for every run when they share the labels), top (the most frequent confusions)
+    confusion: dict[str, dict[str, Any]]
     projection: dict[str, Any] = field(default_factory=dict)
+    # embedding_set, split, k, rows: [{sample_id, label, name, train_count, prediction, predicted_name,
+    # neighbors: [{sample_id, label, name, cosine}]}]: few-shot test images and their nearest train images
+    examples: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+LATEST_RUN = re.compile(r"latest(?:~(\d+))?")
+
+
+def resolve_run_id(store: "Store", ref: str) -> str:
+    """The run id ``ref`` names: ``latest`` is the newest run of the ``runs`` table (by ``time``; the
+    store as pinned by ``--as-of``), ``latest~N`` the one N runs before it; any other text is returned as
+    given (an id, checked where it is used). ``ValueError`` when there are no runs or fewer than N + 1."""
+    m = LATEST_RUN.fullmatch(ref.strip())
+    if m is None:
+        return ref
+    back = int(m.group(1) or 0)
+    n_runs = store.sql("SELECT count(*) FROM runs").column(0)[0].as_py() if store.has_table("runs") else 0
+    if n_runs == 0:
+        raise ValueError(f"run '{ref}': store {store.root} has no runs yet; train a head first (featurelt train-head)")
+    if back >= n_runs:
+        raise ValueError(f"run '{ref}': the store has {n_runs} run(s), so the oldest is latest~{n_runs - 1} "
+                         "(see featurelt runs)")
+    q = f"SELECT run_id FROM runs ORDER BY time DESC, run_id DESC LIMIT 1 OFFSET {back}"
+    return store.sql(q).column(0)[0].as_py()
 
 
 def load_runs(store: "Store", run_ids: list[str]) -> list[dict[str, Any]]:
@@ -155,6 +185,120 @@ def bucket_accuracy(store: "Store", run_ids: list[str], split: str) -> list[dict
     order = {b: i for i, b in enumerate(("all", *BUCKETS))}
     rank = {r: i for i, r in enumerate(run_ids)}
     return sorted(rows, key=lambda r: (rank[r["run_id"]], order.get(r["bucket"], 9)))
+
+
+def count_of(n: int, singular: str, plural: str) -> str:
+    """``1 class``, ``1,234 classes``."""
+    return f"{n:,} {singular if n == 1 else plural}"
+
+
+def bucket_caption(row: dict[str, Any]) -> str:
+    """``few (136 classes, 1,234 train imgs)`` for a :func:`bucket_sizes` row."""
+    return (f"{row['bucket']} ({count_of(row['classes'], 'class', 'classes')}, "
+            f"{count_of(row['train_images'], 'train img', 'train imgs')})")
+
+
+def bucket_sizes(store: "Store", split: str) -> list[dict[str, Any]]:
+    """Per bucket (many, medium, few): target classes, their train images (``classes.train_count``) and
+    their images of ``split`` (``samples``), with a :func:`bucket_caption`."""
+    q = f"""
+        SELECT c.bucket, count(*) AS classes, coalesce(sum(c.train_count), 0)::BIGINT AS train_images,
+               coalesce(sum(e.n), 0)::BIGINT AS eval_images
+        FROM classes c LEFT JOIN (SELECT label, count(*) AS n FROM samples WHERE split = {sql_literal(split)}
+                                  GROUP BY label) e ON e.label = c.label
+        WHERE c.bucket IS NOT NULL GROUP BY c.bucket"""
+    by_bucket = {r["bucket"]: {k: _plain(v) for k, v in r.items()} for r in store.sql(q).to_pylist()}
+    rows = [by_bucket.get(b, {"bucket": b, "classes": 0, "train_images": 0, "eval_images": 0}) for b in BUCKETS]
+    return [{**r, "caption": bucket_caption(r)} for r in rows]
+
+
+def few_shot_examples(store: "Store", run_id: str, split: str, embedding_set: str, *, n_classes: int = 8,
+                      k: int = 5, batch_size: int = 4096) -> list[dict[str, Any]]:
+    """Example ``split`` images of few-shot classes with the run's prediction and their ``k`` nearest
+    train images by exact cosine over ``emb_<embedding_set>`` (view 0, :class:`featurelt.index.VectorIndex`).
+
+    At most ``n_classes`` few classes, evenly spaced in label order; one image each, a misclassified one
+    when the run got any wrong (first by ``hash(sample_id)``). The train rows are streamed from the
+    store into the index batch by batch. Returns one dict per image: sample_id, label, name,
+    train_count, prediction, predicted_name, neighbors ``[{sample_id, label, name, cosine}]`` best first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from featurelt.index import VectorIndex
+
+    if n_classes < 1 or k < 1:
+        raise ValueError(f"examples and neighbors must be >= 1, got examples={n_classes}, neighbors={k}")
+    table = f"emb_{embedding_set}"
+    few = store.sql("SELECT label FROM classes WHERE bucket = 'few' ORDER BY label").column(0).to_pylist()
+    if not few:
+        return []
+    few = [few[i] for i in sorted({int(round(x)) for x in np.linspace(0, len(few) - 1, min(n_classes, len(few)))})]
+    picked = store.sql(f"""
+        SELECT sample_id, label, prediction FROM (
+            SELECT p.sample_id, p.label, p.prediction, row_number() OVER (
+                PARTITION BY p.label ORDER BY (p.prediction = p.label), hash(p.sample_id), p.sample_id) AS r
+            FROM predictions p
+            WHERE p.run_id = {sql_literal(run_id)} AND p.split = {sql_literal(split)}
+              AND p.label IN ({', '.join(str(int(x)) for x in few)})
+              AND p.sample_id IN (SELECT sample_id FROM {table} WHERE view = 0))
+        WHERE r = 1 ORDER BY label""").to_pylist()
+    if not picked:
+        return []
+    train = store.sql("SELECT sample_id, label FROM samples WHERE split = 'train'").to_pylist()
+    train_label = {r["sample_id"]: r["label"] for r in train}
+    wanted = {r["sample_id"]: i for i, r in enumerate(picked)}
+    train_ids = pa.array(list(train_label), pa.string())
+    query_ids = pa.array(list(wanted), pa.string())
+    index: VectorIndex | None = None
+    queries: np.ndarray | None = None
+    ids: list[str] = []
+    for batch in store.scan(table, columns=["sample_id", "vector"], filter="view = 0", batch_size=batch_size):
+        vec = batch.column("vector")
+        x = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, vec.type.list_size)
+        sid = batch.column("sample_id")
+        if index is None:
+            index = VectorIndex(x.shape[1])
+            queries = np.zeros((len(picked), x.shape[1]), np.float32)
+        is_train = pc.is_in(sid, value_set=train_ids).to_numpy(zero_copy_only=False)
+        if is_train.any():
+            index.add(x[is_train])
+            ids += [s for s, t in zip(sid.to_pylist(), is_train) if t]
+        is_query = np.flatnonzero(pc.is_in(sid, value_set=query_ids).to_numpy(zero_copy_only=False))
+        for j in is_query:
+            queries[wanted[sid[int(j)].as_py()]] = x[j]
+    if index is None or len(index) == 0:
+        raise ValueError(f"embedding set '{embedding_set}' has no vectors of split 'train' to search")
+    cos, nn = index.search(queries, k)
+    classes = {r["label"]: r for r in store.sql("SELECT label, name, train_count FROM classes").to_pylist()}
+
+    def name(label: int) -> str:
+        return classes[label]["name"] if label in classes else f"label {label}"
+
+    return [{"sample_id": p["sample_id"], "label": p["label"], "name": name(p["label"]),
+             "train_count": _plain(classes.get(p["label"], {}).get("train_count")), "prediction": p["prediction"],
+             "predicted_name": name(p["prediction"]),
+             "neighbors": [{"sample_id": ids[j], "label": train_label[ids[j]], "name": name(train_label[ids[j]]),
+                            "cosine": float(c)} for c, j in zip(cos[i], nn[i])]}
+            for i, p in enumerate(picked)]
+
+
+def sample_images(store: "Store", sample_ids: list[str]) -> dict[str, "np.ndarray | str"]:
+    """RGB arrays [H, W, 3] uint8 of samples (their stored bytes, else the file at their uri); an image
+    that cannot be read maps to the reason (a string), shown in its place."""
+    from featurelt.data.images import ImageDecodeError, load_sample_image
+
+    if not sample_ids:
+        return {}
+    lits = ", ".join(sql_literal(s) for s in dict.fromkeys(sample_ids))
+    out: dict[str, np.ndarray | str] = {}
+    for row in store.sql(f"SELECT sample_id, image, uri FROM samples WHERE sample_id IN ({lits})").to_pylist():
+        try:
+            out[row["sample_id"]] = np.asarray(load_sample_image(row))
+        except ImageDecodeError as exc:
+            out[row["sample_id"]] = str(exc)
+    for s in sample_ids:
+        out.setdefault(s, f"sample {s}: not in the samples table")
+    return out
 
 
 def confusion_counts(store: "Store", run_id: str, split: str) -> tuple[list[int], list[str], np.ndarray]:
@@ -274,8 +418,13 @@ def project_2d(x: np.ndarray, *, method: ProjectionMethod = "auto", seed: int = 
 
 def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...] = (),
             embedding_set: str | None = None, max_points: int = 3000, projection: ProjectionMethod = "auto",
-            max_confusion_classes: int = 20) -> tuple[ReportData, np.ndarray | None]:
-    """Read everything a report needs. Returns the data and the 2-D projection points (or None)."""
+            max_confusion_classes: int = 20, examples: int = 8,
+            neighbors: int = 5) -> tuple[ReportData, np.ndarray | None]:
+    """Read everything a report needs. Returns the data and the 2-D projection points (or None).
+    ``run_id`` and ``compare`` may name runs as ``latest`` / ``latest~N`` (:func:`resolve_run_id`).
+    ``examples``: few-shot classes shown with their nearest train images (0: none), ``neighbors`` each."""
+    run_id = resolve_run_id(store, run_id)
+    compare = [resolve_run_id(store, c) for c in compare]
     run_ids = [run_id, *[c for c in compare if c != run_id]]
     if len(set(run_ids)) != len(run_ids):
         raise ValueError(f"--compare lists a run twice: {', '.join(compare)}")
@@ -303,15 +452,23 @@ def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...]
             notes.append(f"run {run['run_id']} read the classes table at Lance version {read}; this report joins "
                          f"its predictions to classes at Lance version {current_classes} (store version "
                          f"{store.version}): train counts and buckets may have changed since (make-lt / ingest)")
-    labels, names, counts = confusion_counts(store, run_id, split)
+    confusion: dict[str, dict[str, Any]] = {}
+    for r in run_ids:
+        labels, names, counts = confusion_counts(store, r, split)
+        confusion[r] = {"labels": labels, "names": names, "counts": counts.tolist(),
+                        "top": top_confused_pairs(labels, names, counts)}
+    # the same classes in every run's matrix (chosen on their summed counts) when the runs share the labels
+    shared = all(c["labels"] == confusion[run_id]["labels"] for c in confusion.values())
+    total = sum(np.asarray(c["counts"], dtype=np.int64) for c in confusion.values()) if shared else None
+    for c in confusion.values():
+        keep = select_confused_classes(total if shared else np.asarray(c["counts"], dtype=np.int64),
+                                       max_confusion_classes)
+        c["shown_labels"] = [c["labels"][i] for i in keep]
     data = ReportData(
         store_root=store.root, store_version=store.version, run_ids=run_ids, runs=runs, eval_split=split,
         bucket_thresholds={"bucket_many": thresholds["bucket_many"], "bucket_few": thresholds["bucket_few"]},
-        bucket_from_predictions=bucket_accuracy(store, run_ids, split),
-        per_class={r: per_class_accuracy(store, r, split) for r in run_ids},
-        confusion_labels=labels, confusion_names=names, confusion_counts=counts.tolist(),
-        top_confusions=top_confused_pairs(labels, names, counts), notes=notes)
-    data.projection = {"max_confusion_classes": max_confusion_classes}
+        bucket_sizes=bucket_sizes(store, split), bucket_from_predictions=bucket_accuracy(store, run_ids, split),
+        per_class={r: per_class_accuracy(store, r, split) for r in run_ids}, confusion=confusion, notes=notes)
 
     # -- embedding projection
     points = None
@@ -336,6 +493,12 @@ def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...]
                                "method": method, "points_per_bucket": counts_by_bucket,
                                "sample_ids": [r["sample_id"] for r in rows],
                                "buckets": [r["bucket"] for r in rows], "labels": [r["label"] for r in rows]}
+    if name is not None and examples > 0:
+        rows = few_shot_examples(store, run_id, split, name, n_classes=examples, k=neighbors)
+        data.examples = {"embedding_set": name, "split": split, "k": neighbors, "rows": rows}
+        if not rows:
+            notes.append(f"no few-shot class has '{split}' predictions of run {run_id} with vectors in "
+                         f"emb_{name}: no example images")
     return data, points
 
 
@@ -358,11 +521,14 @@ def _style() -> dict[str, Any]:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    """Legend label of a run: ``head / loss [sampler] (run_id)``; ``head (run_id)`` for a fitted head
-    (knn, ncm: its runs row says loss none)."""
+    """Legend label of a run: ``head / loss [sampler] on FEATURES (run_id)``, the feature sets joined
+    by ``+``; no loss for a fitted head (knn, ncm: its runs row says loss none), no sampler when it is
+    instance (the default) or none."""
     sampler = f" [{run['sampler']}]" if run.get("sampler") and run["sampler"] not in ("none", "instance") else ""
     loss = f" / {run['loss']}" if run.get("loss") not in (None, "none") else ""
-    return f"{run['head']}{loss}{sampler} ({run['run_id']})"
+    features = "+".join(f.strip() for f in (run.get("features") or "").split(",") if f.strip())
+    on = f" on {features}" if features else ""
+    return f"{run['head']}{loss}{sampler}{on} ({run['run_id']})"
 
 
 def plot_per_class(data: ReportData, path: Path) -> None:
@@ -374,6 +540,7 @@ def plot_per_class(data: ReportData, path: Path) -> None:
         all_counts = [1, 10]
     lo, hi = min(all_counts) / 1.6, max(all_counts) * 1.6
     few, many = data.bucket_thresholds["bucket_few"], data.bucket_thresholds["bucket_many"]
+    n_classes_of = {r["bucket"]: r["classes"] for r in data.bucket_sizes}
     if few is not None and many is not None:
         regions = (("few", lo, few), ("medium", few, many), ("many", many, hi))
         for bucket, a, b in regions:
@@ -381,7 +548,9 @@ def plot_per_class(data: ReportData, path: Path) -> None:
             if b <= a:
                 continue
             ax.axvspan(a, b, color=BUCKET_COLORS[bucket], alpha=0.10, lw=0)
-            ax.text(math.sqrt(a * b), 1.035, bucket, ha="center", va="bottom", fontsize=10,
+            ax.text(math.sqrt(a * b), 1.035, f"{bucket} ({count_of(n_classes_of.get(bucket, 0), 'class', 'classes')})",
+                    ha="center",
+                    va="bottom", fontsize=10,
                     color=BUCKET_COLORS[bucket], fontweight="bold", transform=ax.get_xaxis_transform())
     n_runs = len(data.run_ids)
     for i, run in enumerate(data.runs):
@@ -417,39 +586,50 @@ def plot_per_class(data: ReportData, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_buckets(data: ReportData, path: Path) -> None:
-    """Grouped bars: accuracy on all / many / medium / few and macro-F1, one bar per run (runs table)."""
+def plot_buckets(data: ReportData, path: Path) -> "Figure":
+    """Grouped bars from the runs table, one bar per run: top-1 accuracy on all / many / medium / few (left
+    panel, x labels with each bucket's class and train image counts) and macro-F1 on its own axis (right)."""
     n_runs = len(data.runs)
-    fig = _figure(max(8.0, 1.8 + 1.1 * len(BAR_GROUPS) * max(1, n_runs) * 0.45), 5.2)
-    ax = fig.add_subplot()
+    acc_groups = [g for g in BAR_GROUPS if g[1] != "macro_f1"]
+    fig = _figure(max(9.0, 2.5 + 0.3 * (len(acc_groups) + 1) * max(1, n_runs)), 5.6)
+    ax_acc, ax_f1 = fig.subplots(1, 2, width_ratios=[len(acc_groups), 1.3])
+    total = {"bucket": "all", "classes": sum(r["classes"] for r in data.bucket_sizes),
+             "train_images": sum(r["train_images"] for r in data.bucket_sizes)}
+    caption = {r["bucket"]: f"{r['bucket']}\n{count_of(r['classes'], 'class', 'classes')}\n"
+               f"{count_of(r['train_images'], 'train img', 'train imgs')}" for r in (*data.bucket_sizes, total)}
     width = 0.8 / n_runs
-    x = np.arange(len(BAR_GROUPS))
-    for i, run in enumerate(data.runs):
-        vals = [run[col] for _, col in BAR_GROUPS]
-        heights = [v if v is not None else 0.0 for v in vals]
-        pos = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(pos, heights, width=width * 0.92, color=RUN_COLORS[i % len(RUN_COLORS)],
-                      label=run_label(run), zorder=3)
-        if n_runs <= 6:
-            for bar, v in zip(bars, vals):
-                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
-                        "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
-                        fontsize=8 if n_runs <= 3 else 7, rotation=0 if n_runs <= 3 else 90)
-    ax.set_xticks(x, [g for g, _ in BAR_GROUPS])
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("top-1 accuracy (macro-F1 for the last group)")
-    ax.set_xlabel("class bucket by train count")
-    ax.set_title(f"Accuracy per bucket on '{data.eval_split}' (runs table)")
-    ax.grid(axis="x", visible=False)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(2, n_runs), frameon=False)
+    for ax, groups in ((ax_acc, acc_groups), (ax_f1, [g for g in BAR_GROUPS if g[1] == "macro_f1"])):
+        x = np.arange(len(groups))
+        for i, run in enumerate(data.runs):
+            vals = [run[col] for _, col in groups]
+            pos = x - 0.4 + width * (i + 0.5)
+            bars = ax.bar(pos, [v if v is not None else 0.0 for v in vals], width=width * 0.92,
+                          color=RUN_COLORS[i % len(RUN_COLORS)], label=run_label(run), zorder=3)
+            if n_runs <= 6:
+                for bar, v in zip(bars, vals):
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
+                            "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
+                            fontsize=8 if n_runs <= 3 else 7, rotation=0 if n_runs <= 3 else 90)
+        ax.set_xticks(x, [caption.get(g, g) for g, _ in groups], fontsize=9)
+        ax.set_ylim(0, 1.12)
+        ax.grid(axis="x", visible=False)
+    ax_acc.set_ylabel(f"top-1 accuracy on '{data.eval_split}'")
+    ax_acc.set_title("Accuracy per bucket (class bucket by train count)")
+    ax_f1.set_ylabel("macro-F1 (over the target classes)")
+    ax_f1.set_title("Macro-F1")
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncol=min(2, n_runs),
+               frameon=False, title="run: head / loss [sampler] on features (run id)", title_fontsize=9)
     _save(fig, path)
+    return fig
 
 
-def plot_confusion(data: ReportData, path: Path, *, max_classes: int = 20) -> list[int]:
-    """Row-normalised confusion matrix; with more than ``max_classes`` classes only the most confused.
-    Returns the labels shown."""
-    counts = np.asarray(data.confusion_counts, dtype=np.float64)
-    keep = select_confused_classes(counts.astype(np.int64), max_classes)
+def plot_confusion(data: ReportData, run_id: str, path: Path) -> "Figure":
+    """Row-normalised confusion matrix of one run over its ``shown_labels`` (all classes, or the most
+    confused when there are more than ``max_confusion_classes``)."""
+    conf = data.confusion[run_id]
+    counts = np.asarray(conf["counts"], dtype=np.float64)
+    index = {lab: i for i, lab in enumerate(conf["labels"])}
+    keep = np.array([index[lab] for lab in conf["shown_labels"]], dtype=np.int64)
     row_tot = counts.sum(1, keepdims=True)
     norm = np.divide(counts, row_tot, out=np.zeros_like(counts), where=row_tot > 0)
     sub = norm[np.ix_(keep, keep)]
@@ -461,7 +641,7 @@ def plot_confusion(data: ReportData, path: Path, *, max_classes: int = 20) -> li
 
     # square-root colour scale: a 5% confusion is visible next to a 90% diagonal
     im = ax.imshow(sub, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
-    names = [data.confusion_names[i] for i in keep]
+    names = [conf["names"][i] for i in keep]
     short = [n if len(n) <= 18 else n[:17] + "…" for n in names]
     ax.set_xticks(range(k), short, rotation=60 if k > 4 else 0, ha="right" if k > 4 else "center",
                   rotation_mode="anchor", fontsize=9 if k <= 20 else 7)
@@ -469,11 +649,11 @@ def plot_confusion(data: ReportData, path: Path, *, max_classes: int = 20) -> li
     ax.grid(False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    total_k = counts.shape[0]
-    title = f"Confusion matrix on '{data.eval_split}' (rows normalised)"
-    if k < total_k:
-        title += f"\n{k} most confused of {total_k} classes"
-    ax.set_title(title)
+    run = next(r for r in data.runs if r["run_id"] == run_id)
+    title = f"Confusion matrix on '{data.eval_split}' (rows normalised)\n{run_label(run)}"
+    if k < counts.shape[0]:
+        title += f"\n{k} most confused of {counts.shape[0]} classes"
+    ax.set_title(title, fontsize=11)
     if k <= 15:
         for i in range(k):
             for j in range(k):
@@ -482,16 +662,67 @@ def plot_confusion(data: ReportData, path: Path, *, max_classes: int = 20) -> li
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
                             color="white" if v > 0.55 else "black")
     # colour the tick labels by bucket
-    bucket_of = {r["label"]: r["bucket"] for r in data.per_class.get(data.run_ids[0], [])}
+    bucket_of = {r["label"]: r["bucket"] for rows in data.per_class.values() for r in rows}
     for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
         for lab_idx, t in zip(keep, ticks):
-            b = bucket_of.get(data.confusion_labels[lab_idx])
+            b = bucket_of.get(conf["labels"][lab_idx])
             if b in BUCKET_COLORS:
                 t.set_color(BUCKET_COLORS[b])
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
     cb.set_label("fraction of the true class (sqrt scale; tick colour = bucket)")
     _save(fig, path)
-    return [data.confusion_labels[i] for i in keep]
+    return fig
+
+
+def plot_examples(data: ReportData, images: dict[str, "np.ndarray | str"], path: Path) -> "Figure":
+    """One row per few-shot example: the test image (title: true and predicted class, red when wrong)
+    and its nearest train images (title: class and cosine; bold when of the true class)."""
+    rows = data.examples["rows"]
+    k = max(len(r["neighbors"]) for r in rows)
+    cell = 1.45
+    from matplotlib.figure import Figure
+
+    # a fixed grid (no constrained layout: it would lay out every thumbnail's axes, several seconds)
+    height = cell * 1.35 * len(rows) + 1.1
+    fig = Figure(figsize=(cell * (k + 1.4), height), dpi=110)
+    grid = fig.add_gridspec(len(rows), k + 2, width_ratios=[1, 0.25] + [1] * k, left=0.06, right=0.99,
+                            bottom=0.1 / height, top=1 - 1.1 / height, wspace=0.08, hspace=0.45)
+    fig.suptitle(f"Few-shot classes: a '{data.examples['split']}' image, the run's prediction and its {k} "
+                 f"nearest train images\n(exact cosine over emb_{data.examples['embedding_set']}; "
+                 f"misclassified images chosen first; bold: a train image of the true class)", fontsize=11,
+                 y=1 - 0.08 / height, va="top")
+
+    def show(ax, sid: str, title: str, color: str = "black", weight: str = "normal") -> None:
+        img = images.get(sid)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        for side in ("top", "right", "bottom", "left"):
+            ax.spines[side].set_visible(True)
+            ax.spines[side].set_color(color)
+        if isinstance(img, np.ndarray):
+            ax.imshow(img, interpolation="nearest" if max(img.shape[:2]) < 96 else "antialiased")
+        else:
+            ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", fontsize=8, color="#999",
+                    transform=ax.transAxes)
+        ax.set_title(title, fontsize=8, color=color, fontweight=weight)
+
+    for i, row in enumerate(rows):
+        ok = row["prediction"] == row["label"]
+        ax = fig.add_subplot(grid[i, 0])
+        show(ax, row["sample_id"], f"true: {_short(row['name'])}\npred: {_short(row['predicted_name'])}",
+             color="#2a7a2a" if ok else "#c43c4b", weight="bold")
+        ax.set_ylabel(f"few: {row['train_count']} train imgs", fontsize=8)
+        for j, nb in enumerate(row["neighbors"]):
+            same_class = nb["label"] == row["label"]
+            show(fig.add_subplot(grid[i, j + 2]), nb["sample_id"], f"{_short(nb['name'])}\ncos {nb['cosine']:.2f}",
+                 weight="bold" if same_class else "normal")
+    fig.savefig(path, format="png")
+    return fig
+
+
+def _short(name: str, width: int = 16) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
 
 
 def plot_projection(data: ReportData, points: np.ndarray, path: Path) -> None:
@@ -524,6 +755,8 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+div.scroll { overflow-x: auto; max-width: 100%; }
+td.t { overflow-wrap: anywhere; max-width: 18em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.t, th.t { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }
@@ -550,11 +783,22 @@ def _table(rows: list[dict[str, Any]], columns: list[str], *, table_id: str, tex
                 cls += f" {v}"
             cells.append(f'<td class="{cls}">{_e(fmt(v))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="{_e(table_id)}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="scroll"><table id="{_e(table_id)}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: list[int]) -> str:
+# runs table columns: shown by default, and all of them (folded)
+RUNS_TABLE_COLUMNS = ("run_id", "head", "loss", "sampler", "features", "acc_all", "acc_many", "acc_medium", "acc_few",
+                      "macro_f1")
+RUNS_TABLE_ALL = (*RUNS_TABLE_COLUMNS, "head_tail_gap", "epochs", "seed", "train_seconds", "time")
+RUN_TEXT = ("run_id", "head", "loss", "sampler", "features", "time")
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<p><img src="{_e(src)}" alt="{_e(alt)}"></p>'
+
+
+def render_html(data: ReportData, figures: dict[str, str]) -> str:
     primary = data.runs[0]
     title = f"featurelt report: run {primary['run_id']}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
@@ -567,13 +811,20 @@ def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: l
     for note in data.notes:
         parts.append(f'<p class="note">{_e(note)}</p>')
 
+    parts.append("<h2>Buckets</h2>")
+    parts.append('<p class="muted">Target classes per bucket, their train images (<code>classes.train_count</code>) '
+                 f"and their images of split <code>{_e(data.eval_split)}</code> (<code>samples</code>).</p>")
+    parts.append(_table(data.bucket_sizes, ["bucket", "classes", "train_images", "eval_images", "caption"],
+                        table_id="buckets", text_cols=("bucket", "caption")))
+
     parts.append("<h2>Accuracy per bucket</h2>")
     parts.append('<p class="muted">From the <code>runs</code> table: <code>SELECT run_id, head, loss, '
                  + ", ".join(METRIC_COLUMNS) + " FROM runs</code>.</p>")
-    cols = ["run_id", "head", "loss", "sampler", "features", *METRIC_COLUMNS, "epochs", "train_seconds"]
-    parts.append(_table(data.runs, cols, table_id="runs", text_cols=("run_id", "head", "loss", "sampler", "features")))
+    parts.append(_table(data.runs, list(RUNS_TABLE_COLUMNS), table_id="runs", text_cols=RUN_TEXT))
+    parts.append("<details><summary>all columns</summary>"
+                 + _table(data.runs, list(RUNS_TABLE_ALL), table_id="runs_all", text_cols=RUN_TEXT) + "</details>")
     if "buckets" in figures:
-        parts.append(f'<p><img src="{_e(figures["buckets"])}" alt="accuracy per bucket, one bar per run"></p>')
+        parts.append(_img(figures["buckets"], "accuracy per bucket and macro-F1, one bar per run"))
 
     parts.append("<h3>Check: the same accuracies from <code>predictions</code></h3>")
     parts.append('<p class="muted"><code>predictions</code> joined to <code>classes</code> on the label, '
@@ -583,7 +834,7 @@ def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: l
 
     parts.append("<h2>Per-class accuracy</h2>")
     if "per_class" in figures:
-        parts.append(f'<p><img src="{_e(figures["per_class"])}" alt="per-class accuracy against train count"></p>')
+        parts.append(_img(figures["per_class"], "per-class accuracy against train count"))
     for run_id in data.run_ids:
         rows = data.per_class.get(run_id, [])
         parts.append(f"<details{' open' if run_id == data.run_ids[0] and len(rows) <= 30 else ''}>"
@@ -592,15 +843,37 @@ def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: l
                             table_id=f"per_class-{run_id}", text_cols=("name", "bucket")))
         parts.append("</details>")
 
-    parts.append("<h2>Confusion matrix</h2>")
-    if "confusion" in figures:
-        parts.append(f'<p><img src="{_e(figures["confusion"])}" alt="confusion matrix"></p>')
-    if len(shown_confusion) < len(data.confusion_labels):
-        parts.append(f'<p class="muted">Showing the {len(shown_confusion)} classes with the most errors '
-                     f"(as true or predicted class) of {len(data.confusion_labels)}.</p>")
-    parts.append("<h3>Most frequent confusions</h3>")
-    parts.append(_table(data.top_confusions, ["label", "name", "prediction", "predicted_name", "n", "row_fraction"],
-                        table_id="top_confusions", text_cols=("name", "predicted_name")))
+    if data.examples.get("rows"):
+        ex = data.examples
+        parts.append("<h2>Few-shot examples</h2>")
+        parts.append(f'<p class="muted">One <code>{_e(ex["split"])}</code> image per few-shot class shown (a '
+                     "misclassified one when there is one), the prediction of run "
+                     f'<code>{_e(primary["run_id"])}</code> and its {ex["k"]} nearest train images by exact cosine '
+                     f'similarity over <code>emb_{_e(ex["embedding_set"])}</code>.</p>')
+        if "examples" in figures:
+            parts.append(_img(figures["examples"], "few-shot test images with their nearest train images"))
+        flat = [{**r, "neighbors": ", ".join(f"{n['name']} ({n['cosine']:.2f})" for n in r["neighbors"])}
+                for r in ex["rows"]]
+        parts.append(_table(flat, ["sample_id", "name", "train_count", "predicted_name", "neighbors"],
+                            table_id="examples", text_cols=("sample_id", "name", "predicted_name", "neighbors")))
+
+    parts.append("<h2>Confusion matrices</h2>")
+    if len(data.run_ids) > 1:
+        parts.append('<p class="muted">One per run (over the same classes when the runs share their labels); '
+                     "open a run to see its matrix.</p>")
+    for run_id, run in zip(data.run_ids, data.runs):
+        conf = data.confusion[run_id]
+        parts.append(f"<details{' open' if run_id == data.run_ids[0] else ''}><summary>run <code>{_e(run_id)}</code>: "
+                     f"{_e(run_label(run))}</summary>")
+        if f"confusion-{run_id}" in figures:
+            parts.append(_img(figures[f"confusion-{run_id}"], f"confusion matrix of run {run_id}"))
+        if len(conf["shown_labels"]) < len(conf["labels"]):
+            parts.append(f'<p class="muted">Showing the {len(conf["shown_labels"])} classes with the most errors '
+                         f"(as true or predicted class) of {len(conf['labels'])}.</p>")
+        parts.append("<h4>most frequent confusions</h4>")
+        parts.append(_table(conf["top"], ["label", "name", "prediction", "predicted_name", "n", "row_fraction"],
+                            table_id=f"top_confusions-{run_id}", text_cols=("name", "predicted_name")))
+        parts.append("</details>")
 
     parts.append("<h2>Embedding projection</h2>")
     if "projection" in figures:
@@ -608,7 +881,7 @@ def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: l
         parts.append(f'<p class="muted">Embedding set <code>emb_{_e(p["embedding_set"])}</code>, {p["n"]} samples '
                      f'of split <code>{_e(p["split"])}</code> (deterministic hash sample, streamed from the store), '
                      f'{_e(p["method"])}.</p>')
-        parts.append(f'<p><img src="{_e(figures["projection"])}" alt="2-D projection of embeddings by bucket"></p>')
+        parts.append(_img(figures["projection"], "2-D projection of embeddings by bucket"))
     else:
         parts.append('<p class="muted">No projection (see the notes above).</p>')
 
@@ -631,50 +904,71 @@ def render_html(data: ReportData, figures: dict[str, str], *, shown_confusion: l
 
 
 # ====================================================================== entry point
+def figure_name(kind: str, run_id: str | None = None) -> str:
+    """PNG file name of a figure; per-run figures carry the run id (characters other than letters,
+    digits, ``-`` and ``_`` replaced)."""
+    return f"{kind}.png" if run_id is None else f"{kind}-{re.sub(r'[^A-Za-z0-9_-]', '_', run_id)}.png"
+
+
 def write_report(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...] = (),
                  out_dir: str | Path, embedding_set: str | None = None, max_points: int = 3000,
-                 projection: ProjectionMethod = "auto", max_confusion_classes: int = 20) -> Path:
+                 projection: ProjectionMethod = "auto", max_confusion_classes: int = 20, examples: int = 8,
+                 neighbors: int = 5) -> Path:
     """Write ``out_dir/index.html`` (+ PNG figures, ``report.json``) for ``run_id`` compared with ``compare``.
 
-    ``embedding_set``: set to project (default: the first feature set of the run that is in the store).
-    ``max_points``: at most this many evaluation samples in the projection. Returns the HTML path.
+    ``embedding_set``: set to project and to search for the nearest train images of the few-shot examples
+    (default: the first feature set of the run that is in the store). ``max_points``: at most this many
+    evaluation samples in the projection. ``examples``: few-shot classes shown with an image each (0: none);
+    ``neighbors``: nearest train images per example. Returns the HTML path.
     """
     if max_confusion_classes < 2:
         raise ValueError(f"max_confusion_classes must be >= 2, got {max_confusion_classes}")
+    if examples < 0 or neighbors < 1:
+        raise ValueError(f"examples must be >= 0 and neighbors >= 1, got examples={examples}, neighbors={neighbors}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data, points = collect(store, run_id, compare=compare, embedding_set=embedding_set, max_points=max_points,
-                           projection=projection, max_confusion_classes=max_confusion_classes)
+                           projection=projection, max_confusion_classes=max_confusion_classes, examples=examples,
+                           neighbors=neighbors)
     import matplotlib
 
     figures: dict[str, str] = {}
+
+    def draw(key: str, name: str, plot: Any, *args: Any) -> None:
+        plot(*args, out / name)
+        figures[key] = name
+
     with matplotlib.rc_context(_style()):
-        plot_per_class(data, out / "per_class_accuracy.png")
-        figures["per_class"] = "per_class_accuracy.png"
-        plot_buckets(data, out / "buckets.png")
-        figures["buckets"] = "buckets.png"
-        shown = plot_confusion(data, out / "confusion.png", max_classes=max_confusion_classes)
-        figures["confusion"] = "confusion.png"
+        draw("per_class", figure_name("per_class_accuracy"), plot_per_class, data)
+        draw("buckets", figure_name("buckets"), plot_buckets, data)
+        for r in data.run_ids:
+            draw(f"confusion-{r}", figure_name("confusion", r), plot_confusion, data, r)
         if points is not None:
-            plot_projection(data, points, out / "projection.png")
-            figures["projection"] = "projection.png"
+            draw("projection", figure_name("projection"), plot_projection, data, points)
+        if data.examples.get("rows"):
+            ids = [s for r in data.examples["rows"] for s in (r["sample_id"], *(n["sample_id"] for n in r["neighbors"]))]
+            images = sample_images(store, ids)
+            unreadable = sorted({v for v in images.values() if isinstance(v, str)})
+            if unreadable:
+                data.notes.append(f"{len(unreadable)} example image(s) could not be read, e.g. {unreadable[0]}")
+            draw("examples", figure_name("few_shot_examples"), plot_examples, data, images)
     html_path = out / "index.html"
-    html_path.write_text(render_html(data, figures, shown_confusion=shown), encoding="utf-8")
+    html_path.write_text(render_html(data, figures), encoding="utf-8")
     proj = {k: v for k, v in data.projection.items() if k not in ("sample_ids", "buckets", "labels")}
     if points is not None:
         proj["points"] = [{"sample_id": s, "label": lab, "bucket": b, "x": float(p[0]), "y": float(p[1])}
                           for s, lab, b, p in zip(data.projection["sample_ids"], data.projection["labels"],
                                                   data.projection["buckets"], points)]
-    doc = {"run_id": run_id, "compare": data.run_ids[1:], "store": data.store_root,
+    doc = {"run_id": data.run_ids[0], "compare": data.run_ids[1:], "store": data.store_root,
            "store_version": data.store_version, "eval_split": data.eval_split,
-           "bucket_thresholds": data.bucket_thresholds, "runs": data.runs,
+           "bucket_thresholds": data.bucket_thresholds, "buckets": data.bucket_sizes, "runs": data.runs,
            "bucket_from_predictions": data.bucket_from_predictions, "per_class": data.per_class,
-           "confusion": {"labels": data.confusion_labels, "names": data.confusion_names,
-                         "counts": data.confusion_counts, "shown_labels": shown},
-           "top_confusions": data.top_confusions, "projection": proj, "figures": figures, "notes": data.notes}
+           "confusion": data.confusion, "projection": proj, "examples": data.examples, "figures": figures,
+           "notes": data.notes}
     (out / "report.json").write_text(json.dumps(doc, indent=1, default=_plain), encoding="utf-8")
     return html_path
 
 
 __all__ = ["write_report", "collect", "ReportData", "project_2d", "sample_embeddings", "per_class_accuracy",
-           "bucket_accuracy", "confusion_counts", "load_runs", "evaluation_split"]
+           "bucket_accuracy", "bucket_sizes", "confusion_counts", "few_shot_examples", "load_runs", "evaluation_split",
+           "resolve_run_id"]

@@ -10,11 +10,12 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p = sub.add_parser(
         "encoders", parents=[parents.json],
         help="list the frozen encoders: name, kind, products with dims, weights needed",
-        description="List the encoders `featurelt extract --encoder NAME` accepts: kind (image or text), "
+        description="List the encoders `featurelt extract NAME` accepts: kind (image or text), "
         "whether it has a text tower (class text embeddings), its products with their dimensions, and "
         "what --checkpoint must be (a file, a Hugging Face folder, none, or bundled weights). "
         "Named models (clip:<model>, sam:vit_b|vit_l|vit_h, dinov2:small|base|large|giant) need "
-        "--checkpoint; the tiny variants are seeded random weights for tests and demos. "
+        "--checkpoint (DINOv2: a Hugging Face folder, e.g. `hf download facebook/dinov2-small --local-dir "
+        "dinov2-small`); the tiny variants are seeded random weights for tests and demos. "
         "clip:<model> is any open_clip model name (--all lists them).",
         epilog="examples: featurelt encoders; featurelt encoders --all --json; "
         "featurelt encoders --map-size 64  (sam pca_map dim = map_size**2)")

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "dinov2:<size>|tiny | pixels | text:minilm (see `featurelt encoders`)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights: an open_clip checkpoint file, a segment-anything .pth, or a Hugging Face "
-                   "DINOv2 / sentence-transformers folder (required for named models; tiny variants need none)")
+                   "DINOv2 / sentence-transformers folder, e.g. from `hf download facebook/dinov2-small --local-dir "
+                   "dinov2-small` (required for named models; tiny variants need none)")
     p.add_argument("--products", nargs="+", metavar="PRODUCT",
                    help="which encoder outputs to store (default: all), e.g. latent pca_map for SAM, cls "
                    "mean_patch for DINOv2")
@@ -99,10 +100,14 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("embeddings", parents=[parents.store, parents.as_of, parents.json],
-                       help="list the embedding sets with their encoder, product, dim, dtype and rows",
-                       description="List the embedding sets (tables emb_<name>): name, encoder, product, dim, dtype, "
-                       "rows in the table, whether the encoder weights were trained, and the time of the last "
-                       "extraction run that wrote to it (from embedding_sets).")
+                       help="list the embedding sets with their encoder, weights, trained, rows and time",
+                       description="List the embedding sets (tables emb_<name>) with their provenance (from "
+                       "embedding_sets, the last extraction run that wrote to each): name, encoder, product, dim, "
+                       "dtype, rows in the table, trained (false: seeded random weights), weights (the "
+                       "provenance's tag when it has one, else the first 12 hex digits of the checkpoint's "
+                       "sha256; 'seed N' for random weights, 'none' for raw pixels), extraction runs and the time of the last one. "
+                       "--json prints every field and the full provenance of each set.",
+                       epilog="examples: featurelt embeddings;  featurelt embeddings --json")
     p.set_defaults(func=cmd_embeddings)
 
 
@@ -138,8 +143,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def weights_label(prov: dict) -> str:
+    """How the table names an encoder's weights: its tag, else the checkpoint sha256 (12 hex digits),
+    else ``seed N`` (seeded random weights)."""
+    if prov.get("tag"):
+        return str(prov["tag"])
+    if prov.get("checkpoint_sha256"):
+        return str(prov["checkpoint_sha256"])[:12]
+    if prov.get("family") == "pixels":
+        return "none (raw pixels)"
+    return f"seed {prov.get('seed')}" if prov.get("trained") is False else "(unknown)"
+
+
 def embedding_set_rows(store) -> list[dict]:
-    """One row per embedding set: name, encoder, product, dim, dtype, rows, trained, runs, time."""
+    """One row per embedding set: name, encoder, product, dim, dtype, rows, trained, weights, runs, time,
+    fingerprint and provenance (the parsed JSON of the last extraction run that wrote to the set)."""
     runs: dict[str, list[dict]] = {}
     if store.has_table("embedding_sets"):
         for r in store.read("embedding_sets").to_pylist():
@@ -150,20 +168,25 @@ def embedding_set_rows(store) -> list[dict]:
         vtype = store.dataset(table).schema.field("vector").type
         rs = sorted(runs.get(name, []), key=lambda r: r["time"])
         last = rs[-1] if rs else None
-        trained = None
-        if last is not None:
-            prov = json.loads(last["provenance"])
-            trained = prov.get("trained")
+        prov = json.loads(last["provenance"]) if last is not None else {}
         out.append({"name": name, "encoder": last["encoder"] if last else None,
                     "product": last["product"] if last else None, "dim": vtype.list_size,
                     "dtype": "float16" if str(vtype.value_type) == "halffloat" else "float32",
-                    "rows": store.count(table), "trained": trained, "runs": len(rs),
-                    "time": last["time"] if last else None})
+                    "rows": store.count(table), "trained": prov.get("trained"),
+                    "weights": weights_label(prov) if last else None, "runs": len(rs),
+                    "time": last["time"] if last else None, "fingerprint": last["fingerprint"] if last else None,
+                    "provenance": prov or None})
     return out
+
+
+EMBEDDING_COLUMNS = ["name", "encoder", "product", "dim", "dtype", "rows", "trained", "weights", "runs", "time"]
 
 
 def cmd_embeddings(args: argparse.Namespace) -> int:
     store = open_store(args)
-    print_rows(embedding_set_rows(store), as_json=args.json,
-               columns=["name", "encoder", "product", "dim", "dtype", "rows", "trained", "runs", "time"])
+    rows = embedding_set_rows(store)
+    if not args.json:
+        rows = [{**r, "trained": {True: "true", False: "false"}.get(r["trained"], r["trained"]),
+                 "time": str(r["time"])[:19] if r["time"] is not None else None} for r in rows]
+    print_rows(rows, as_json=args.json, columns=None if args.json else EMBEDDING_COLUMNS)
     return 0

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "folder or IDX file/folder; with --builtin fashion-mnist: the folder of its IDX files")
     p.add_argument("--builtin", choices=_BUILTINS, default=None,
                    help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
-                   "fashion-mnist (/usr/share/datasets/fashion-mnist, or PATH)")
+                   "fashion-mnist (/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist, or PATH)")
     p.add_argument("--path", dest="builtin_path", default=None, metavar="DIR",
                    help="with --builtin fashion-mnist: the folder holding its four IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
@@ -121,8 +121,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "one) names its class and gamma1 < cos(p_i, f_r) < gamma2, with f_r its cached feature (--features, "
         "DINOv2 in the paper) and p_i the mean feature of the original train rows of class i. Rejected rows move to "
         "split 'filtered' with a rejects row giving the reason, in one store transaction.",
-        epilog="examples: featurelt filter-auxiliary --features dinov2_vits14_cls --dry-run;  "
-        "featurelt filter-auxiliary --features dinov2_vits14_cls --gamma1 0.4 --gamma2 0.9")
+        epilog="examples: featurelt filter-auxiliary --features dinov2_small_cls --dry-run;  "
+        "featurelt filter-auxiliary --features dinov2_small_cls --gamma1 0.4 --gamma2 0.9  (dinov2_small_cls: "
+        "the set `featurelt extract dinov2:small --checkpoint dinov2-small` writes)")
     p.add_argument("--features", required=True,
                    help="embedding sets to compare, comma-separated (joined on sample_id like train-head's)")
     p.add_argument("--gamma1", type=float, default=0.3,

@@ -8,8 +8,10 @@ import os
 def register(sub: argparse._SubParsersAction, parents) -> None:
     p = sub.add_parser("job", help="run the featurelt commands listed in a YAML job file, in order",
                        description="Run a job file (jobs/*.yaml): a list of steps {command: {option: value}}, "
-                       "each run as the same featurelt command typed by hand; stops at the first failure.")
-    p.add_argument("file", help="YAML job file, e.g. jobs/demo-digits.yaml")
+                       "each run as the same featurelt command typed by hand; stops at the first failure.",
+                       epilog="examples: featurelt job jobs/digits-baselines.yaml --dry-run;  "
+                       "featurelt job jobs/auxiliary-classes.yaml --store aux-store")
+    p.add_argument("file", help="YAML job file, e.g. jobs/digits-baselines.yaml")
     p.add_argument("--store", default=argparse.SUPPRESS, help="store root; overrides the job's 'store' key")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     p.set_defaults(func=cmd_job)

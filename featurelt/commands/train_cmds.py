@@ -98,8 +98,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p = sub.add_parser("runs", parents=[parents.store, parents.as_of, parents.json],
                        help="list train-head runs with their metrics",
                        description="List the runs table: run id, head, loss, sampler, features and the metrics "
-                       "(top-1 all / many / medium / few, macro-F1, head-tail gap), newest last.")
+                       "(top-1 all / many / medium / few, macro-F1, head-tail gap), newest last.",
+                       epilog="examples: featurelt runs --limit 5;  featurelt runs --run latest --json")
     p.add_argument("--limit", type=int, default=50, help="show the newest N runs (default 50; 0 = all)")
+    p.add_argument("--run", dest="run_id", metavar="ID",
+                   help="show only this run: an id, latest (the newest run) or latest~N (N runs before it)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("eval", parents=[parents.store, parents.as_of, parents.json],
@@ -107,7 +110,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                        description="Recompute top-1 all / many / medium / few, macro-F1 and the head-tail gap from "
                        "the predictions rows of a run (buckets from the classes table at the run's pinned store "
                        "version) and compare them with the runs row. Exit status 1 when they differ.")
-    p.add_argument("--run", required=True, dest="run_id", help="run id (see featurelt runs)")
+    p.add_argument("--run", required=True, dest="run_id", metavar="ID",
+                   help="run id (see featurelt runs), latest (the newest run) or latest~N (N runs before it)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -206,8 +210,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print_rows([], as_json=args.json)
         return 0
     limit = f" LIMIT {int(args.limit)}" if args.limit and args.limit > 0 else ""
-    rows = store.sql(f"SELECT * FROM (SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY time DESC{limit}) "
+    where = ""
+    if args.run_id:
+        from featurelt.report import resolve_run_id, sql_literal
+
+        where = f" WHERE run_id = {sql_literal(resolve_run_id(store, args.run_id))}"
+    rows = store.sql(f"SELECT * FROM (SELECT {', '.join(RUN_COLUMNS)} FROM runs{where} ORDER BY time DESC{limit}) "
                      "ORDER BY time").to_pylist()
+    if args.run_id and not rows:
+        raise ValueError(f"unknown run '{args.run_id}' (see featurelt runs)")
     if not args.json:
         rows = [{k: _fmt(v) for k, v in r.items()} for r in rows]
     print_rows(rows, as_json=args.json, columns=RUN_COLUMNS)
@@ -240,7 +251,10 @@ def recompute_run_metrics(store: Any, run_id: str) -> tuple[dict[str, Any], dict
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from featurelt.report import resolve_run_id
+
     store = open_store(args)
+    args.run_id = resolve_run_id(store, args.run_id)
     run, m = recompute_run_metrics(store, args.run_id)
 
     def same(a: Any, b: Any) -> bool:

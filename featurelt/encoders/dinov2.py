@@ -8,7 +8,7 @@ LayerNorm; not unit-normalised -- heads that need cosine similarity normalise th
 * ``mean_patch`` -- the mean of the patch tokens ``last_hidden_state[:, 1:].mean(1)``.
 
 Weights: ``checkpoint=DIR`` is a local Hugging Face folder (``config.json`` + ``model.safetensors``,
-e.g. ``huggingface-cli download facebook/dinov2-base --local-dir DIR``), loaded with
+e.g. ``hf download facebook/dinov2-base --local-dir DIR``), loaded with
 ``Dinov2Model.from_pretrained(DIR, local_files_only=True)``. Preprocessing is the folder's
 ``preprocessor_config.json`` when present (DINOv2: shorter side 256, bicubic, center crop 224,
 ImageNet mean/std), else that default, scaled to ``image_size`` (crop ``s``, shorter side
@@ -50,7 +50,7 @@ _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample ids in p
 
 
 def _how(size: str) -> str:
-    return (f"Download the Hugging Face model on a machine with internet (`huggingface-cli download "
+    return (f"Download the Hugging Face model on a machine with internet (`hf download "
             f"facebook/dinov2-{size} --local-dir dinov2-{size}`) and pass the folder with --checkpoint "
             f"dinov2-{size} (python: checkpoint=DIR).")
 
