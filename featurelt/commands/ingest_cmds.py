@@ -3,36 +3,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from typing import Any
 
 from featurelt.commands._common import non_negative_int, open_store, positive_int, print_rows
 
-_FORMATS = ["auto", "folder", "csv", "jsonl", "split-list", "inat", "cifar", "idx"]
-_BUILTINS = ["digits", "fashion-mnist"]
 _SOURCES = ["original", "auxiliary", "generated"]
 
 
+def _listing(registry, width: int = 14) -> str:
+    """One ``  name  description`` line per registry entry (for a RawDescription help text)."""
+    return "\n".join(f"  {name:<{width}}{registry.help(name)}" for name in registry.names())
+
+
 def register(sub: argparse._SubParsersAction, parents) -> None:
+    from featurelt.data.formats import BUILTINS, FORMATS
+
     p = sub.add_parser(
-        "ingest", parents=[parents.store],
+        "ingest", parents=[parents.store], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX or a builtin) to the samples table",
-        description="Ingest a data set into the store in one transaction (samples, classes, rejects). "
-        "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
-        "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
-        "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
-        "the whole ingest naming the first bad rows, unless --skip-bad.",
-        epilog="examples: featurelt ingest --builtin digits | featurelt ingest ./flowers "
-        "| featurelt ingest ImageNet_LT_train.txt --root /data/imagenet | featurelt ingest manifest.csv")
+        description=textwrap.fill(
+            "Ingest a data set into the store in one transaction (samples, classes, rejects). "
+            "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
+            "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
+            "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
+            "the whole ingest naming the first bad rows, unless --skip-bad.", 100)
+        + "\n\ninput formats (--format; auto picks one by file name and folder contents):\n" + _listing(FORMATS)
+        + "\n\nbuiltin data sets (--builtin):\n" + _listing(BUILTINS),
+        epilog="examples:\n  featurelt ingest --builtin digits\n  featurelt ingest ./flowers\n"
+        "  featurelt ingest ImageNet_LT_train.txt --root /data/imagenet\n  featurelt ingest manifest.csv")
     p.add_argument("path", nargs="?", help="folder, manifest (.csv/.jsonl), split list (.txt), iNat JSON, CIFAR "
                    "folder or IDX file/folder; with --builtin fashion-mnist: the folder of its IDX files")
-    p.add_argument("--builtin", choices=_BUILTINS, default=None,
+    p.add_argument("--builtin", choices=BUILTINS.names(), default=None,
                    help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
                    "fashion-mnist (/usr/share/datasets/fashion-mnist, or PATH)")
     p.add_argument("--path", dest="builtin_path", default=None, metavar="DIR",
                    help="with --builtin fashion-mnist: the folder holding its four IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--format", dest="fmt", choices=_FORMATS, default="auto",
-                   help="input format (default auto: by file name and folder contents)")
+    p.add_argument("--format", dest="fmt", choices=["auto", *FORMATS.names()], default="auto",
+                   help="input format, one of those listed above (default auto: by file name and folder contents)")
     p.add_argument("--root", default=None,
                    help="folder that relative image paths start from (required for split lists; manifests and "
                    "iNat JSON default to their own folder); paths that resolve outside it are refused")

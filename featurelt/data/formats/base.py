@@ -1,0 +1,134 @@
+"""The input-format contract: :class:`Record` / :class:`Input`, the ``FORMATS`` registry and shared path helpers."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from featurelt._registry import Registry
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(slots=True)
+class Record:
+    """One input image before validation.
+
+    location: the file, or ``manifest:row`` it came from (named in errors and rejects).
+    row: 1-based row / line number in a manifest or list, else None.
+    class_name: the class key in the registry (a name; integer labels without names become ``str(int)``).
+    path: the image file to read (file sources); data: encoded bytes (array sources).
+    size: (width, height) when the bytes were encoded here (no decode needed).
+    error: a problem found while reading the input (missing file, unknown label, ...).
+    """
+
+    location: str
+    row: int | None
+    class_name: str
+    split: str
+    path: str | None = None
+    data: bytes | None = None
+    sample_id: str | None = None
+    size: tuple[int, int] | None = None
+    description: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Input:
+    """What a reader found: dataset name, class names in label order, the lazy records, and a size hint."""
+
+    dataset: str
+    classes: list[str]
+    records: Iterator[Record]
+    total: int | None = None
+    files: bool = True  # records point at files (so --reference is possible)
+    class_ids: dict[str, int] = field(default_factory=dict)  # integer labels the source gives: name -> label
+    named: set[str] = field(default_factory=set)  # of those, names the source states (not just str(label))
+
+
+class Reader(Protocol):
+    """``read(path, *, root=None, split=None) -> Input`` (root: where relative paths start; split: for every row)."""
+
+    def __call__(self, path: Path, *, root: Path | None = None, split: str | None = None) -> Input: ...
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """One registered format: its name, a one-line description, ``detect`` and ``read``.
+
+    detect(path) -> bool: whether ``--format auto`` should pick this format for ``path`` (an existing file
+    or folder); formats are asked in ``priority`` order (lower first) and the first yes wins.
+    read(path, root=, split=) -> Input: the lazy records (see :class:`Input`).
+    """
+
+    name: str
+    description: str
+    detect: Callable[[Path], bool]
+    read: Reader
+    priority: int = 50
+
+
+FORMATS: Registry[InputFormat] = Registry("input format")
+
+
+def register_format(name: str, description: str, *, detect: Callable[[Path], bool],
+                    priority: int = 50) -> Callable[[Reader], Reader]:
+    """Decorator on a reader function: registers ``InputFormat(name, description, detect, reader, priority)``."""
+
+    def deco(read: Reader) -> Reader:
+        FORMATS.register(name, help=description)(InputFormat(name, description, detect, read, priority))
+        return read
+
+    return deco
+
+
+def has_suffix(*suffixes: str) -> Callable[[Path], bool]:
+    """A ``detect`` for files whose lower-case name ends with one of ``suffixes``."""
+    return lambda path: path.is_file() and path.name.lower().endswith(suffixes)
+
+
+# ====================================================================== helpers
+def is_int(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
+
+
+def split_from_name(name: str, default: str) -> str:
+    low = name.lower()
+    for split in SPLIT_NAMES:
+        if split in low:
+            return split
+    if "t10k" in low:
+        return "test"
+    return default
+
+
+def within(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_under(rel: str, root: Path, *, check_root: bool) -> tuple[str, str | None]:
+    """Absolute path of ``rel`` under ``root`` and an error if it escapes ``root`` or does not exist."""
+    p = Path(rel).expanduser()
+    full = p if p.is_absolute() else root / p
+    if check_root and not within(full, root):
+        return str(full), f"path '{rel}' is outside --root {root}"
+    if not full.is_file():
+        return str(full), f"file not found: {full}"
+    return str(full.resolve()), None
+
+
+def check_not_empty(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty input (0 bytes)")
+
+
+def int_label_classes(labels: Sequence[int], names: dict[int, str]) -> list[str]:
+    return [names.get(i, str(i)) for i in sorted(set(labels))]
+

@@ -1,0 +1,40 @@
+"""Input format ``folder``: one subfolder per class (optionally under train / val / test folders)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from featurelt.data.formats.base import IMAGE_EXTENSIONS, SPLIT_NAMES, Input, Record, register_format
+
+
+@register_format("folder", "PATH/<class>/<image>, or PATH/<split>/<class>/<image> with train/val/test folders",
+                 detect=lambda path: path.is_dir(), priority=100)
+def read_folder(path: Path, *, root: Path | None = None, split: str | None = None) -> Input:
+    """``PATH/<class>/<image>``; also ``PATH/<split>/<class>/<image>`` when every top folder is a split name."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {path}")
+    top = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not top:
+        raise ValueError(f"{path}: empty input: no class subfolders (expected PATH/<class>/<image files>)")
+    if all(d.name in SPLIT_NAMES for d in top):
+        roots = [(d, d.name) for d in top]
+    else:
+        roots = [(path, split or "train")]
+    class_dirs: list[tuple[Path, str, str]] = []
+    for root, sp in roots:
+        for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
+            class_dirs.append((d, d.name, split or sp))
+    classes = sorted({name for _, name, _ in class_dirs})
+
+    def files(d: Path) -> list[Path]:
+        return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+    total = sum(len(files(d)) for d, _, _ in class_dirs)
+
+    def records() -> Iterator[Record]:
+        for d, name, sp in class_dirs:
+            for f in files(d):
+                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f))
+
+    return Input(dataset=path.resolve().name, classes=classes, records=records(), total=total)
+
