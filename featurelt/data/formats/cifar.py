@@ -12,10 +12,51 @@ from featurelt.data.formats.base import Input, Record, register_format
 from featurelt.data.images import encode_png
 
 
+def _numpy_global(module: str, name: str) -> Any:
+    """``numpy.<module>.<name>`` from numpy 2's ``numpy._core`` (or numpy 1's ``numpy.core``) without a deprecation warning."""
+    import importlib
+
+    for prefix in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{prefix}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {module}.{name}")
+
+
+# What a CIFAR pickle may reference: numpy array / dtype / scalar reconstruction (pickles written by numpy 1
+# name numpy.core.*, by numpy 2 numpy._core.*) and Python 3's protocol-2 form of bytes (_codecs.encode).
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: __import__("codecs").encode,
+    **{(f"{prefix}.multiarray", name): (lambda name=name: _numpy_global("multiarray", name))
+       for prefix in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")},
+    **{(f"{prefix}.numeric", "_frombuffer"): (lambda: _numpy_global("numeric", "_frombuffer"))
+       for prefix in ("numpy.core", "numpy._core")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR files hold: dicts, lists, strings, numbers and numpy arrays.
+
+    Any other global (a function or class a crafted pickle would call, e.g. ``os.system``) is refused
+    before it is looked up, so loading a file never runs code from it.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        make = _ALLOWED_GLOBALS.get((module, name))
+        if make is None:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': a CIFAR pickle holds only "
+                                         "numpy arrays, lists, strings and numbers")
+        return make()
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
+    """The dict in a CIFAR pickle, loaded with :class:`_CifarUnpickler`; ValueError naming ``path`` otherwise."""
     with open(path, "rb") as fh:
         try:
-            obj = pickle.load(fh, encoding="latin1")
+            obj = _CifarUnpickler(fh, encoding="latin1").load()
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
             raise ValueError(f"{path}: not a CIFAR python pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
