@@ -16,6 +16,7 @@ from PIL import Image
 from featurelt.cli import main
 from featurelt.data.images import decode_bytes, sample_id_for
 from featurelt.data.ingest import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, detect_format
+from featurelt.data.formats.builtin import DIGITS_CLASSES
 from featurelt.store import Store
 
 
@@ -398,7 +399,7 @@ def test_builtin_digits(digits_store: Path) -> None:
     store = Store(digits_store, as_of=1)
     assert store.count("samples") == 1797
     assert store.count("samples", "split = 'test'") == 360 and store.count("samples", "split = 'train'") == 1437
-    assert [c["name"] for c in store.read("classes").sort_by("label").to_pylist()] == [str(i) for i in range(10)]
+    assert [c["name"] for c in store.read("classes").sort_by("label").to_pylist()] == DIGITS_CLASSES
     # stratified: every class has 35 or 36 test rows (20% of 174..183)
     per_class = store.sql("SELECT label, count(*) n FROM samples WHERE split = 'test' GROUP BY label").column("n").to_pylist()
     assert min(per_class) >= 35 and max(per_class) <= 37
@@ -449,7 +450,7 @@ def test_generated_rows_join_target_classes(digits_store: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     shutil.copytree(digits_store, root)
-    gen = make_folder(tmp_path / "gen", {"9": 3})                 # class "9" exists: label 9
+    gen = make_folder(tmp_path / "gen", {"nine": 3})              # class "nine" exists: label 9
     assert_refused(root, capsys, str(gen), "--neighbor-of", "9", version=2, expect=["use it with --source auxiliary"])
     assert run(root, str(gen), "--source", "generated") == 0
     store = Store(root)

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
 
     p = sub.add_parser(
         "ingest", parents=[parents.store], formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX or a builtin) to the samples table",
+        help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX, Parquet / WebDataset shards or a "
+        "builtin) to the samples table",
         description=textwrap.fill(
             "Ingest a data set into the store in one transaction (samples, classes, rejects). "
             "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
@@ -31,9 +32,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         + "\n\ninput formats (--format; auto picks one by file name and folder contents):\n" + _listing(FORMATS)
         + "\n\nbuiltin data sets (--builtin):\n" + _listing(BUILTINS),
         epilog="examples:\n  featurelt ingest --builtin digits\n  featurelt ingest ./flowers\n"
-        "  featurelt ingest ImageNet_LT_train.txt --root /data/imagenet\n  featurelt ingest manifest.csv")
+        "  featurelt ingest ImageNet_LT_train.txt --root /data/imagenet --class-names imagenet_classes.txt\n"
+        "  featurelt ingest manifest.csv\n  featurelt ingest ./cifar10/plain_text --format parquet\n"
+        "  featurelt ingest ./shards --format webdataset --class-names names.txt")
     p.add_argument("path", nargs="?", help="folder, manifest (.csv/.jsonl), split list (.txt), iNat JSON, CIFAR "
-                   "folder or IDX file/folder; with --builtin fashion-mnist: the folder of its IDX files")
+                   "folder, IDX file/folder, Parquet or WebDataset shard (or a folder of shards); with --builtin fashion-mnist: the folder of its IDX files")
     p.add_argument("--builtin", choices=BUILTINS.names(), default=None,
                    help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
                    "fashion-mnist (/usr/share/datasets/fashion-mnist, or PATH)")
@@ -48,6 +51,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--split", default=None,
                    help="split for every row (default: from the source -- the manifest column, train/val/test in "
                    "the file or folder name, else train)")
+    p.add_argument("--class-names", dest="class_names", metavar="FILE", default=None,
+                   help="names of integer labels (split lists, IDX, Parquet without ClassLabel, WebDataset .cls): "
+                   "one name per line, line i = label i, or 'i name' / 'i,name' / 'name i' lines; classes of the "
+                   "store still called by their number take these names (text heads refuse number-only names)")
     p.add_argument("--source", choices=_SOURCES, default="original",
                    help="where the images come from: original data, auxiliary classes (e.g. retrieved "
                    "neighbours), or generated images (default original)")
@@ -181,7 +188,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
                     source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,
                     skip_bad=args.skip_bad, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
-                    progress=args.progress)
+                    class_names=args.class_names, progress=args.progress)
     print(result.summary())
     return 0
 

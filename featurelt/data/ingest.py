@@ -9,7 +9,9 @@ Fashion-MNIST, manifest names) keep their label if the name is known and otherwi
 label after the existing ones (in the source's class order). Integer labels without names (split lists,
 manifests with integer ``label``, plain IDX files) *are* store labels: they join the class with that
 label, or create it named ``str(label)``; a manifest ``class_name`` that disagrees with the store's
-name for that label is refused.
+name for that label is refused. ``--class-names FILE`` names integer labels (:mod:`featurelt.data.classnames`);
+a class still called ``str(label)`` in the store takes the name the input states (its class-name text
+embeddings, made from the number, are deleted in the same transaction: re-run ``extract text:...``).
 
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import pyarrow as pa
 
+from featurelt.data.classnames import is_label_number, name_input, read_class_names
 from featurelt.data.formats import BUILTINS, FORMATS, Input, Record, detect_format, read_input
 from featurelt.data.formats.base import is_int
 from featurelt.data.formats.builtin import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_builtin
@@ -50,10 +53,13 @@ class IngestResult:
     store_version: int
     new_classes: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    named_classes: dict[int, str] = field(default_factory=dict)  # label -> name given to a class called str(label)
 
     def summary(self) -> str:
+        named = f", {len(self.named_classes)} classes named" if self.named_classes else ""
         return (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
-                f"{self.rejected} rejected, {len(self.new_classes)} new classes; store version {self.store_version}")
+                f"{self.rejected} rejected, {len(self.new_classes)} new classes{named}; "
+                f"store version {self.store_version}")
 
 
 
@@ -76,6 +82,7 @@ class ClassRegistry:
         self.by_label = {r["label"]: r["name"] for r in rows}
         self.new: list[str] = []
         self.alias: dict[str, int] = {}  # integer-label keys that joined an existing class of another name
+        self.named: dict[int, str] = {}  # label -> the name the input gave a class called str(label)
 
     def resolve(self, key: str) -> int:
         """Label of a class given by name or label number (``--neighbor-of``)."""
@@ -92,11 +99,19 @@ class ClassRegistry:
 
         label_id: the integer label the source gives (split lists, manifests and IDX files without names):
         it is the store label. If that label exists, the source's rows join it (``named``: the source also
-        states a name, which must then agree); if not, the class is created with exactly that label.
+        states a name, which must then agree, unless the class is still called ``str(label)``: it then takes
+        that name); if not, the class is created with exactly that label.
         """
         if label_id is not None:
             if label_id in self.by_label:
                 existing = self.by_label[label_id]
+                if named and name != existing and existing == str(label_id) and not is_label_number(name) \
+                        and name not in self.rows:
+                    row = self.rows.pop(existing)
+                    self.rows[name] = {**row, "name": name}
+                    self.by_label[label_id] = name
+                    self.named[label_id] = name
+                    return label_id
                 if named and name != existing:
                     raise ValueError(f"the input names label {label_id} '{name}', but the store's class {label_id} "
                                      f"is '{existing}'")
@@ -168,8 +183,11 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
            builtin: str | None = None, root: str | os.PathLike[str] | None = None, split: str | None = None,
            source: Source = "original", neighbor_of: str | None = None, reference: bool = False,
            skip_bad: bool = False, dataset: str | None = None, limit: int | None = None,
-           batch_size: int = 512, message: str | None = None, progress: bool = True) -> IngestResult:
+           batch_size: int = 512, class_names: str | os.PathLike[str] | None = None, message: str | None = None,
+           progress: bool = True) -> IngestResult:
     """Ingest one data set into ``store`` in ONE transaction (samples, rejects, classes).
+
+    ``class_names``: a names file for the input's integer labels (:func:`~featurelt.data.classnames.read_class_names`).
 
     Re-ingesting the same data adds no rows (``insert_new`` on ``sample_id``). Bad rows (undecodable
     or missing files, unknown labels, paths outside ``root``, duplicate ids with different content,
@@ -192,7 +210,10 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     p = Path(path).expanduser() if path is not None else None
     r = Path(root).expanduser() if root is not None else None
+    names = read_class_names(class_names) if class_names is not None else None
     inp = open_input(p, fmt=fmt, builtin=builtin, root=r, split=split)
+    if names is not None:
+        inp = name_input(inp, names, source=str(class_names))
     if reference and not inp.files:
         raise ValueError(f"--reference stores file URIs, but {inp.dataset} is decoded from arrays; "
                          "ingest it without --reference")
@@ -301,14 +322,17 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             bar.close()
         if bad:
             tx.append("rejects", rejects_table(command=tx.message, stage="ingest", rows=bad))
-        if added == 0 and not bad and not registry.new:
+        if registry.named and store.has_table("text_embeddings"):  # embeddings of the label numbers: stale
+            tx.delete("text_embeddings", f"label IN ({', '.join(str(lab) for lab in sorted(registry.named))})")
+        if added == 0 and not bad and not registry.new and not registry.named:
             tx.discard()  # nothing new: no store version
         else:
             rebuild_classes(tx, registry=registry.as_rows())
     store.refresh()
     duplicates = stats["good"] - added + stats["input_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
-                        store_version=store.version, new_classes=list(registry.new), rejects=bad)
+                        store_version=store.version, new_classes=list(registry.new), rejects=bad,
+                        named_classes=dict(registry.named))
 
 
 def _bad_message(where: str, bad: list[dict[str, Any]]) -> str:

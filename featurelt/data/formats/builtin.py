@@ -16,6 +16,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot"]
 DIGITS_SEED = 0          # seed of the builtin digits' stratified train/test split
 DIGITS_TEST_FRACTION = 0.2
+DIGITS_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # label i = digit i
 
 BuiltinReader = Callable[..., Input]  # (path: Path | None, split: str | None) -> Input
 BUILTINS: Registry[BuiltinReader] = Registry("builtin data set")
@@ -24,7 +25,8 @@ BUILTINS: Registry[BuiltinReader] = Registry("builtin data set")
 @BUILTINS.register("digits", help="scikit-learn's bundled 8x8 digits (1797 images), stratified 80/20 train/test")
 def read_digits(path: Path | None = None, *, split: str | None = None) -> Input:
     """scikit-learn's bundled digits: 1797 8x8 images scaled 0..16 -> 0..255 uint8 PNG, a stratified
-    80/20 train/test split with seed ``DIGITS_SEED`` (same split on every machine)."""
+    80/20 train/test split with seed ``DIGITS_SEED`` (same split on every machine). Classes are named by the
+    digit's English word (``DIGITS_CLASSES``: label i is digit i), so text encoders embed words, not numbers."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -39,10 +41,10 @@ def read_digits(path: Path | None = None, *, split: str | None = None) -> Input:
     def records() -> Iterator[Record]:
         for i in idx:
             sp = split or ("test" if i in test else "train")
-            yield Record(location=f"sklearn digits[{i}]", row=int(i) + 1, class_name=str(d.target[i]), split=sp,
+            yield Record(location=f"sklearn digits[{i}]", row=int(i) + 1, class_name=DIGITS_CLASSES[d.target[i]], split=sp,
                          data=encode_png(images[i]), size=(8, 8))
 
-    return Input(dataset="digits", classes=[str(i) for i in range(10)], records=records(), total=len(images),
+    return Input(dataset="digits", classes=list(DIGITS_CLASSES), records=records(), total=len(images),
                  files=False)
 
 
