@@ -53,6 +53,9 @@ def _samples(shard: Path, *, wanted: set[str] | None) -> Iterator[tuple[str, dic
                     parts[ext] = fh.read() if fh is not None else b""
                 else:
                     parts[ext] = b""
+            # tarfile ends silently at a header cut short: a plain tar whose last bytes are part of a header
+            if shard.name.lower().endswith(".tar") and 0 < shard.stat().st_size - tf.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"the file ends inside a tar header at byte {tf.offset}")
     except (tarfile.TarError, OSError, EOFError) as exc:
         if key is not None:
             yield key, parts, f"damaged shard after sample {key}: {exc}"
