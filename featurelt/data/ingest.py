@@ -220,14 +220,6 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     name = dataset or inp.dataset
     where = str(p) if p is not None else f"--builtin {builtin}"
 
-    existing = store.read("classes", columns=["label", "name", "source", "neighbor_of"]).to_pylist() \
-        if store.has_table("classes") else []
-    registry = ClassRegistry(existing)
-    neighbor_label = registry.resolve(neighbor_of) if neighbor_of is not None else None
-    for cname in inp.classes:
-        registry.add(cname, source=source, neighbor_of=neighbor_label, label_id=inp.class_ids.get(cname),
-                     named=cname in inp.named)
-    has_samples = store.has_table("samples")
 
     bad: list[dict[str, Any]] = []
     seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
@@ -313,6 +305,17 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             raise BadInput(f"{where}: no good rows to ingest; " + _bad_message(where, bad))
 
     with store.transaction(message) as tx:
+        # labels and duplicates are decided from the store as it is under the store lock (the transaction
+        # re-reads it after locking), so a concurrent ingest cannot give two new classes the same label or
+        # add the same rows twice
+        existing = store.read("classes", columns=["label", "name", "source", "neighbor_of"]).to_pylist() \
+            if store.has_table("classes") else []
+        registry = ClassRegistry(existing)
+        neighbor_label = registry.resolve(neighbor_of) if neighbor_of is not None else None
+        for cname in inp.classes:
+            registry.add(cname, source=source, neighbor_of=neighbor_label, label_id=inp.class_ids.get(cname),
+                         named=cname in inp.named)
+        has_samples = store.has_table("samples")
         try:
             if has_samples:
                 added = tx.insert_new("samples", batches(), on="sample_id")
