@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from featurelt._registry import Registry
 
@@ -131,4 +131,39 @@ def check_not_empty(path: Path) -> None:
 
 def int_label_classes(labels: Sequence[int], names: dict[int, str]) -> list[str]:
     return [names.get(i, str(i)) for i in sorted(set(labels))]
+
+
+class LabelSet:
+    """The labels of an input, gathered in a first pass: integer labels (with the names the source states for
+    some of them) and class names. Gives the :class:`Input` fields and each row's class key."""
+
+    def __init__(self) -> None:
+        self.ints: set[int] = set()
+        self.int_names: dict[int, str] = {}
+        self.names: set[str] = set()
+
+    def add(self, label: int | str, name: str | None = None) -> None:
+        """One row's label (an integer, or a class name) and the name it gives an integer label, if any."""
+        if isinstance(label, int):
+            self.ints.add(label)
+            if name and label not in self.int_names:
+                self.int_names[label] = name
+        else:
+            self.names.add(label)
+
+    def key(self, label: int | str, name: str | None, *, where: str) -> tuple[str, str | None]:
+        """(class key of a row, error): an integer label's name must be the one stated first (``where``)."""
+        if not isinstance(label, int):
+            return label, None
+        key = self.int_names.get(label, str(label))
+        if name and name != key:
+            return key, f"label {label} is named '{key}' earlier in {where} but '{name}' here"
+        return key, None
+
+    def fields(self) -> dict[str, Any]:
+        """``classes``, ``class_ids`` and ``named`` of the :class:`Input`."""
+        return {"classes": int_label_classes(sorted(self.ints), self.int_names)
+                + sorted(self.names - set(self.int_names.values())),
+                "class_ids": {self.int_names.get(i, str(i)): i for i in self.ints},
+                "named": set(self.int_names.values())}
 

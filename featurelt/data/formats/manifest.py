@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from featurelt.data.formats.base import (
     Input,
+    LabelSet,
     Record,
     check_not_empty,
     has_suffix,
-    int_label_classes,
     is_int,
     register_format,
     resolve_under,
@@ -92,9 +92,7 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
     check_not_empty(path)
     base = root if root is not None else path.parent
     # pass 1 (text only): the class list, so labels are assigned in a stable order
-    int_names: dict[int, str] = {}
-    int_labels: set[int] = set()
-    names: set[str] = set()
+    labels = LabelSet()
     n = 0
     for _, raw in _manifest_rows(path, kind):
         n += 1
@@ -104,15 +102,9 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
         cname, cerr = _manifest_str(raw, "class_name")
         if err or cerr:
             continue
-        if isinstance(label, int):
-            int_labels.add(label)
-            if cname and label not in int_names:
-                int_names[label] = cname
-        else:
-            names.add(label)  # type: ignore[arg-type]
+        labels.add(label, cname)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError(f"{path}: empty input: the manifest has no rows")
-    classes = int_label_classes(sorted(int_labels), int_names) + sorted(names - set(int_names.values()))
 
     def records() -> Iterator[Record]:
         for i, raw in _manifest_rows(path, kind):
@@ -136,18 +128,12 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
                 yield Record(location=loc, row=i, class_name="", split="", error=err)
                 continue
             full, ferr = resolve_under(rel, base, check_root=root is not None)  # type: ignore[arg-type]
-            if isinstance(label, int):
-                name = int_names.get(label, str(label))
-                if cname and cname != name:
-                    ferr = ferr or f"label {label} is named '{name}' earlier in the manifest but '{cname}' here"
-            else:
-                name = label  # type: ignore[assignment]
+            name, nerr = labels.key(label, cname, where="the manifest")  # type: ignore[arg-type]
+            ferr = ferr or nerr
             yield Record(location=loc, row=i, class_name=name, split=split or sp or "train", path=full,
                          sample_id=sid, description=desc, error=ferr)
 
-    class_ids = {int_names.get(i, str(i)): i for i in int_labels}
-    return Input(dataset=path.stem, classes=classes, records=records(), total=n, class_ids=class_ids,
-                 named={int_names[i] for i in int_names})
+    return Input(dataset=path.stem, records=records(), total=n, **labels.fields())
 
 
 

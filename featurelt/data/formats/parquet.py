@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurelt.data.formats.base import Input, Record, int_label_classes, register_format, resolve_under
+from featurelt.data.formats.base import Input, LabelSet, Record, register_format, resolve_under
 from featurelt.data.formats.manifest import _manifest_label
 from featurelt.data.formats.shards import dataset_name, has_shards, list_shards, shard_split
 
@@ -91,17 +91,16 @@ def shard_columns(schema: pa.Schema, shard: Path) -> Columns:
     return Columns(image=image, label=label, names=tuple(names) if names is not None else None)
 
 
-def _label_values(shards: list[Path], label: str) -> tuple[set[int], set[str]]:
+def _label_values(shards: list[Path], label: str) -> LabelSet:
     """Integer labels and class names in the label column of every shard (pass 1: that column only)."""
-    ints: set[int] = set()
-    names: set[str] = set()
+    labels = LabelSet()
     for shard in shards:
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=[label]):
             for v in pc.unique(batch.column(0)).to_pylist():
                 value, err = _manifest_label({"label": v}, "jsonl")
                 if err is None:
-                    (ints if isinstance(value, int) else names).add(value)  # type: ignore[arg-type]
-    return ints, names
+                    labels.add(value)  # type: ignore[arg-type]
+    return labels
 
 
 @register_format("parquet", "Hugging Face datasets Parquet: image {bytes, path}, ClassLabel label, split from file name", detect=lambda path: has_shards(path, SUFFIXES))
@@ -125,13 +124,7 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
     assert cols is not None
     if total == 0:
         raise ValueError(f"{path}: empty input: the Parquet shards hold 0 rows")
-    class_ids: dict[str, int] = {}
-    if cols.names is not None:
-        classes = list(cols.names)
-    else:
-        ints, strs = _label_values(shards, cols.label)
-        classes = int_label_classes(sorted(ints), {}) + sorted(strs)
-        class_ids = {str(i): i for i in ints}
+    fields = {"classes": list(cols.names)} if cols.names is not None else _label_values(shards, cols.label).fields()
 
     def label_of(value: Any) -> tuple[str, str | None]:
         if cols.names is not None:
@@ -165,6 +158,5 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
                     yield Record(location=loc, row=i, class_name=name, split=sp, path=full,
                                  data=data if full is None else None, error=err)
 
-    return Input(dataset=dataset_name(path), classes=classes, records=records(), total=total, files=False,
-                 class_ids=class_ids)
+    return Input(dataset=dataset_name(path), records=records(), total=total, files=False, **fields)
 

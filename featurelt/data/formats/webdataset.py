@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from featurelt.data.formats.base import IMAGE_EXTENSIONS, Input, Record, int_label_classes, register_format
+from featurelt.data.formats.base import IMAGE_EXTENSIONS, Input, LabelSet, Record, register_format
 from featurelt.data.formats.manifest import _manifest_label
 from featurelt.data.formats.shards import dataset_name, has_shards, list_shards, shard_split
 
@@ -97,9 +97,7 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
     """The samples of one tar shard or of every ``*.tar`` (``.tar.gz``) under a folder (train shards first)."""
     shards = list_shards(path, SUFFIXES, kind="WebDataset")
     # pass 1: labels only -> the class list, so labels are assigned in a stable order
-    int_names: dict[int, str] = {}
-    int_labels: set[int] = set()
-    names: set[str] = set()
+    labels = LabelSet()
     total = 0
     for shard in shards:
         for _, parts, err in _samples(shard, wanted={"cls", "json"}):
@@ -107,17 +105,10 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
                 continue
             total += 1
             label, cname, lerr = _label(parts)
-            if lerr is not None:
-                continue
-            if isinstance(label, int):
-                int_labels.add(label)
-                if cname and label not in int_names:
-                    int_names[label] = cname
-            else:
-                names.add(label)  # type: ignore[arg-type]
+            if lerr is None:
+                labels.add(label, cname)  # type: ignore[arg-type]
     if total == 0:
         raise ValueError(f"{path}: empty input: the WebDataset shards hold no samples")
-    classes = int_label_classes(sorted(int_labels), int_names) + sorted(names - set(int_names.values()))
 
     def records() -> Iterator[Record]:
         for shard in shards:
@@ -134,17 +125,12 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
                 elif len(images) > 1:
                     err = f"several images {images} in one sample"
                 name = ""
-                if err is None and isinstance(label, int):
-                    name = int_names.get(label, str(label))
-                    if cname and cname != name:
-                        err = f"label {label} is named '{name}' in an earlier sample but '{cname}' here"
-                elif err is None:
-                    name = label  # type: ignore[assignment]
+                if err is None:
+                    name, err = labels.key(label, cname, where="the shards")  # type: ignore[arg-type]
                 text = parts.get("txt")
                 yield Record(location=loc, row=i, class_name=name, split=sp,
                              data=parts[images[0]] if images else None, error=err,
                              description=text.decode("utf-8", "replace").strip() or None if text else None)
 
-    return Input(dataset=dataset_name(path), classes=classes, records=records(), total=total, files=False,
-                 class_ids={int_names.get(i, str(i)): i for i in int_labels}, named=set(int_names.values()))
+    return Input(dataset=dataset_name(path), records=records(), total=total, files=False, **labels.fields())
 
