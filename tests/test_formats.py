@@ -142,6 +142,24 @@ def test_parquet_integer_and_string_labels(tmp_path: Path, capsys: pytest.Captur
     assert "names its classes itself" in capsys.readouterr().err
 
 
+def test_parquet_image_by_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A datasets Image of a local file (bytes null, path set) is read from the path, under --root if given."""
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(11))
+    image = pa.array([{"bytes": None, "path": "a.png"}, {"bytes": None, "path": "gone.png"},
+                      {"bytes": None, "path": None}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"image": image, "label": pa.array([0, 1, 0], pa.int64())})
+    pq.write_table(table.replace_schema_metadata(hf_metadata(NAMES)), folder / "train-00000-of-00001.parquet")
+    store = tmp_path / "store"
+    assert ingest(store, str(folder), "--skip-bad") == 0
+    assert "1 added, 0 duplicates skipped, 2 rejected" in capsys.readouterr().out
+    assert [r["image"] for r in samples(store)] == [png(11)]
+    reasons = sorted(r["reason"] for r in Store(store).read("rejects").to_pylist())
+    assert reasons[0].startswith("file not found:") and reasons[0].endswith("gone.png")
+    assert reasons[1] == "no image: column 'image' has neither bytes nor a path"
+
+
 def test_shard_split_names() -> None:
     assert shard_split(Path("data/train-00000-of-00002.parquet")) == "train"
     assert shard_split(Path("data/validation-00000-of-00001.parquet")) == "val"
