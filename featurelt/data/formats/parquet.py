@@ -95,32 +95,32 @@ def _label_values(shards: list[Path], label: str) -> LabelSet:
     """Integer labels and class names in the label column of every shard (pass 1: that column only)."""
     labels = LabelSet()
     for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=[label]):
-            for v in pc.unique(batch.column(0)).to_pylist():
-                value, err = _manifest_label({"label": v}, "jsonl")
-                if err is None:
-                    labels.add(value)  # type: ignore[arg-type]
+        with pq.ParquetFile(shard) as pf:
+            for batch in pf.iter_batches(batch_size=65536, columns=[label]):
+                for v in pc.unique(batch.column(0)).to_pylist():
+                    value, err = _manifest_label({"label": v}, "jsonl")
+                    if err is None:
+                        labels.add(value)  # type: ignore[arg-type]
     return labels
 
 
-@register_format("parquet", "Hugging Face datasets Parquet: image {bytes, path}, ClassLabel label, split from file name", detect=lambda path: has_shards(path, SUFFIXES))
+@register_format("parquet", "Hugging Face datasets Parquet: image {bytes, path}, ClassLabel label, split from file name",
+                 detect=lambda path: has_shards(path, SUFFIXES))
 def read_parquet(path: Path, *, root: Path | None = None, split: str | None = None) -> Input:
     """The rows of one Parquet file or of every ``*.parquet`` under a folder (train shards first)."""
     shards = list_shards(path, SUFFIXES, kind="Parquet")
-    files: list[tuple[Path, pq.ParquetFile]] = []
     cols: Columns | None = None
     total = 0
-    for shard in shards:
+    for shard in shards:  # the footers only
         try:
-            pf = pq.ParquetFile(shard)
+            with pq.ParquetFile(shard) as pf:
+                c = shard_columns(pf.schema_arrow, shard)
+                total += pf.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{shard}: not a Parquet file ({exc})") from None
-        c = shard_columns(pf.schema_arrow, shard)
         if cols is not None and c != cols:
             raise ValueError(f"{shard}: columns / class names differ from {shards[0]} ({c} vs {cols})")
         cols = c
-        files.append((shard, pf))
-        total += pf.metadata.num_rows
     assert cols is not None
     if total == 0:
         raise ValueError(f"{path}: empty input: the Parquet shards hold 0 rows")
@@ -136,13 +136,13 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
         lab, err = _manifest_label({"label": value}, "jsonl")
         return ("", err) if err else (str(lab), None)
 
-    def records() -> Iterator[Record]:
-        for shard, pf in files:
-            sp = split or shard_split(shard)
-            base = root if root is not None else shard.parent
-            i = 0
+    def shard_records(shard: Path) -> Iterator[Record]:
+        sp = split or shard_split(shard)
+        base = root if root is not None else shard.parent
+        i = 0
+        with pq.ParquetFile(shard) as pf:
             for batch in pf.iter_batches(batch_size=READ_BATCH, columns=[cols.image, cols.label]):
-                for img, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                for img, value in zip(batch.column(cols.image).to_pylist(), batch.column(cols.label).to_pylist()):
                     loc = f"{shard}[{i}]"
                     i += 1
                     name, err = label_of(value)
@@ -157,6 +157,10 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
                         err = f"empty image bytes in column '{cols.image}'"
                     yield Record(location=loc, row=i, class_name=name, split=sp, path=full,
                                  data=data if full is None else None, error=err)
+
+    def records() -> Iterator[Record]:
+        for shard in shards:
+            yield from shard_records(shard)
 
     return Input(dataset=dataset_name(path), records=records(), total=total, files=False, **fields)
 
