@@ -21,6 +21,7 @@ images, only with the ids (~150 bytes per stored or ingested image).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import pyarrow as pa
 
 from featurelt.data.formats import BUILTINS, FORMATS, Input, Record, detect_format, read_input
-from featurelt.data.formats.base import is_int
+from featurelt.data.formats.base import is_int, printable
 from featurelt.data.formats.builtin import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_builtin
 from featurelt.data.images import ImageDecodeError, decode_bytes, sample_id_for, sha256_hex
 
@@ -134,30 +135,45 @@ class BadInput(ValueError):
     """Input rows that cannot be ingested; the message names the first ones and the count."""
 
 
+def _decode_checked(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, decoded in full; PIL's decompression-bomb warning is an error here."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return decode_bytes(data, name=name).size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from None
+
+
 def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, str | None]:
     """The samples row of a record (without label / dataset / source), or the reason it is bad."""
     if rec.error:
         return None, rec.error
+    uri = None
     if rec.data is not None:
         data = rec.data
     else:
+        uri = os.path.abspath(rec.path)  # type: ignore[arg-type]
+        if printable(uri) != uri:
+            return None, "the file name is not valid UTF-8 (rename the file)"
         try:
-            with open(rec.path, "rb") as fh:  # type: ignore[arg-type]
+            with open(uri, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            return None, f"cannot read {rec.path} ({exc.strerror or exc})"
+            return None, f"cannot read {uri} ({exc.strerror or exc})"
         if not data:
-            return None, f"empty file {rec.path}"
+            return None, f"empty file {uri}"
     if rec.size is not None:
         width, height = rec.size
     else:
         try:
-            img = decode_bytes(data, name=rec.location)
+            width, height = _decode_checked(data, rec.location)
         except ImageDecodeError as exc:  # the location is reported beside the reason already
             return None, str(exc).removeprefix(f"{rec.location}: ")
-        width, height = img.size
     digest = sha256_hex(data)
-    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": rec.path,
+    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": uri,
             "image": None if reference else data, "content_sha256": digest,
             "width": width, "height": height, "description": rec.description}, None
 
@@ -206,7 +222,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
 
     def reject(rec: Record, reason: str, sample_id: str | None = None) -> None:
-        bad.append({"location": rec.location, "row": rec.row, "sample_id": sample_id, "reason": reason})
+        bad.append({"location": printable(rec.location), "row": rec.row, "sample_id": sample_id,
+                    "reason": printable(reason)})
 
     def batches(registry: ClassRegistry) -> Iterator[pa.RecordBatch]:
         rows: list[dict[str, Any]] = []
