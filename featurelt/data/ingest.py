@@ -15,12 +15,15 @@ embeddings, made from the number, are deleted in the same transaction: re-run ``
 
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
-transaction (``samples`` via ``insert_new``, ``rejects``, ``classes``), so memory does not grow with the
-data set (apart from the set of sample ids seen, ~100 bytes per image, used to find duplicates).
+transaction (``samples`` appended, ``rejects``, ``classes``). Inside the transaction (under the store
+lock) the labels are assigned from the latest ``classes`` and the stored ``sample_id`` / ``content_sha256``
+keys are read once; rows already stored are skipped (counted as duplicates). Memory does not grow with the
+images, only with the ids (~150 bytes per stored or ingested image).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,7 @@ import pyarrow as pa
 
 from featurelt.data.classnames import is_label_number, name_input, read_class_names
 from featurelt.data.formats import BUILTINS, FORMATS, Input, Record, detect_format, read_input
-from featurelt.data.formats.base import is_int
+from featurelt.data.formats.base import is_int, printable
 from featurelt.data.formats.builtin import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_builtin
 from featurelt.data.images import ImageDecodeError, decode_bytes, sample_id_for, sha256_hex
 
@@ -147,34 +150,45 @@ class BadInput(ValueError):
     """Input rows that cannot be ingested; the message names the first ones and the count."""
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def _decode_checked(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, decoded in full; PIL's decompression-bomb warning is an error here."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return decode_bytes(data, name=name).size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from None
 
 
 def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, str | None]:
     """The samples row of a record (without label / dataset / source), or the reason it is bad."""
     if rec.error:
         return None, rec.error
+    uri = None
     if rec.data is not None:
         data = rec.data
     else:
+        uri = os.path.abspath(rec.path)  # type: ignore[arg-type]
+        if printable(uri) != uri:
+            return None, "the file name is not valid UTF-8 (rename the file)"
         try:
-            with open(rec.path, "rb") as fh:  # type: ignore[arg-type]
+            with open(uri, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            return None, f"cannot read {rec.path} ({exc.strerror or exc})"
+            return None, f"cannot read {uri} ({exc.strerror or exc})"
         if not data:
-            return None, f"empty file {rec.path}"
+            return None, f"empty file {uri}"
     if rec.size is not None:
         width, height = rec.size
     else:
         try:
-            img = decode_bytes(data, name=rec.location)
+            width, height = _decode_checked(data, rec.location)
         except ImageDecodeError as exc:  # the location is reported beside the reason already
             return None, str(exc).removeprefix(f"{rec.location}: ")
-        width, height = img.size
     digest = sha256_hex(data)
-    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": rec.path,
+    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": uri,
             "image": None if reference else data, "content_sha256": digest,
             "width": width, "height": height, "description": rec.description}, None
 
@@ -189,7 +203,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
 
     ``class_names``: a names file for the input's integer labels (:func:`~featurelt.data.classnames.read_class_names`).
 
-    Re-ingesting the same data adds no rows (``insert_new`` on ``sample_id``). Bad rows (undecodable
+    Re-ingesting the same data adds no rows (rows whose ``sample_id`` is stored are skipped). Bad rows (undecodable
     or missing files, unknown labels, paths outside ``root``, duplicate ids with different content,
     wrong column types) abort the ingest with :class:`BadInput` naming the first ones and the count,
     nothing committed -- unless ``skip_bad``, which ingests the good rows and writes the bad ones to
@@ -223,45 +237,16 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
 
     bad: list[dict[str, Any]] = []
     seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
-    stats = {"good": 0, "input_dup": 0, "read": 0}
+    stored: dict[str, bytes] = {}  # sample_id -> first 16 bytes of the content sha256 of rows already stored
+    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0}
     bar = tqdm(total=min(inp.total, limit) if inp.total is not None and limit else inp.total, unit="img",
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
 
     def reject(rec: Record, reason: str, sample_id: str | None = None) -> None:
-        bad.append({"location": rec.location, "row": rec.row, "sample_id": sample_id, "reason": reason})
+        bad.append({"location": printable(rec.location), "row": rec.row, "sample_id": sample_id,
+                    "reason": printable(reason)})
 
-    def flush(rows: list[dict[str, Any]]) -> pa.RecordBatch:
-        # ids the source gave must not clash with stored rows of different content
-        if has_samples:
-            given = [r["sample_id"] for r in rows if r["_given"]]
-            if given:
-                clash = store.read("samples", columns=["sample_id", "content_sha256"],
-                                   filter=f"sample_id IN ({', '.join(_sql_str(s) for s in given)})")
-                stored = dict(zip(clash.column("sample_id").to_pylist(), clash.column("content_sha256").to_pylist()))
-                keep = []
-                for r_ in rows:
-                    old = stored.get(r_["sample_id"])
-                    if old is not None and old != r_["content_sha256"]:
-                        bad.append({"location": r_["_loc"], "row": r_["_row"], "sample_id": r_["sample_id"],
-                                    "reason": f"duplicate sample_id {r_['sample_id']} with different content "
-                                              f"(stored sha256 {old[:12]}..., this file {r_['content_sha256'][:12]}...)"})
-                        stats["good"] -= 1
-                    else:
-                        keep.append(r_)
-                rows = keep
-        cols = ["sample_id", "dataset", "split", "label", "source", "uri", "image", "content_sha256", "width",
-                "height", "description"]
-        data = {c: [r_[c] for r_ in rows] for c in cols}
-        return pa.RecordBatch.from_pydict({
-            "sample_id": pa.array(data["sample_id"], pa.string()), "dataset": pa.array(data["dataset"], pa.string()),
-            "split": pa.array(data["split"], pa.string()), "label": pa.array(data["label"], pa.int32()),
-            "source": pa.array(data["source"], pa.string()), "uri": pa.array(data["uri"], pa.string()),
-            "image": pa.array(data["image"], pa.large_binary()),
-            "content_sha256": pa.array(data["content_sha256"], pa.string()),
-            "width": pa.array(data["width"], pa.int32()), "height": pa.array(data["height"], pa.int32()),
-            "description": pa.array(data["description"], pa.string())})
-
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches(registry: ClassRegistry) -> Iterator[pa.RecordBatch]:
         rows: list[dict[str, Any]] = []
         for rec in inp.records:
             if limit is not None and stats["read"] >= limit:
@@ -283,25 +268,28 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                     stats["input_dup"] += 1
                 continue
             seen[sid] = digest
-            row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source,
-                       _given=rec.sample_id is not None, _loc=rec.location, _row=rec.row)
+            old = stored.get(sid)
+            if old is not None:
+                if old != bytes.fromhex(row["content_sha256"])[:16]:
+                    reject(rec, f"duplicate sample_id {sid} with different content (stored sha256 {old.hex()[:12]}..., "
+                                f"this file {row['content_sha256'][:12]}...)", sid)
+                else:
+                    stats["stored_dup"] += 1
+                continue
+            row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source)
             stats["good"] += 1
             rows.append(row)
             if len(rows) >= batch_size:
-                b = flush(rows)
+                yield _samples_batch(rows)
                 rows = []
-                if b.num_rows:
-                    yield b
         if rows:
-            b = flush(rows)
-            if b.num_rows:
-                yield b
+            yield _samples_batch(rows)
         bar.close()
         if stats["read"] == 0:
             raise BadInput(f"{where}: empty input: no images found")
         if bad and not skip_bad:
             raise BadInput(_bad_message(where, bad))
-        if stats["good"] == 0:
+        if stats["good"] == 0 and bad:
             raise BadInput(f"{where}: no good rows to ingest; " + _bad_message(where, bad))
 
     with store.transaction(message) as tx:
@@ -315,12 +303,14 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
         for cname in inp.classes:
             registry.add(cname, source=source, neighbor_of=neighbor_label, label_id=inp.class_ids.get(cname),
                          named=cname in inp.named)
-        has_samples = store.has_table("samples")
+        # the stored ids (key columns only, streamed): new rows are filtered against them and appended, so
+        # memory grows with the number of stored rows (~150 bytes each), never with the images
+        if store.has_table("samples"):
+            for b in store.scan("samples", columns=["sample_id", "content_sha256"], batch_size=65536):
+                stored.update(zip(b.column(0).to_pylist(),
+                                  (bytes.fromhex(h)[:16] for h in b.column(1).to_pylist())))
         try:
-            if has_samples:
-                added = tx.insert_new("samples", batches(), on="sample_id")
-            else:
-                added = tx.append("samples", batches())
+            added = tx.append("samples", batches(registry))
         finally:
             bar.close()
         if bad:
@@ -332,10 +322,21 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
         else:
             rebuild_classes(tx, registry=registry.as_rows())
     store.refresh()
-    duplicates = stats["good"] - added + stats["input_dup"]
+    duplicates = stats["input_dup"] + stats["stored_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
                         store_version=store.version, new_classes=list(registry.new), rejects=bad,
                         named_classes=dict(registry.named))
+
+
+_SAMPLES_TYPES = {"sample_id": pa.string(), "dataset": pa.string(), "split": pa.string(), "label": pa.int32(),
+                  "source": pa.string(), "uri": pa.string(), "image": pa.large_binary(),
+                  "content_sha256": pa.string(), "width": pa.int32(), "height": pa.int32(),
+                  "description": pa.string()}
+
+
+def _samples_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    """The ``samples`` record batch of validated rows."""
+    return pa.RecordBatch.from_pydict({c: pa.array([r[c] for r in rows], t) for c, t in _SAMPLES_TYPES.items()})
 
 
 def _bad_message(where: str, bad: list[dict[str, Any]]) -> str:

@@ -124,6 +124,23 @@ def resolve_under(rel: str, root: Path, *, check_root: bool) -> tuple[str, str |
     return str(full.resolve()), None
 
 
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as ``\\xNN``, safe to store as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (line endings kept); a line that is not UTF-8 is a ValueError naming
+    the file and line number."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: line {n} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8") from None
+
+
 def check_not_empty(path: Path) -> None:
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: empty input (0 bytes)")

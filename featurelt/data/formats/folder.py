@@ -4,7 +4,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from featurelt.data.formats.base import IMAGE_EXTENSIONS, SPLIT_NAMES, Input, Record, register_format
+from featurelt.data.formats.base import (
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    Input,
+    Record,
+    printable,
+    register_format,
+    within,
+)
 
 
 @register_format("folder", "PATH/<class>/<image>, or PATH/<split>/<class>/<image> with train/val/test folders",
@@ -24,6 +32,9 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
     for root, sp in roots:
         for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
             class_dirs.append((d, d.name, split or sp))
+    for d, name, _ in class_dirs:
+        if printable(name) != name:
+            raise ValueError(f"{printable(str(d))}: the class folder's name is not valid UTF-8; rename it")
     classes = sorted({name for _, name, _ in class_dirs})
 
     def files(d: Path) -> list[Path]:
@@ -34,7 +45,9 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
     def records() -> Iterator[Record]:
         for d, name, sp in class_dirs:
             for f in files(d):
-                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f))
+                # a symlink (or a file under a linked folder) that leads out of PATH is not read
+                err = None if within(f, path) else f"symlink to a file outside {path} ({f.resolve()}); not read"
+                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f.absolute()), error=err)
 
     return Input(dataset=path.resolve().name, classes=classes, records=records(), total=total)
 

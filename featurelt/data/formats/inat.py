@@ -14,6 +14,7 @@ from featurelt.data.formats.base import (
     register_format,
     resolve_under,
     split_from_name,
+    text_lines,
 )
 
 
@@ -26,7 +27,7 @@ def read_inat(path: Path, *, root: Path | None = None, split: str | None = None)
         raise FileNotFoundError(f"iNaturalist JSON not found: {path}")
     check_not_empty(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads("".join(text_lines(path)))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):

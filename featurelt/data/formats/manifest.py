@@ -20,6 +20,7 @@ from featurelt.data.formats.base import (
     is_int,
     register_format,
     resolve_under,
+    text_lines,
 )
 
 _MANIFEST_COLUMNS = ("path", "label", "split", "class_name", "sample_id", "description")
@@ -27,9 +28,10 @@ _MANIFEST_COLUMNS = ("path", "label", "split", "class_name", "sample_id", "descr
 
 def _manifest_rows(path: Path, kind: Literal["csv", "jsonl"]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row number, raw dict) of a CSV (header row 1, data from row 2) or JSONL (line number) manifest."""
-    with open(path, newline="" if kind == "csv" else None, encoding="utf-8") as fh:
+    lines = text_lines(path)
+    try:
         if kind == "csv":
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(lines)
             header = reader.fieldnames or []
             missing = [c for c in ("path", "label") if c not in header]
             if missing:
@@ -38,7 +40,7 @@ def _manifest_rows(path: Path, kind: Literal["csv", "jsonl"]) -> Iterator[tuple[
             for i, row in enumerate(reader, start=2):
                 yield i, {k: v for k, v in row.items() if k is not None}
         else:
-            for i, line in enumerate(fh, start=1):
+            for i, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 try:
@@ -50,6 +52,8 @@ def _manifest_rows(path: Path, kind: Literal["csv", "jsonl"]) -> Iterator[tuple[
                     yield i, {"__error__": f"expected a JSON object, got {type(obj).__name__}"}
                     continue
                 yield i, obj
+    finally:
+        lines.close()
 
 
 def _manifest_label(raw: dict[str, Any], kind: str) -> tuple[int | str | None, str | None]:

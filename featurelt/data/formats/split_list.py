@@ -13,6 +13,7 @@ from featurelt.data.formats.base import (
     register_format,
     resolve_under,
     split_from_name,
+    text_lines,
 )
 
 
@@ -39,29 +40,27 @@ def read_split_list(path: Path, *, root: Path | None = None, split: str | None =
 
     labels: set[int] = set()
     n = 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                n += 1
-                _, lab, err = parse(line)
-                if lab is not None:
-                    labels.add(lab)
+    for line in text_lines(path):
+        if line.strip():
+            n += 1
+            _, lab, err = parse(line)
+            if lab is not None:
+                labels.add(lab)
     if n == 0:
         raise ValueError(f"{path}: empty input: the split list has no lines")
     sp = split or split_from_name(path.stem, "train")
 
     def records() -> Iterator[Record]:
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                loc = f"{path}:line {i}"
-                rel, lab, err = parse(line)
-                if err:
-                    yield Record(location=loc, row=i, class_name="", split=sp, error=err)
-                    continue
-                full, ferr = resolve_under(rel, root, check_root=True)  # type: ignore[arg-type]
-                yield Record(location=loc, row=i, class_name=str(lab), split=sp, path=full, error=ferr)
+        for i, line in enumerate(text_lines(path), start=1):
+            if not line.strip():
+                continue
+            loc = f"{path}:line {i}"
+            rel, lab, err = parse(line)
+            if err:
+                yield Record(location=loc, row=i, class_name="", split=sp, error=err)
+                continue
+            full, ferr = resolve_under(rel, root, check_root=True)  # type: ignore[arg-type]
+            yield Record(location=loc, row=i, class_name=str(lab), split=sp, path=full, error=ferr)
 
     dataset = path.stem.split("_")[0] if "_" in path.stem else path.stem
     return Input(dataset=dataset, classes=[str(i) for i in sorted(labels)], records=records(), total=n,
