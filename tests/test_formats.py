@@ -237,6 +237,9 @@ def test_webdataset_damaged_shard(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert "1 added, 0 duplicates skipped, 1 rejected" in capsys.readouterr().out
         reason = Store(store).read("rejects").to_pylist()[0]["reason"]
         assert reason.startswith("damaged shard after sample b"), reason
+    shard.write_bytes(b"not a tar at all" * 100)
+    assert ingest(tmp_path / "store-x", str(shard)) == 1
+    assert "train-000000.tar: not a readable tar shard" in capsys.readouterr().err
 
 
 def test_webdataset_written_by_shardwriter(tmp_path: Path) -> None:

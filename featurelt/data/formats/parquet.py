@@ -9,7 +9,9 @@ unnamed integer labels (name them with ``--class-names``); a string column gives
 from the file names (``train-00000-of-00002.parquet``, ``data/test-*.parquet``, ``validation`` -> ``val``).
 
 Rows are read ``READ_BATCH`` at a time with ``ParquetFile.iter_batches`` (only the image and label
-columns), so memory is one batch whatever the shard size. A row with no label (null, or ``-1``: datasets'
+columns), one shard open at a time, so memory does not grow with the number of rows or shards: pyarrow
+decodes a row group's column chunk at once, so the peak is about one row group (``datasets`` writes row
+groups of at most 100 MB; bench/ingest_formats.py measures it). A row with no label (null, or ``-1``: datasets'
 "no label"), a label outside the names, or no image bytes is a bad row (``--skip-bad``: ``rejects``).
 """
 from __future__ import annotations

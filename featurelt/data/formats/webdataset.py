@@ -100,7 +100,9 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
     labels = LabelSet()
     total = 0
     for shard in shards:
-        for _, parts, err in _samples(shard, wanted={"cls", "json"}):
+        for key, parts, err in _samples(shard, wanted={"cls", "json"}):
+            if err is not None and not key:
+                raise ValueError(f"{shard}: {err}")
             if err is not None:
                 continue
             total += 1
