@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX or a builtin) to the samples table",
         description=textwrap.fill(
             "Ingest a data set into the store in one transaction (samples, classes, rejects). "
-            "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
-            "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
+            "sample_id is the id the source gives, else DATASET:PATH for files (PATH relative to the folder, or "
+            "as the manifest or split list writes it; the same image at two paths stays two samples, counted in "
+            "the summary), else for arrays (CIFAR, IDX, builtins) the content hash (first 32 hex digits of "
+            "sha256); ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
             "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
             "the whole ingest naming the first bad rows, unless --skip-bad.", 100)
         + "\n\ninput formats (--format; auto picks one by file name and folder contents):\n" + _listing(FORMATS)

@@ -11,6 +11,11 @@ manifests with integer ``label``, plain IDX files) *are* store labels: they join
 label, or create it named ``str(label)``; a manifest ``class_name`` that disagrees with the store's
 name for that label is refused.
 
+Sample ids: the id the source gives (manifest ``sample_id``, iNat image id), else for path sources
+(folders, manifests, split lists) ``<dataset>:<path>`` with the path relative to the folder or as the
+manifest / list writes it, else (array sources: CIFAR, IDX, builtins) the content hash. Identical images at
+two paths (another label or split) are two samples, counted in the summary; ``content_sha256`` finds them.
+
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
 transaction (``samples`` appended, ``rejects``, ``classes``). Inside the transaction (under the store
@@ -53,10 +58,16 @@ class IngestResult:
     store_version: int
     new_classes: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    copies: int = 0  # added rows whose image (content_sha256) another sample already has: kept, counted
 
     def summary(self) -> str:
-        return (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
+        text = (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
                 f"{self.rejected} rejected, {len(self.new_classes)} new classes; store version {self.store_version}")
+        if self.copies:
+            text += (f"\n{self.copies} added image(s) have the same content as another sample (another path, label "
+                     "or split), kept; list them: featurelt sql \"SELECT content_sha256, list(sample_id), list(label), "
+                     "list(split) FROM samples GROUP BY 1 HAVING count(*) > 1\"")
+        return text
 
 
 
@@ -147,8 +158,10 @@ def _decode_checked(data: bytes, name: str) -> tuple[int, int]:
             raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from None
 
 
-def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, str | None]:
-    """The samples row of a record (without label / dataset / source), or the reason it is bad."""
+def _validate(rec: Record, *, reference: bool, dataset: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The samples row of a record (without label / dataset / source), or the reason it is bad.
+
+    sample_id: the source's id, else ``<dataset>:<key>`` for path sources, else the content hash."""
     if rec.error:
         return None, rec.error
     uri = None
@@ -173,7 +186,8 @@ def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, s
         except ImageDecodeError as exc:  # the location is reported beside the reason already
             return None, str(exc).removeprefix(f"{rec.location}: ")
     digest = sha256_hex(data)
-    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": uri,
+    sid = rec.sample_id or (f"{dataset}:{rec.key}" if rec.key is not None else sample_id_for(data))
+    return {"sample_id": sid, "uri": uri,
             "image": None if reference else data, "content_sha256": digest,
             "width": width, "height": height, "description": rec.description}, None
 
@@ -217,7 +231,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     bad: list[dict[str, Any]] = []
     seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
     stored: dict[str, bytes] = {}  # sample_id -> first 16 bytes of the content sha256 of rows already stored
-    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0}
+    contents: set[bytes] = set()  # content sha256 prefixes of the stored and added rows (to count copies)
+    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0, "copies": 0}
     bar = tqdm(total=min(inp.total, limit) if inp.total is not None and limit else inp.total, unit="img",
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
 
@@ -232,7 +247,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 break
             stats["read"] += 1
             bar.update(1)
-            row, reason = _validate(rec, reference=reference)
+            row, reason = _validate(rec, reference=reference, dataset=name)
             if row is None:
                 reject(rec, reason or "invalid")
                 continue
@@ -255,6 +270,10 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 else:
                     stats["stored_dup"] += 1
                 continue
+            content = bytes.fromhex(row["content_sha256"])[:16]
+            if content in contents:  # the same image as another sample (another path, label or split): kept
+                stats["copies"] += 1
+            contents.add(content)
             row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source)
             stats["good"] += 1
             rows.append(row)
@@ -288,6 +307,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             for b in store.scan("samples", columns=["sample_id", "content_sha256"], batch_size=65536):
                 stored.update(zip(b.column(0).to_pylist(),
                                   (bytes.fromhex(h)[:16] for h in b.column(1).to_pylist())))
+            contents.update(stored.values())
         try:
             added = tx.append("samples", batches(registry))
         finally:
@@ -301,7 +321,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     store.refresh()
     duplicates = stats["input_dup"] + stats["stored_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
-                        store_version=store.version, new_classes=list(registry.new), rejects=bad)
+                        store_version=store.version, new_classes=list(registry.new), rejects=bad,
+                        copies=stats["copies"])
 
 
 _SAMPLES_TYPES = {"sample_id": pa.string(), "dataset": pa.string(), "split": pa.string(), "label": pa.int32(),

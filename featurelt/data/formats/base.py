@@ -17,6 +17,9 @@ class Record:
     """One input image before validation.
 
     location: the file, or ``manifest:row`` it came from (named in errors and rejects).
+    key: the path that names the sample (path sources: relative to the folder, or as the manifest / list
+    writes it); the sample id is then ``<dataset>:<key>``, so identical images at two paths stay two samples.
+    sample_id: an id the source gives (wins over ``key``); with neither, the id is the content hash.
     row: 1-based row / line number in a manifest or list, else None.
     class_name: the class key in the registry (a name; integer labels without names become ``str(int)``).
     path: the image file to read (file sources); data: encoded bytes (array sources).
@@ -31,6 +34,7 @@ class Record:
     path: str | None = None
     data: bytes | None = None
     sample_id: str | None = None
+    key: str | None = None
     size: tuple[int, int] | None = None
     description: str | None = None
     error: str | None = None

@@ -47,7 +47,8 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
             for f in files(d):
                 # a symlink (or a file under a linked folder) that leads out of PATH is not read
                 err = None if within(f, path) else f"symlink to a file outside {path} ({f.resolve()}); not read"
-                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f.absolute()), error=err)
+                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f.absolute()),
+                             key=f.relative_to(path).as_posix(), error=err)
 
     return Input(dataset=path.resolve().name, classes=classes, records=records(), total=total)
 

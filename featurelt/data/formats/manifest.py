@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -147,7 +148,7 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
             else:
                 name = label  # type: ignore[assignment]
             yield Record(location=loc, row=i, class_name=name, split=split or sp or "train", path=full,
-                         sample_id=sid, description=desc, error=ferr)
+                         key=Path(os.path.normpath(rel)).as_posix(), sample_id=sid, description=desc, error=ferr)
 
     class_ids = {int_names.get(i, str(i)): i for i in int_labels}
     return Input(dataset=path.stem, classes=classes, records=records(), total=n, class_ids=class_ids,
