@@ -70,7 +70,7 @@ def test_folder_ingest_reingest_and_registry(tmp_path: Path, store_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     folder = make_folder(tmp_path / "pets", {"dog": 3, "cat": 2})
     assert detect_format(folder) == "folder"
-    assert run(store_path, str(folder)) == 0
+    assert run(store_path, str(folder), "--test-fraction", "0") == 0  # all in train
     out = capsys.readouterr().out
     assert "ingested pets: 5 added, 0 duplicates skipped, 0 rejected, 2 new classes; store version 1" in out
     store = Store(store_path)
@@ -83,7 +83,7 @@ def test_folder_ingest_reingest_and_registry(tmp_path: Path, store_path: Path,
     assert first["content_sha256"] == sha256_hex(png(3))
     assert (first["width"], first["height"], first["split"], first["dataset"]) == (6, 5, "train", "pets")
     # re-ingest: no rows added, and no new store version
-    assert run(store_path, str(folder)) == 0
+    assert run(store_path, str(folder), "--test-fraction", "0") == 0
     assert "0 added, 5 duplicates skipped, 0 rejected, 0 new classes; store version 1" in capsys.readouterr().out
     assert Store(store_path).count("samples") == 5 and Store(store_path).version == 1
     assert Store(store_path).dataset("samples").version == store.dataset("samples").version  # rolled back

@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--split", default=None,
                    help="split for every row (default: from the source -- the manifest column, train/val/test in "
                    "the file or folder name, else train)")
+    p.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.2, metavar="F",
+                   help="when the input states no splits (a plain folder of class subfolders, a manifest without a "
+                   "split column) and no --split is given: hold out a stratified, seeded fraction F of each "
+                   "class's original images as split test (default 0.2; 0 keeps all in train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction choice (default 0)")
     p.add_argument("--source", choices=_SOURCES, default="original",
                    help="where the images come from: original data, auxiliary classes (e.g. retrieved "
                    "neighbours), or generated images (default original)")
@@ -183,7 +188,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
                     source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,
                     skip_bad=args.skip_bad, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
-                    progress=args.progress)
+                    progress=args.progress, test_fraction=args.test_fraction, seed=args.seed)
     print(result.summary())
     return 0
 

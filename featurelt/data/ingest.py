@@ -16,6 +16,11 @@ Sample ids: the id the source gives (manifest ``sample_id``, iNat image id), els
 manifest / list writes it, else (array sources: CIFAR, IDX, builtins) the content hash. Identical images at
 two paths (another label or split) are two samples, counted in the summary; ``content_sha256`` finds them.
 
+Test hold-out: when the source states no splits at all (a plain folder of class subfolders, a manifest
+without a split column), no ``--split`` is given and the data is original, a stratified, seeded
+``test_fraction`` of each class goes to split ``test`` (:class:`HoldOut`), so a plain folder is ready to
+train and evaluate on; ``test_fraction=0`` keeps every image in train.
+
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
 transaction (``samples`` appended, ``rejects``, ``classes``). Inside the transaction (under the store
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+import numpy as np
 import pyarrow as pa
 
 from featurelt.data.formats import BUILTINS, FORMATS, Input, Record, detect_format, read_input
@@ -45,6 +51,41 @@ if TYPE_CHECKING:
 Source = Literal["original", "auxiliary", "generated"]
 SOURCES: tuple[str, ...] = get_args(Source)
 MAX_LISTED_ERRORS = 5    # bad rows named in an error message
+DEFAULT_TEST_FRACTION = 0.2
+
+
+class HoldOut:
+    """Stratified, seeded test hold-out over a stream: of the ``n_c`` records of class ``c``, exactly
+    ``test_count(n_c)`` go to test, a uniformly random subset chosen one record at a time (selection
+    sampling, Knuth's Algorithm S) with a generator seeded by ``(seed, class name)``, so the choice does
+    not depend on the other classes and needs no second pass over the input."""
+
+    def __init__(self, counts: dict[str, int], fraction: float, seed: int) -> None:
+        import zlib
+
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"--test-fraction must be in [0, 1), got {fraction}")
+        self.left = {c: [n, self.test_count(n, fraction)] for c, n in counts.items()}
+        self.rng = {c: np.random.default_rng([seed, zlib.crc32(c.encode("utf-8", "surrogateescape"))])
+                    for c in counts}
+        self.held_out = 0
+
+    @staticmethod
+    def test_count(n: int, fraction: float) -> int:
+        """``round(fraction * n)`` (halves up), keeping at least one training image of every class."""
+        return min(int(fraction * n + 0.5), max(n - 1, 0))
+
+    def is_test(self, class_name: str) -> bool:
+        """Whether the next record of ``class_name`` goes to test."""
+        left = self.left.get(class_name)
+        if left is None or left[0] <= 0:
+            return False
+        n, t = left
+        take = bool(self.rng[class_name].random() * n < t)
+        left[0], left[1] = n - 1, t - take
+        self.held_out += take
+        return take
+
 
 
 @dataclass
@@ -59,10 +100,15 @@ class IngestResult:
     new_classes: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     copies: int = 0  # added rows whose image (content_sha256) another sample already has: kept, counted
+    held_out: int = 0  # records of a source without splits put in split test
+    test_fraction: float = 0.0
 
     def summary(self) -> str:
         text = (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
                 f"{self.rejected} rejected, {len(self.new_classes)} new classes; store version {self.store_version}")
+        if self.held_out:
+            text += (f"\nthe input has no test split: {self.held_out} images held out as split 'test' (stratified "
+                     f"--test-fraction {self.test_fraction:g}; --test-fraction 0 keeps all in train)")
         if self.copies:
             text += (f"\n{self.copies} added image(s) have the same content as another sample (another path, label "
                      "or split), kept; list them: featurelt sql \"SELECT content_sha256, list(sample_id), list(label), "
@@ -196,7 +242,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
            builtin: str | None = None, root: str | os.PathLike[str] | None = None, split: str | None = None,
            source: Source = "original", neighbor_of: str | None = None, reference: bool = False,
            skip_bad: bool = False, dataset: str | None = None, limit: int | None = None,
-           batch_size: int = 512, message: str | None = None, progress: bool = True) -> IngestResult:
+           batch_size: int = 512, message: str | None = None, progress: bool = True,
+           test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0) -> IngestResult:
     """Ingest one data set into ``store`` in ONE transaction (samples, rejects, classes).
 
     Re-ingesting the same data adds no rows (rows whose ``sample_id`` is stored are skipped). Bad rows (undecodable
@@ -204,6 +251,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     wrong column types) abort the ingest with :class:`BadInput` naming the first ones and the count,
     nothing committed -- unless ``skip_bad``, which ingests the good rows and writes the bad ones to
     ``rejects`` in the same transaction.
+
+    test_fraction / seed: the stratified test hold-out of a source without splits (:class:`HoldOut`).
     """
     from tqdm import tqdm
 
@@ -226,6 +275,9 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                          "ingest it without --reference")
     name = dataset or inp.dataset
     where = str(p) if p is not None else f"--builtin {builtin}"
+    holdout = HoldOut(inp.unsplit_class_counts or {}, test_fraction, seed)
+    if split is not None or source != "original" or test_fraction == 0:
+        holdout.left.clear()  # an explicit split, or auxiliary / generated images: all stay where they are
 
 
     bad: list[dict[str, Any]] = []
@@ -247,6 +299,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 break
             stats["read"] += 1
             bar.update(1)
+            if rec.split == "train" and holdout.is_test(rec.class_name):
+                rec.split = "test"
             row, reason = _validate(rec, reference=reference, dataset=name)
             if row is None:
                 reject(rec, reason or "invalid")
@@ -322,7 +376,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     duplicates = stats["input_dup"] + stats["stored_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
                         store_version=store.version, new_classes=list(registry.new), rejects=bad,
-                        copies=stats["copies"])
+                        copies=stats["copies"], held_out=holdout.held_out, test_fraction=test_fraction)
 
 
 _SAMPLES_TYPES = {"sample_id": pa.string(), "dataset": pa.string(), "split": pa.string(), "label": pa.int32(),

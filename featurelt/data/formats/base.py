@@ -51,6 +51,9 @@ class Input:
     files: bool = True  # records point at files (so --reference is possible)
     class_ids: dict[str, int] = field(default_factory=dict)  # integer labels the source gives: name -> label
     named: set[str] = field(default_factory=set)  # of those, names the source states (not just str(label))
+    # records per class when the source states no splits at all (every record 'train', e.g. a plain folder
+    # of class subfolders): ingest then holds out a stratified test fraction (--test-fraction)
+    unsplit_class_counts: dict[str, int] | None = None
 
 
 class Reader(Protocol):

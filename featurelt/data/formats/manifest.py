@@ -100,15 +100,19 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
     int_names: dict[int, str] = {}
     int_labels: set[int] = set()
     names: set[str] = set()
+    per_label: dict[int | str, int] = {}
+    has_splits = False
     n = 0
     for _, raw in _manifest_rows(path, kind):
         n += 1
         if "__error__" in raw:
             continue
+        has_splits = has_splits or raw.get("split") not in (None, "")
         label, err = _manifest_label(raw, kind)
         cname, cerr = _manifest_str(raw, "class_name")
         if err or cerr:
             continue
+        per_label[label] = per_label.get(label, 0) + 1  # type: ignore[index]
         if isinstance(label, int):
             int_labels.add(label)
             if cname and label not in int_names:
@@ -151,8 +155,14 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
                          key=Path(os.path.normpath(rel)).as_posix(), sample_id=sid, description=desc, error=ferr)
 
     class_ids = {int_names.get(i, str(i)): i for i in int_labels}
+    unsplit = None
+    if not has_splits and split is None:  # no split column (or all empty): counts per class key
+        unsplit = {}
+        for label, count in per_label.items():
+            key = int_names.get(label, str(label)) if isinstance(label, int) else label
+            unsplit[key] = unsplit.get(key, 0) + count
     return Input(dataset=path.stem, classes=classes, records=records(), total=n, class_ids=class_ids,
-                 named={int_names[i] for i in int_names})
+                 named={int_names[i] for i in int_names}, unsplit_class_counts=unsplit)
 
 
 
