@@ -60,9 +60,14 @@ def test_tour_on_a_plain_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # the same folder into another store with the same seed: the same test images
     again = tmp_path / "again"
     assert main(["--store", str(again), "ingest", "--no-progress", str(folder)]) == 0
+    capsys.readouterr()
     ids = lambda p: sorted(Store(p).read("samples", columns=["sample_id"], filter="split = 'test'")  # noqa: E731
                            .column("sample_id").to_pylist())
     assert ids(again) == ids(store_path)
+    # re-ingest: nothing added, nothing reported held out
+    assert main(["--store", str(again), "ingest", "--no-progress", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "0 added, 21 duplicates skipped" in out and "held out" not in out, out
     # README's next steps run as printed
     assert main(["--store", str(store_path), "extract", "pixels"]) == 0
     assert Store(store_path).count("emb_pixels") == 21

@@ -87,7 +87,6 @@ class HoldOut:
         return take
 
 
-
 @dataclass
 class IngestResult:
     """Summary of one ingest (printed by the CLI)."""
@@ -100,7 +99,7 @@ class IngestResult:
     new_classes: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     copies: int = 0  # added rows whose image (content_sha256) another sample already has: kept, counted
-    held_out: int = 0  # records of a source without splits put in split test
+    held_out: int = 0  # added rows of a source without splits put in split test
     test_fraction: float = 0.0
 
     def summary(self) -> str:
@@ -114,7 +113,6 @@ class IngestResult:
                      "or split), kept; list them: featurelt sql \"SELECT content_sha256, list(sample_id), list(label), "
                      "list(split) FROM samples GROUP BY 1 HAVING count(*) > 1\"")
         return text
-
 
 
 def open_input(path: Path | None = None, *, fmt: str = "auto", builtin: str | None = None,
@@ -279,12 +277,11 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     if split is not None or source != "original" or test_fraction == 0:
         holdout.left.clear()  # an explicit split, or auxiliary / generated images: all stay where they are
 
-
     bad: list[dict[str, Any]] = []
     seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
     stored: dict[str, bytes] = {}  # sample_id -> first 16 bytes of the content sha256 of rows already stored
     contents: set[bytes] = set()  # content sha256 prefixes of the stored and added rows (to count copies)
-    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0, "copies": 0}
+    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0, "copies": 0, "held_out": 0}
     bar = tqdm(total=min(inp.total, limit) if inp.total is not None and limit else inp.total, unit="img",
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
 
@@ -299,7 +296,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 break
             stats["read"] += 1
             bar.update(1)
-            if rec.split == "train" and holdout.is_test(rec.class_name):
+            held_out = rec.split == "train" and holdout.is_test(rec.class_name)  # (a position even if bad)
+            if held_out:
                 rec.split = "test"
             row, reason = _validate(rec, reference=reference, dataset=name)
             if row is None:
@@ -330,6 +328,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             contents.add(content)
             row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source)
             stats["good"] += 1
+            stats["held_out"] += held_out
             rows.append(row)
             if len(rows) >= batch_size:
                 yield _samples_batch(rows)
@@ -376,7 +375,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     duplicates = stats["input_dup"] + stats["stored_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
                         store_version=store.version, new_classes=list(registry.new), rejects=bad,
-                        copies=stats["copies"], held_out=holdout.held_out, test_fraction=test_fraction)
+                        copies=stats["copies"], held_out=stats["held_out"], test_fraction=test_fraction)
 
 
 _SAMPLES_TYPES = {"sample_id": pa.string(), "dataset": pa.string(), "split": pa.string(), "label": pa.int32(),
