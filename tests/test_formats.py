@@ -166,7 +166,29 @@ def test_shard_split_names() -> None:
     assert shard_split(Path("unsupervised-00000-of-00001.parquet")) == "unsupervised"
     assert shard_split(Path("plain_text/test/0000.parquet")) == "test"
     assert shard_split(Path("imagenet-val-000012.tar")) == "val"
-    assert shard_split(Path("shards/000001.tar")) == "train"  # no split word: the default
+    assert shard_split(Path("shards/000001.tar")) is None  # no split word: the input states no split
+
+
+def test_shards_without_splits_get_the_test_hold_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No split in any shard name and no --split: ingest holds out round(0.2 n) images of each class as test."""
+    shards = tmp_path / "wds"
+    members = [(f"k{i:03d}.png", png(i)) for i in range(15)]
+    labels = [(f"k{i:03d}.cls", b"0" if i < 10 else b"1") for i in range(15)]
+    write_shard(shards / "shard-000000.tar", [m for pair in zip(members, labels) for m in pair])
+    names = tmp_path / "names.txt"
+    names.write_text("zero\none\n")
+    store = tmp_path / "store"
+    assert ingest(store, str(shards), "--class-names", str(names)) == 0
+    assert "3 images held out as split 'test'" in capsys.readouterr().out
+    s = Store(store)
+    assert s.sql("SELECT label, split, count(*) n FROM samples GROUP BY 1, 2 ORDER BY 1, 2").to_pylist() == [
+        {"label": 0, "split": "test", "n": 2}, {"label": 0, "split": "train", "n": 8},
+        {"label": 1, "split": "test", "n": 1}, {"label": 1, "split": "train", "n": 4}]
+    pets = write_parquet(tmp_path / "pets" / "images.parquet", [png(100 + i) for i in range(10)], [0] * 5 + [2] * 5)
+    assert ingest(tmp_path / "store2", str(pets), "--test-fraction", "0.4") == 0
+    rows = Store(tmp_path / "store2").sql("SELECT label, split, count(*) n FROM samples GROUP BY 1, 2 ORDER BY 1, 2")
+    assert rows.to_pylist() == [{"label": 0, "split": "test", "n": 2}, {"label": 0, "split": "train", "n": 3},
+                                {"label": 2, "split": "test", "n": 2}, {"label": 2, "split": "train", "n": 3}]
 
 
 # ------------------------------------------------------------------------------------------------- WebDataset

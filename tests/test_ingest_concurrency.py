@@ -67,4 +67,6 @@ def test_same_first_ingest_twice_at_once_adds_rows_once(tmp_path: Path) -> None:
     ingest_at_once(store_path, folder, folder)
     store = check_consistent(store_path)
     assert store.count("samples") == 2 * N_PER_CLASS
-    assert [c["train_count"] for c in store.read("classes").sort_by("label").to_pylist()] == [N_PER_CLASS] * 2
+    # both processes held out the same seeded test fifth of each class (ingest's default for a plain folder)
+    assert [c["train_count"] for c in store.read("classes").sort_by("label").to_pylist()] == [N_PER_CLASS * 4 // 5] * 2
+    assert store.count("samples", "split = 'test'") == 2 * N_PER_CLASS // 5

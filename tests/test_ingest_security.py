@@ -155,6 +155,14 @@ def test_non_utf8_file_name_is_a_named_bad_row(tmp_path: Path, capsys: pytest.Ca
     assert store.count("samples") == 1
     [rej] = store.read("rejects").to_pylist()
     assert rej["location"].endswith("caf\\xe9.png") and "UTF-8" in rej["reason"]
+    # a class folder whose name is not UTF-8: an error naming it
+    os.mkdir(os.path.join(os.fsencode(folder), b"b\xff"))
+    with open(os.path.join(os.fsencode(folder), b"b\xff", b"x.png"), "wb") as fh:
+        fh.write(_png(9))
+    capsys.readouterr()
+    assert _ingest(store_path, "--skip-bad", str(folder)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("featurelt ingest: error:") and "b\\xff" in err and "not valid UTF-8" in err, err
 
 
 def test_folder_ingest_does_not_follow_symlinks_out_of_the_folder(tmp_path: Path,

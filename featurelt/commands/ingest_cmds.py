@@ -25,8 +25,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "builtin) to the samples table",
         description=textwrap.fill(
             "Ingest a data set into the store in one transaction (samples, classes, rejects). "
-            "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
-            "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
+            "sample_id is the id the source gives, else DATASET:PATH for files (PATH relative to the folder, or "
+            "as the manifest or split list writes it; the same image at two paths stays two samples, counted in "
+            "the summary), else for arrays (CIFAR, IDX, builtins) the content hash (first 32 hex digits of "
+            "sha256); ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
             "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
             "the whole ingest naming the first bad rows, unless --skip-bad.", 100)
         + "\n\ninput formats (--format; auto picks one by file name and folder contents):\n" + _listing(FORMATS)
@@ -55,6 +57,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="names of integer labels (split lists, IDX, Parquet without ClassLabel, WebDataset .cls): "
                    "one name per line, line i = label i, or 'i name' / 'i,name' / 'name i' lines; classes of the "
                    "store still called by their number take these names (text heads refuse number-only names)")
+    p.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.2, metavar="F",
+                   help="when the input states no splits (a plain folder of class subfolders, a manifest without a "
+                   "split column) and no --split is given: hold out a stratified, seeded fraction F of each "
+                   "class's original images as split test (default 0.2; 0 keeps all in train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction choice (default 0)")
     p.add_argument("--source", choices=_SOURCES, default="original",
                    help="where the images come from: original data, auxiliary classes (e.g. retrieved "
                    "neighbours), or generated images (default original)")
@@ -188,7 +195,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
                     source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,
                     skip_bad=args.skip_bad, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
-                    class_names=args.class_names, progress=args.progress)
+                    class_names=args.class_names, progress=args.progress, test_fraction=args.test_fraction,
+                    seed=args.seed)
     print(result.summary())
     return 0
 

@@ -99,4 +99,6 @@ def name_input(inp: "Input", names: dict[int, str], *, source: str) -> "Input":
     inp.classes = [rename.get(c, c) for c in inp.classes]
     inp.class_ids = {rename[k]: v for k, v in inp.class_ids.items()}
     inp.named = set(inp.class_ids)
+    if inp.unsplit_class_counts is not None:
+        inp.unsplit_class_counts = {rename.get(k, k): n for k, n in inp.unsplit_class_counts.items()}
     return inp

@@ -13,6 +13,16 @@ name for that label is refused. ``--class-names FILE`` names integer labels (:mo
 a class still called ``str(label)`` in the store takes the name the input states (its class-name text
 embeddings, made from the number, are deleted in the same transaction: re-run ``extract text:...``).
 
+Sample ids: the id the source gives (manifest ``sample_id``, iNat image id), else for path sources
+(folders, manifests, split lists) ``<dataset>:<path>`` with the path relative to the folder or as the
+manifest / list writes it, else (array sources: CIFAR, IDX, builtins) the content hash. Identical images at
+two paths (another label or split) are two samples, counted in the summary; ``content_sha256`` finds them.
+
+Test hold-out: when the source states no splits at all (a plain folder of class subfolders, a manifest
+without a split column), no ``--split`` is given and the data is original, a stratified, seeded
+``test_fraction`` of each class goes to split ``test`` (:class:`HoldOut`), so a plain folder is ready to
+train and evaluate on; ``test_fraction=0`` keeps every image in train.
+
 Every reader yields :class:`Record` objects lazily; :func:`ingest` validates them (decoding every
 image), turns them into Arrow batches of ``batch_size`` rows and streams them into one store
 transaction (``samples`` appended, ``rejects``, ``classes``). Inside the transaction (under the store
@@ -29,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+import numpy as np
 import pyarrow as pa
 
 from featurelt.data.classnames import is_label_number, name_input, read_class_names
@@ -43,6 +54,40 @@ if TYPE_CHECKING:
 Source = Literal["original", "auxiliary", "generated"]
 SOURCES: tuple[str, ...] = get_args(Source)
 MAX_LISTED_ERRORS = 5    # bad rows named in an error message
+DEFAULT_TEST_FRACTION = 0.2
+
+
+class HoldOut:
+    """Stratified, seeded test hold-out over a stream: of the ``n_c`` records of class ``c``, exactly
+    ``test_count(n_c)`` go to test, a uniformly random subset chosen one record at a time (selection
+    sampling, Knuth's Algorithm S) with a generator seeded by ``(seed, class name)``, so the choice does
+    not depend on the other classes and needs no second pass over the input."""
+
+    def __init__(self, counts: dict[str, int], fraction: float, seed: int) -> None:
+        import zlib
+
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"--test-fraction must be in [0, 1), got {fraction}")
+        self.left = {c: [n, self.test_count(n, fraction)] for c, n in counts.items()}
+        self.rng = {c: np.random.default_rng([seed, zlib.crc32(c.encode("utf-8", "surrogateescape"))])
+                    for c in counts}
+        self.held_out = 0
+
+    @staticmethod
+    def test_count(n: int, fraction: float) -> int:
+        """``round(fraction * n)`` (halves up), keeping at least one training image of every class."""
+        return min(int(fraction * n + 0.5), max(n - 1, 0))
+
+    def is_test(self, class_name: str) -> bool:
+        """Whether the next record of ``class_name`` goes to test."""
+        left = self.left.get(class_name)
+        if left is None or left[0] <= 0:
+            return False
+        n, t = left
+        take = bool(self.rng[class_name].random() * n < t)
+        left[0], left[1] = n - 1, t - take
+        self.held_out += take
+        return take
 
 
 @dataclass
@@ -56,14 +101,24 @@ class IngestResult:
     store_version: int
     new_classes: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    copies: int = 0  # added rows whose image (content_sha256) another sample already has: kept, counted
+    held_out: int = 0  # added rows of a source without splits put in split test
+    test_fraction: float = 0.0
     named_classes: dict[int, str] = field(default_factory=dict)  # label -> name given to a class called str(label)
 
     def summary(self) -> str:
         named = f", {len(self.named_classes)} classes named" if self.named_classes else ""
-        return (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
+        text = (f"ingested {self.dataset}: {self.added} added, {self.duplicates} duplicates skipped, "
                 f"{self.rejected} rejected, {len(self.new_classes)} new classes{named}; "
                 f"store version {self.store_version}")
-
+        if self.held_out:
+            text += (f"\nthe input has no test split: {self.held_out} images held out as split 'test' (stratified "
+                     f"--test-fraction {self.test_fraction:g}; --test-fraction 0 keeps all in train)")
+        if self.copies:
+            text += (f"\n{self.copies} added image(s) have the same content as another sample (another path, label "
+                     "or split), kept; list them: featurelt sql \"SELECT content_sha256, list(sample_id), list(label), "
+                     "list(split) FROM samples GROUP BY 1 HAVING count(*) > 1\"")
+        return text
 
 
 def open_input(path: Path | None = None, *, fmt: str = "auto", builtin: str | None = None,
@@ -162,8 +217,10 @@ def _decode_checked(data: bytes, name: str) -> tuple[int, int]:
             raise ImageDecodeError(f"{name}: refused as a decompression bomb ({exc})") from None
 
 
-def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, str | None]:
-    """The samples row of a record (without label / dataset / source), or the reason it is bad."""
+def _validate(rec: Record, *, reference: bool, dataset: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The samples row of a record (without label / dataset / source), or the reason it is bad.
+
+    sample_id: the source's id, else ``<dataset>:<key>`` for path sources, else the content hash."""
     if rec.error:
         return None, rec.error
     uri = None
@@ -188,7 +245,8 @@ def _validate(rec: Record, *, reference: bool) -> tuple[dict[str, Any] | None, s
         except ImageDecodeError as exc:  # the location is reported beside the reason already
             return None, str(exc).removeprefix(f"{rec.location}: ")
     digest = sha256_hex(data)
-    return {"sample_id": rec.sample_id or sample_id_for(data), "uri": uri,
+    sid = rec.sample_id or (f"{dataset}:{rec.key}" if rec.key is not None else sample_id_for(data))
+    return {"sample_id": sid, "uri": uri,
             "image": None if reference else data, "content_sha256": digest,
             "width": width, "height": height, "description": rec.description}, None
 
@@ -198,7 +256,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
            source: Source = "original", neighbor_of: str | None = None, reference: bool = False,
            skip_bad: bool = False, dataset: str | None = None, limit: int | None = None,
            batch_size: int = 512, class_names: str | os.PathLike[str] | None = None, message: str | None = None,
-           progress: bool = True) -> IngestResult:
+           progress: bool = True, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0) -> IngestResult:
     """Ingest one data set into ``store`` in ONE transaction (samples, rejects, classes).
 
     ``class_names``: a names file for the input's integer labels (:func:`~featurelt.data.classnames.read_class_names`).
@@ -208,6 +266,8 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     wrong column types) abort the ingest with :class:`BadInput` naming the first ones and the count,
     nothing committed -- unless ``skip_bad``, which ingests the good rows and writes the bad ones to
     ``rejects`` in the same transaction.
+
+    test_fraction / seed: the stratified test hold-out of a source without splits (:class:`HoldOut`).
     """
     from tqdm import tqdm
 
@@ -233,12 +293,15 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                          "ingest it without --reference")
     name = dataset or inp.dataset
     where = str(p) if p is not None else f"--builtin {builtin}"
-
+    holdout = HoldOut(inp.unsplit_class_counts or {}, test_fraction, seed)
+    if split is not None or source != "original" or test_fraction == 0:
+        holdout.left.clear()  # an explicit split, or auxiliary / generated images: all stay where they are
 
     bad: list[dict[str, Any]] = []
     seen: dict[str, str] = {}   # sample_id -> content sha ("" for content-hash ids) seen in this ingest
     stored: dict[str, bytes] = {}  # sample_id -> first 16 bytes of the content sha256 of rows already stored
-    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0}
+    contents: set[bytes] = set()  # content sha256 prefixes of the stored and added rows (to count copies)
+    stats = {"good": 0, "input_dup": 0, "stored_dup": 0, "read": 0, "copies": 0, "held_out": 0}
     bar = tqdm(total=min(inp.total, limit) if inp.total is not None and limit else inp.total, unit="img",
                desc=f"ingest {name}", disable=None if progress else True, mininterval=0.5)
 
@@ -253,7 +316,10 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 break
             stats["read"] += 1
             bar.update(1)
-            row, reason = _validate(rec, reference=reference)
+            held_out = rec.split == "train" and holdout.is_test(rec.class_name)  # (a position even if bad)
+            if held_out:
+                rec.split = "test"
+            row, reason = _validate(rec, reference=reference, dataset=name)
             if row is None:
                 reject(rec, reason or "invalid")
                 continue
@@ -276,8 +342,13 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
                 else:
                     stats["stored_dup"] += 1
                 continue
+            content = bytes.fromhex(row["content_sha256"])[:16]
+            if content in contents:  # the same image as another sample (another path, label or split): kept
+                stats["copies"] += 1
+            contents.add(content)
             row.update(dataset=name, split=rec.split, label=registry.label(rec.class_name), source=source)
             stats["good"] += 1
+            stats["held_out"] += held_out
             rows.append(row)
             if len(rows) >= batch_size:
                 yield _samples_batch(rows)
@@ -309,6 +380,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             for b in store.scan("samples", columns=["sample_id", "content_sha256"], batch_size=65536):
                 stored.update(zip(b.column(0).to_pylist(),
                                   (bytes.fromhex(h)[:16] for h in b.column(1).to_pylist())))
+            contents.update(stored.values())
         try:
             added = tx.append("samples", batches(registry))
         finally:
@@ -325,6 +397,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
     duplicates = stats["input_dup"] + stats["stored_dup"]
     return IngestResult(dataset=name, added=added, duplicates=duplicates, rejected=len(bad),
                         store_version=store.version, new_classes=list(registry.new), rejects=bad,
+                        copies=stats["copies"], held_out=stats["held_out"], test_fraction=test_fraction,
                         named_classes=dict(registry.named))
 
 

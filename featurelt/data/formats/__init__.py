@@ -20,7 +20,9 @@ of the package, so its ``@register_format`` runs):
   :class:`~featurelt.data.formats.base.Input`: the data set name, class names in label order, the
   **lazy** iterator of :class:`~featurelt.data.formats.base.Record` (one per image: a ``path`` to a file,
   or encoded ``data`` bytes; a problem with one row goes in ``Record.error``, not an exception), a total if
-  known. Errors about the whole input (missing file, wrong header) raise ValueError / FileNotFoundError
+  known. Ids: set ``Record.sample_id`` when the source has ids, else ``Record.key`` (the image's path within
+  the source: the id becomes ``<dataset>:<key>``), else the content hash is the id. A source that states no
+  splits at all sets ``Input.unsplit_class_counts`` (records per class) so ingest can hold out a test split. Errors about the whole input (missing file, wrong header) raise ValueError / FileNotFoundError
   naming the file. Import heavy or optional libraries inside ``read``, so ``featurelt --help`` stays fast.
 - ``featurelt.data.ingest`` validates the records (decodes every image), assigns labels and writes;
   formats never touch the store.

@@ -17,6 +17,9 @@ class Record:
     """One input image before validation.
 
     location: the file, or ``manifest:row`` it came from (named in errors and rejects).
+    key: the path that names the sample (path sources: relative to the folder, or as the manifest / list
+    writes it); the sample id is then ``<dataset>:<key>``, so identical images at two paths stay two samples.
+    sample_id: an id the source gives (wins over ``key``); with neither, the id is the content hash.
     row: 1-based row / line number in a manifest or list, else None.
     class_name: the class key in the registry (a name; integer labels without names become ``str(int)``).
     path: the image file to read (file sources); data: encoded bytes (array sources).
@@ -31,6 +34,7 @@ class Record:
     path: str | None = None
     data: bytes | None = None
     sample_id: str | None = None
+    key: str | None = None
     size: tuple[int, int] | None = None
     description: str | None = None
     error: str | None = None
@@ -47,6 +51,9 @@ class Input:
     files: bool = True  # records point at files (so --reference is possible)
     class_ids: dict[str, int] = field(default_factory=dict)  # integer labels the source gives: name -> label
     named: set[str] = field(default_factory=set)  # of those, names the source states (not just str(label))
+    # records per class when the source states no splits at all (every record 'train', e.g. a plain folder
+    # of class subfolders): ingest then holds out a stratified test fraction (--test-fraction)
+    unsplit_class_counts: dict[str, int] | None = None
 
 
 class Reader(Protocol):
@@ -158,9 +165,12 @@ class LabelSet:
         self.ints: set[int] = set()
         self.int_names: dict[int, str] = {}
         self.names: set[str] = set()
+        self.rows: dict[int | str, int] = {}  # rows per label
 
-    def add(self, label: int | str, name: str | None = None) -> None:
-        """One row's label (an integer, or a class name) and the name it gives an integer label, if any."""
+    def add(self, label: int | str, name: str | None = None, *, rows: int = 1) -> None:
+        """A row's label (an integer, or a class name) and the name it gives an integer label, if any
+        (``rows``: that many rows with this label)."""
+        self.rows[label] = self.rows.get(label, 0) + rows
         if isinstance(label, int):
             self.ints.add(label)
             if name and label not in self.int_names:
@@ -176,6 +186,14 @@ class LabelSet:
         if name and name != key:
             return key, f"label {label} is named '{key}' earlier in {where} but '{name}' here"
         return key, None
+
+    def counts(self) -> dict[str, int]:
+        """Rows per class key (``Input.unsplit_class_counts``)."""
+        out: dict[str, int] = {}
+        for label, n in self.rows.items():
+            key = self.int_names.get(label, str(label)) if isinstance(label, int) else label
+            out[key] = out.get(key, 0) + n
+        return out
 
     def fields(self) -> dict[str, Any]:
         """``classes``, ``class_ids`` and ``named`` of the :class:`Input`."""

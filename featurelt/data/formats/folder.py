@@ -40,14 +40,20 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
     def files(d: Path) -> list[Path]:
         return sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
-    total = sum(len(files(d)) for d, _, _ in class_dirs)
+    counts: dict[str, int] = {}
+    for d, name, _ in class_dirs:
+        counts[name] = counts.get(name, 0) + len(files(d))
+    total = sum(counts.values())
+    unsplit = counts if len(roots) == 1 and split is None else None
 
     def records() -> Iterator[Record]:
         for d, name, sp in class_dirs:
             for f in files(d):
                 # a symlink (or a file under a linked folder) that leads out of PATH is not read
                 err = None if within(f, path) else f"symlink to a file outside {path} ({f.resolve()}); not read"
-                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f.absolute()), error=err)
+                yield Record(location=str(f), row=None, class_name=name, split=sp, path=str(f.absolute()),
+                             key=f.relative_to(path).as_posix(), error=err)
 
-    return Input(dataset=path.resolve().name, classes=classes, records=records(), total=total)
+    return Input(dataset=path.resolve().name, classes=classes, records=records(), total=total,
+                 unsplit_class_counts=unsplit)
 

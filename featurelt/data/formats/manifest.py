@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -97,11 +98,13 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
     base = root if root is not None else path.parent
     # pass 1 (text only): the class list, so labels are assigned in a stable order
     labels = LabelSet()
+    has_splits = False
     n = 0
     for _, raw in _manifest_rows(path, kind):
         n += 1
         if "__error__" in raw:
             continue
+        has_splits = has_splits or raw.get("split") not in (None, "")
         label, err = _manifest_label(raw, kind)
         cname, cerr = _manifest_str(raw, "class_name")
         if err or cerr:
@@ -135,9 +138,10 @@ def read_manifest(path: Path, *, kind: Literal["csv", "jsonl"], root: Path | Non
             name, nerr = labels.key(label, cname, where="the manifest")  # type: ignore[arg-type]
             ferr = ferr or nerr
             yield Record(location=loc, row=i, class_name=name, split=split or sp or "train", path=full,
-                         sample_id=sid, description=desc, error=ferr)
+                         key=Path(os.path.normpath(rel)).as_posix(), sample_id=sid, description=desc, error=ferr)
 
-    return Input(dataset=path.stem, records=records(), total=n, **labels.fields())
+    unsplit = labels.counts() if not has_splits and split is None else None  # no split column (or all empty)
+    return Input(dataset=path.stem, records=records(), total=n, unsplit_class_counts=unsplit, **labels.fields())
 
 
 

@@ -99,10 +99,10 @@ def _label_values(shards: list[Path], label: str) -> LabelSet:
     for shard in shards:
         with pq.ParquetFile(shard) as pf:
             for batch in pf.iter_batches(batch_size=65536, columns=[label]):
-                for v in pc.unique(batch.column(0)).to_pylist():
-                    value, err = _manifest_label({"label": v}, "jsonl")
+                for vc in pc.value_counts(batch.column(0)).to_pylist():
+                    value, err = _manifest_label({"label": vc["values"]}, "jsonl")
                     if err is None:
-                        labels.add(value)  # type: ignore[arg-type]
+                        labels.add(value, rows=vc["counts"])  # type: ignore[arg-type]
     return labels
 
 
@@ -126,7 +126,12 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
     assert cols is not None
     if total == 0:
         raise ValueError(f"{path}: empty input: the Parquet shards hold 0 rows")
-    fields = {"classes": list(cols.names)} if cols.names is not None else _label_values(shards, cols.label).fields()
+    stated = split is not None or any(shard_split(s) is not None for s in shards)
+    counted = _label_values(shards, cols.label) if cols.names is None or not stated else None  # one column only
+    fields: dict[str, Any] = {"classes": list(cols.names)} if cols.names is not None else counted.fields()
+    if not stated:  # no split in any shard name: ingest holds out a stratified test fraction of these counts
+        fields["unsplit_class_counts"] = counted.counts() if cols.names is None else {
+            cols.names[i]: n for i, n in counted.rows.items() if isinstance(i, int) and 0 <= i < len(cols.names)}
 
     def label_of(value: Any) -> tuple[str, str | None]:
         if cols.names is not None:
@@ -139,7 +144,7 @@ def read_parquet(path: Path, *, root: Path | None = None, split: str | None = No
         return ("", err) if err else (str(lab), None)
 
     def shard_records(shard: Path) -> Iterator[Record]:
-        sp = split or shard_split(shard)
+        sp = split or shard_split(shard) or "train"
         base = root if root is not None else shard.parent
         i = 0
         with pq.ParquetFile(shard) as pf:

@@ -23,14 +23,14 @@ def list_shards(path: Path, suffixes: tuple[str, ...], *, kind: str) -> list[Pat
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not found:
         raise ValueError(f"{path}: empty input: no {kind} shards ({' / '.join('*' + s for s in suffixes)}) in the folder")
-    order = {"train": 0, "val": 1, "test": 2}
+    order = {"train": 0, None: 0, "val": 1, "test": 2}
     return sorted(found, key=lambda p: (order.get(shard_split(p), len(order)), str(p)))
 
 
-def shard_split(shard: Path, default: str = "train") -> str:
+def shard_split(shard: Path) -> str | None:
     """Split of a shard by its name: datasets' ``{split}-00000-of-00004``, else the first split word of the
     name (``train-000000.tar``, ``imagenet-val-0001.tar``), else its folder's name (``train/0000.parquet``),
-    else ``default``. validation / valid become ``val``."""
+    else None (the input states no split). validation / valid become ``val``."""
     stem = shard.name.lower()
     for suffix in (".gz", ".tar", ".parquet"):
         stem = stem.removesuffix(suffix)
@@ -42,7 +42,7 @@ def shard_split(shard: Path, default: str = "train") -> str:
         for token in re.split(r"[-_.\s]+", name):
             if token in SPLIT_WORDS:
                 return SPLIT_WORDS[token]
-    return default
+    return None
 
 
 def dataset_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """Input format ``split-list``: ImageNet-LT / Places-LT lists (``relative/path label`` per line, under --root)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def read_split_list(path: Path, *, root: Path | None = None, split: str | None =
                 yield Record(location=loc, row=i, class_name="", split=sp, error=err)
                 continue
             full, ferr = resolve_under(rel, root, check_root=True)  # type: ignore[arg-type]
-            yield Record(location=loc, row=i, class_name=str(lab), split=sp, path=full, error=ferr)
+            yield Record(location=loc, row=i, class_name=str(lab), split=sp, path=full,
+                         key=Path(os.path.normpath(rel)).as_posix(), error=ferr)
 
     dataset = path.stem.split("_")[0] if "_" in path.stem else path.stem
     return Input(dataset=dataset, classes=[str(i) for i in sorted(labels)], records=records(), total=n,

@@ -111,10 +111,11 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
                 labels.add(label, cname)  # type: ignore[arg-type]
     if total == 0:
         raise ValueError(f"{path}: empty input: the WebDataset shards hold no samples")
+    stated = split is not None or any(shard_split(s) is not None for s in shards)
 
     def records() -> Iterator[Record]:
         for shard in shards:
-            sp = split or shard_split(shard)
+            sp = split or shard_split(shard) or "train"
             for i, (key, parts, err) in enumerate(_samples(shard, wanted=None), start=1):
                 loc = f"{shard}:{key}" if key else str(shard)
                 if err is not None:
@@ -134,5 +135,6 @@ def read_webdataset(path: Path, *, root: Path | None = None, split: str | None =
                              data=parts[images[0]] if images else None, error=err,
                              description=text.decode("utf-8", "replace").strip() or None if text else None)
 
-    return Input(dataset=dataset_name(path), records=records(), total=total, files=False, **labels.fields())
+    return Input(dataset=dataset_name(path), records=records(), total=total, files=False,
+                 unsplit_class_counts=None if stated else labels.counts(), **labels.fields())
 
