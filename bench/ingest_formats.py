@@ -5,11 +5,13 @@ For each ``--rows`` N and each format (``parquet``: Hugging Face datasets-style 
 data set is about N x 3 x size^2 bytes) are written once, then ingested by ``featurelt ingest`` into a fresh
 store in a fresh Python process; that process reports its peak RSS (``VmHWM``; ``ru_maxrss`` would count the
 forking parent's) and the ingest time.
-Baseline, in the same kind of fresh process: reading the whole data set into memory with the format's
+The format's reader alone (iterating the ``Input`` records, no decode, no store) is measured the same way,
+which separates the reader's memory from the write path's. Baseline, in the same kind of fresh process: reading the whole data set into memory with the format's
 library (``pyarrow.parquet.read_table``; every tar member read into a list), which grows with N.
 
 The claim checked: the ingest's peak RSS at the largest N minus that at the smallest N is much smaller
-than the data added, while the baseline's grows by about the data size.
+than the data added, while the baseline's grows by about the data size. Shards have the same size for
+every N: a Parquet reader holds one row group (here one shard of ``SHARD_ROWS`` images) at a time.
 
 Run: ``python bench/ingest_formats.py --rows 2000 16000`` (``--write-results`` replaces the
 ``## bench/ingest_formats.py`` section of ``bench/RESULTS.md``).
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARD_ROWS = 4000  # images per shard
+SHARD_ROWS = 1000  # images per shard (one Parquet row group each, as datasets writes shards under 100 MB)
 
 HWM = """
 def hwm():  # peak RSS of this process image, MiB (VmHWM: ru_maxrss would include the forking parent's)
@@ -47,6 +49,14 @@ from featurelt.cli import main
 t0 = time.perf_counter()
 rc = main(["--store", sys.argv[1], "ingest", sys.argv[2], "--format", sys.argv[3], "--no-progress"])
 print("RESULT", rc, time.perf_counter() - t0, hwm())
+"""
+CHILD_READ = HWM + """
+import sys, time
+from pathlib import Path
+from featurelt.data.formats import read_input
+t0 = time.perf_counter()
+n = sum(len(r.data or b"") for r in read_input(Path(sys.argv[1]), fmt=sys.argv[2]).records)
+print("RESULT", 0, time.perf_counter() - t0, hwm())
 """
 CHILD_BASELINE = HWM + """
 import sys, time, tarfile
@@ -134,19 +144,21 @@ def main() -> int:
                 data = Path(tmp) / f"{fmt}-{n}"
                 mib = writer(data, n, args.size, args.classes) / 2**20
                 secs, rss = child(CHILD_INGEST, str(Path(tmp) / f"store-{fmt}-{n}"), str(data), fmt)
+                rsecs, rrss = child(CHILD_READ, str(data), fmt)
                 bsecs, brss = child(CHILD_BASELINE, str(data), fmt)
-                rows.append((fmt, n, mib, secs, rss, bsecs, brss))
-                print(f"{fmt} {n}: data {mib:.1f} MiB, ingest {secs:.2f} s peak {rss:.0f} MiB; "
-                      f"read-all {bsecs:.2f} s peak {brss:.0f} MiB", file=sys.stderr)
+                rows.append((fmt, n, mib, secs, rss, rrss, brss))
+                print(f"{fmt} {n}: data {mib:.1f} MiB, ingest {secs:.2f} s peak {rss:.0f} MiB; reader only "
+                      f"{rsecs:.2f} s peak {rrss:.0f} MiB; read-all {bsecs:.2f} s peak {brss:.0f} MiB", file=sys.stderr)
     lines = ["| format | images | PNG bytes MiB | ingest s | ingest img/s | ingest peak RSS MiB "
-             "| read-all baseline peak RSS MiB |", "|---|---|---|---|---|---|---|"]
-    for fmt, n, mib, secs, rss, bsecs, brss in rows:
-        lines.append(f"| {fmt} | {n:,} | {mib:,.1f} | {secs:.2f} | {n / secs:,.0f} | {rss:,.0f} | {brss:,.0f} |")
+             "| reader-only peak RSS MiB | read-all baseline peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for fmt, n, mib, secs, rss, rrss, brss in rows:
+        lines.append(f"| {fmt} | {n:,} | {mib:,.1f} | {secs:.2f} | {n / secs:,.0f} | {rss:,.0f} | {rrss:,.0f} "
+                     f"| {brss:,.0f} |")
     for fmt in ("parquet", "webdataset"):
         sel = [r for r in rows if r[0] == fmt]
         lo, hi = sel[0], sel[-1]
         lines.append(f"- {fmt}: {hi[2] - lo[2]:,.1f} MiB more data -> ingest peak RSS {hi[4] - lo[4]:+,.0f} MiB, "
-                     f"read-all baseline {hi[6] - lo[6]:+,.0f} MiB")
+                     f"reader only {hi[5] - lo[5]:+,.0f} MiB, read-all baseline {hi[6] - lo[6]:+,.0f} MiB")
     head = (f"Command: `python bench/ingest_formats.py --rows {' '.join(map(str, args.rows))} --size {args.size}` "
             f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs visible, Python {platform.python_version()}, "
             f"total {(time.perf_counter() - t_start) / 60:.1f} min). One run per row, each in a fresh process; "

@@ -65,5 +65,5 @@ def test_bench_ingest_formats_runs_at_toy_size() -> None:
     out = _bench("ingest_formats.py", "--rows", "20", "40", "--size", "8")
     for fmt in ("parquet", "webdataset"):
         rows = [_row(out, f"| {fmt} | {n} |") for n in (20, 40)]
-        assert all(_number(r[5]) > 0 and _number(r[6]) > 0 for r in rows)
+        assert all(_number(r[5]) > 0 and _number(r[6]) > 0 and _number(r[7]) > 0 for r in rows)
         assert f"- {fmt}: " in out
