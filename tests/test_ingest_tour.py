@@ -85,6 +85,13 @@ def test_test_fraction_zero_and_explicit_split_keep_all(tmp_path: Path, capsys: 
         assert main(["--store", str(store_path), "ingest", "--no-progress", *args, str(folder)]) == 0
         assert "held out" not in capsys.readouterr().out
         assert Store(store_path).count("samples", "split = 'test'") == 0
+    # a folder with split folders states its splits, even if only train/ is there
+    only_train = tmp_path / "only"
+    (only_train / "train" / "a").mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (8, 8), 100 + i).save(only_train / "train" / "a" / f"{i}.png")
+    assert main(["--store", str(tmp_path / "only-store"), "ingest", "--no-progress", str(only_train)]) == 0
+    assert Store(tmp_path / "only-store").count("samples", "split = 'test'") == 0
     # auxiliary images are never held out
     store_path = tmp_path / "store1"  # the --test-fraction 0 store
     aux = tmp_path / "aux"

@@ -24,7 +24,8 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
     top = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not top:
         raise ValueError(f"{path}: empty input: no class subfolders (expected PATH/<class>/<image files>)")
-    if all(d.name in SPLIT_NAMES for d in top):
+    split_folders = all(d.name in SPLIT_NAMES for d in top)
+    if split_folders:
         roots = [(d, d.name) for d in top]
     else:
         roots = [(path, split or "train")]
@@ -44,7 +45,7 @@ def read_folder(path: Path, *, root: Path | None = None, split: str | None = Non
     for d, name, _ in class_dirs:
         counts[name] = counts.get(name, 0) + len(files(d))
     total = sum(counts.values())
-    unsplit = counts if len(roots) == 1 and split is None else None
+    unsplit = counts if not split_folders and split is None else None  # the folder states no splits
 
     def records() -> Iterator[Record]:
         for d, name, sp in class_dirs:
