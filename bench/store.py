@@ -99,7 +99,7 @@ def bench_ingest(work: Path, *, repeats: int, limit: int | None) -> list[dict[st
         for rec in inp.records:
             if limit is not None and n >= limit:
                 break
-            row, _ = _validate(rec, reference=False)  # encoded PNG; no decode (size known), like the store path
+            row, _ = _validate(rec, reference=False, dataset="fashion-mnist")  # encoded PNG; no decode (size known), like the store path
             rows.append({"sample_id": row["sample_id"], "split": rec.split, "label": label_of[rec.class_name],
                          "image": row["image"]})
             n += 1

@@ -7,7 +7,7 @@
     Session-scoped *path* (``pathlib.Path``) of a store built once per test session through the CLI:
 
     1. ``featurelt ingest --builtin digits`` -- scikit-learn's 1797 8x8 digits as PNG, a deterministic
-       stratified 80/20 train/test split: 1437 train rows (139..146 per class, 10 classes "0".."9"),
+       stratified 80/20 train/test split: 1437 train rows (139..146 per class, 10 classes "zero".."nine"),
        360 test rows;
     2. ``featurelt make-lt --imbalance 10 --profile exp --seed 0 --many 60 --few 20`` -- exponential
        profile ``n_y = floor(n_max * (1/10)^(y/9))`` with ``n_max`` = 139 (the smallest balanced train

@@ -58,3 +58,12 @@ def test_bench_train_head_runs_at_toy_size() -> None:
     assert "kNN head (k = 20, 64 queries" in out
     same = re.search(r"the same class for ([0-9.]+) % of the queries", out)
     assert same is not None and float(same.group(1)) >= 95  # faiss and the PyTorch search agree
+
+
+@pytest.mark.slow
+def test_bench_ingest_formats_runs_at_toy_size() -> None:
+    out = _bench("ingest_formats.py", "--rows", "20", "40", "--size", "8")
+    for fmt in ("parquet", "webdataset"):
+        rows = [_row(out, f"| {fmt} | {n} |") for n in (20, 40)]
+        assert all(_number(r[5]) > 0 and _number(r[6]) > 0 and _number(r[7]) > 0 for r in rows)
+        assert f"- {fmt}: " in out

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from featurelt.cli import main
-from featurelt.data.images import decode_bytes, sample_id_for
+from featurelt.data.images import decode_bytes, sample_id_for, sha256_hex
 from featurelt.data.ingest import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, detect_format
+from featurelt.data.formats.builtin import DIGITS_CLASSES
 from featurelt.store import Store
 
 
@@ -70,7 +71,7 @@ def test_folder_ingest_reingest_and_registry(tmp_path: Path, store_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     folder = make_folder(tmp_path / "pets", {"dog": 3, "cat": 2})
     assert detect_format(folder) == "folder"
-    assert run(store_path, str(folder)) == 0
+    assert run(store_path, str(folder), "--test-fraction", "0") == 0  # all in train
     out = capsys.readouterr().out
     assert "ingested pets: 5 added, 0 duplicates skipped, 0 rejected, 2 new classes; store version 1" in out
     store = Store(store_path)
@@ -79,10 +80,11 @@ def test_folder_ingest_reingest_and_registry(tmp_path: Path, store_path: Path,
     t = store.read("samples").sort_by("uri")
     first = t.slice(0, 1).to_pylist()[0]                      # cat/0.png, grey value 3
     assert first["uri"] == str((folder / "cat" / "0.png").resolve())
-    assert first["sample_id"] == sample_id_for(png(3)) and first["image"] == png(3)
+    assert first["sample_id"] == "pets:cat/0.png" and first["image"] == png(3)  # DATASET:PATH for files
+    assert first["content_sha256"] == sha256_hex(png(3))
     assert (first["width"], first["height"], first["split"], first["dataset"]) == (6, 5, "train", "pets")
     # re-ingest: no rows added, and no new store version
-    assert run(store_path, str(folder)) == 0
+    assert run(store_path, str(folder), "--test-fraction", "0") == 0
     assert "0 added, 5 duplicates skipped, 0 rejected, 0 new classes; store version 1" in capsys.readouterr().out
     assert Store(store_path).count("samples") == 5 and Store(store_path).version == 1
     assert Store(store_path).dataset("samples").version == store.dataset("samples").version  # rolled back
@@ -143,8 +145,9 @@ def test_csv_manifest_int_labels_names_and_ids(tmp_path: Path, store_path: Path)
     classes = store.read("classes").sort_by("label").to_pylist()
     assert [(c["label"], c["name"]) for c in classes] == [(0, "rose"), (1, "tulip")]
     rows = {r["sample_id"]: r for r in store.read("samples").to_pylist()}
-    assert set(rows) == {"t0", "t1", "t2", sample_id_for(png(13))}
-    assert (rows["t0"]["label"], rows["t2"]["split"], rows[sample_id_for(png(13))]["split"]) == (1, "test", "val")
+    path_id = f"m:{tmp_path / 'img' / '3.png'}"  # no id given: DATASET:PATH as the manifest writes it
+    assert set(rows) == {"t0", "t1", "t2", path_id}
+    assert (rows["t0"]["label"], rows["t2"]["split"], rows[path_id]["split"]) == (1, "test", "val")
 
 
 def test_jsonl_manifest_names(tmp_path: Path, store_path: Path) -> None:
@@ -398,7 +401,7 @@ def test_builtin_digits(digits_store: Path) -> None:
     store = Store(digits_store, as_of=1)
     assert store.count("samples") == 1797
     assert store.count("samples", "split = 'test'") == 360 and store.count("samples", "split = 'train'") == 1437
-    assert [c["name"] for c in store.read("classes").sort_by("label").to_pylist()] == [str(i) for i in range(10)]
+    assert [c["name"] for c in store.read("classes").sort_by("label").to_pylist()] == DIGITS_CLASSES
     # stratified: every class has 35 or 36 test rows (20% of 174..183)
     per_class = store.sql("SELECT label, count(*) n FROM samples WHERE split = 'test' GROUP BY label").column("n").to_pylist()
     assert min(per_class) >= 35 and max(per_class) <= 37
@@ -449,7 +452,7 @@ def test_generated_rows_join_target_classes(digits_store: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     shutil.copytree(digits_store, root)
-    gen = make_folder(tmp_path / "gen", {"9": 3})                 # class "9" exists: label 9
+    gen = make_folder(tmp_path / "gen", {"nine": 3})              # class "nine" exists: label 9
     assert_refused(root, capsys, str(gen), "--neighbor-of", "9", version=2, expect=["use it with --source auxiliary"])
     assert run(root, str(gen), "--source", "generated") == 0
     store = Store(root)
@@ -464,3 +467,34 @@ def test_limit_and_reference_of_arrays(tmp_path: Path, store_path: Path, capsys:
     assert run(store_path, str(folder), "--limit", "4") == 0
     assert Store(store_path).count("samples") == 4
     assert_refused(store_path, capsys, "--builtin", "digits", "--reference", version=1, expect=["decoded from arrays"])
+
+
+def test_identical_images_under_two_labels_or_splits_are_kept(tmp_path: Path, store_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "ds"
+    make_folder(root / "train", {"a": 2, "b": 1})
+    (root / "train" / "b" / "copy.png").write_bytes(png(0))   # train/a/0.png's image under class b
+    make_folder(root / "test", {"a": 1})
+    (root / "test" / "a" / "0.png").write_bytes(png(1))       # train/a/1.png's image in the test split
+    assert run(store_path, str(root)) == 0
+    out = capsys.readouterr().out
+    assert "ingested ds: 5 added, 0 duplicates skipped, 0 rejected, 2 new classes" in out
+    assert "2 added image(s) have the same content as another sample" in out
+    store = Store(store_path)
+    rows = {r["sample_id"]: r for r in store.read("samples").to_pylist()}
+    assert set(rows) == {"ds:train/a/0.png", "ds:train/a/1.png", "ds:train/b/0.png", "ds:train/b/copy.png",
+                         "ds:test/a/0.png"}
+    assert rows["ds:train/b/copy.png"]["content_sha256"] == rows["ds:train/a/0.png"]["content_sha256"]
+    assert (rows["ds:train/b/copy.png"]["label"], rows["ds:train/a/0.png"]["label"]) == (1, 0)
+    assert rows["ds:test/a/0.png"]["content_sha256"] == rows["ds:train/a/1.png"]["content_sha256"]
+    # sql lists them
+    assert main(["--store", str(store_path), "sql", "--format", "json", "SELECT content_sha256, count(*) AS n "
+                 "FROM samples GROUP BY 1 HAVING count(*) > 1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    # the same folder again: nothing new (ids are the paths); a copy at a new path is one more sample
+    assert run(store_path, str(root)) == 0
+    assert "0 added, 5 duplicates skipped" in capsys.readouterr().out
+    (root / "train" / "a" / "again.png").write_bytes(png(0))
+    assert run(store_path, str(root)) == 0
+    out = capsys.readouterr().out
+    assert "1 added, 5 duplicates skipped" in out and "1 added image(s) have the same content" in out

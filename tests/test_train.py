@@ -22,6 +22,7 @@ import torch
 
 from featurelt.cli import main
 from featurelt.data.classes import classes_table
+from featurelt.data.formats.builtin import DIGITS_CLASSES
 from featurelt.store import Store
 
 K = 10
@@ -64,7 +65,7 @@ def build_digits_store(root: Path, *, imbalance: float = 100.0, seed: int = 0, f
     split = np.array(["test"] * len(y_all), dtype=object)
     split[keep], split[unused] = "train", "train_unused"
     sample_ids, labels, splits, source, feats = list(ids), y_all.tolist(), split.tolist(), ["original"] * len(ids), [x_all]
-    registry = [{"label": y, "name": str(y), "source": "original", "neighbor_of": None} for y in range(K)]
+    registry = [{"label": y, "name": DIGITS_CLASSES[y], "source": "original", "neighbor_of": None} for y in range(K)]
     text = [x_all[tr][y_all[tr] == y].mean(0) for y in range(K)]
     if full:
         # auxiliary class K: the unused train rows of class K-1 (a "visually similar" neighbor class)

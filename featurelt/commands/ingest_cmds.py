@@ -3,42 +3,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from typing import Any
 
 from featurelt.commands._common import non_negative_int, open_store, positive_int, print_rows
 
-_FORMATS = ["auto", "folder", "csv", "jsonl", "split-list", "inat", "cifar", "idx"]
-_BUILTINS = ["digits", "fashion-mnist"]
 _SOURCES = ["original", "auxiliary", "generated"]
 
 
+def _listing(registry, width: int = 14) -> str:
+    """One ``  name  description`` line per registry entry (for a RawDescription help text)."""
+    return "\n".join(f"  {name:<{width}}{registry.help(name)}" for name in registry.names())
+
+
 def register(sub: argparse._SubParsersAction, parents) -> None:
+    from featurelt.data.formats import BUILTINS, FORMATS
+
     p = sub.add_parser(
-        "ingest", parents=[parents.store],
-        help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX or a builtin) to the samples table",
-        description="Ingest a data set into the store in one transaction (samples, classes, rejects). "
-        "sample_id is the content hash (first 32 hex digits of sha256) unless the source gives an id, so "
-        "ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
-        "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
-        "the whole ingest naming the first bad rows, unless --skip-bad.",
-        epilog="examples: featurelt ingest --builtin digits | featurelt ingest ./flowers "
-        "| featurelt ingest ImageNet_LT_train.txt --root /data/imagenet | featurelt ingest manifest.csv")
+        "ingest", parents=[parents.store], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="add images (a folder, manifest, split list, iNat JSON, CIFAR, IDX, Parquet / WebDataset shards or a "
+        "builtin) to the samples table",
+        description=textwrap.fill(
+            "Ingest a data set into the store in one transaction (samples, classes, rejects). "
+            "sample_id is the id the source gives, else DATASET:PATH for files (PATH relative to the folder, or "
+            "as the manifest or split list writes it; the same image at two paths stays two samples, counted in "
+            "the summary), else for arrays (CIFAR, IDX, builtins) the content hash (first 32 hex digits of "
+            "sha256); ingesting the same data twice adds no rows. Bad input (undecodable or missing images, unknown labels, "
+            "paths outside --root, wrong column types, duplicate ids with different content, empty input) fails "
+            "the whole ingest naming the first bad rows, unless --skip-bad.", 100)
+        + "\n\ninput formats (--format; auto picks one by file name and folder contents):\n" + _listing(FORMATS)
+        + "\n\nbuiltin data sets (--builtin):\n" + _listing(BUILTINS),
+        epilog="examples:\n  featurelt ingest --builtin digits\n  featurelt ingest ./flowers\n"
+        "  featurelt ingest ImageNet_LT_train.txt --root /data/imagenet --class-names imagenet_classes.txt\n"
+        "  featurelt ingest manifest.csv\n  featurelt ingest ./cifar10/plain_text --format parquet\n"
+        "  featurelt ingest ./shards --format webdataset --class-names names.txt")
     p.add_argument("path", nargs="?", help="folder, manifest (.csv/.jsonl), split list (.txt), iNat JSON, CIFAR "
-                   "folder or IDX file/folder; with --builtin fashion-mnist: the folder of its IDX files")
-    p.add_argument("--builtin", choices=_BUILTINS, default=None,
+                   "folder, IDX file/folder, Parquet or WebDataset shard (or a folder of shards); with --builtin fashion-mnist: the folder of its IDX files")
+    p.add_argument("--builtin", choices=BUILTINS.names(), default=None,
                    help="ingest a bundled data set: digits (scikit-learn, 8x8, stratified 80/20 train/test) or "
                    "fashion-mnist (/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist, or PATH)")
     p.add_argument("--path", dest="builtin_path", default=None, metavar="DIR",
                    help="with --builtin fashion-mnist: the folder holding its four IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--format", dest="fmt", choices=_FORMATS, default="auto",
-                   help="input format (default auto: by file name and folder contents)")
+    p.add_argument("--format", dest="fmt", choices=["auto", *FORMATS.names()], default="auto",
+                   help="input format, one of those listed above (default auto: by file name and folder contents)")
     p.add_argument("--root", default=None,
                    help="folder that relative image paths start from (required for split lists; manifests and "
                    "iNat JSON default to their own folder); paths that resolve outside it are refused")
     p.add_argument("--split", default=None,
                    help="split for every row (default: from the source -- the manifest column, train/val/test in "
                    "the file or folder name, else train)")
+    p.add_argument("--class-names", dest="class_names", metavar="FILE", default=None,
+                   help="names of integer labels (split lists, IDX, Parquet without ClassLabel, WebDataset .cls): "
+                   "one name per line, line i = label i, or 'i name' / 'i,name' / 'name i' lines; classes of the "
+                   "store still called by their number take these names (text heads refuse number-only names)")
+    p.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.2, metavar="F",
+                   help="when the input states no splits (a plain folder of class subfolders, a manifest without a "
+                   "split column) and no --split is given: hold out a stratified, seeded fraction F of each "
+                   "class's original images as split test (default 0.2; 0 keeps all in train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction choice (default 0)")
     p.add_argument("--source", choices=_SOURCES, default="original",
                    help="where the images come from: original data, auxiliary classes (e.g. retrieved "
                    "neighbours), or generated images (default original)")
@@ -173,7 +196,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     result = ingest(store, args.path, fmt=args.fmt, builtin=args.builtin, root=args.root, split=args.split,
                     source=args.source, neighbor_of=args.neighbor_of, reference=args.reference,
                     skip_bad=args.skip_bad, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
-                    progress=args.progress)
+                    class_names=args.class_names, progress=args.progress, test_fraction=args.test_fraction,
+                    seed=args.seed)
     print(result.summary())
     return 0
 

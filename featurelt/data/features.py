@@ -283,13 +283,25 @@ def load_text_embeddings(store: "Store", set_name: str, *, num_classes: int | No
 
     num_classes: the K the caller needs (every label 0..K-1 must be present); default: labels present
     must be exactly 0..max label.
+
+    Every use of class text by a head goes through here, so this is where a set whose class names are all
+    label numbers (``"0"``, ``"1"``, ...: integer labels that were never named) is refused: its vectors
+    embed the numbers, not the classes.
     """
+    from featurelt.data.classnames import HOW_TO_NAME, unnamed
+
     have = text_sets(store)
     if set_name not in have:
         raise ValueError(f"text embedding set '{set_name}' does not exist in store {store.root} at version "
                          f"{store.version}; text sets: {', '.join(have) or '(none: run `featurelt extract text:...`)'}")
-    t = store.read("text_embeddings", columns=["label", "vector"], filter=f"set_name = {_sql_str(set_name)}")
+    t = store.read("text_embeddings", columns=["label", "class_name", "vector"],
+                   filter=f"set_name = {_sql_str(set_name)}")
     t = t.sort_by("label")
+    names = t.column("class_name").to_pylist()
+    if unnamed(names):
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(f"text embedding set '{set_name}' embeds class names that are only label numbers ({shown}): "
+                         f"the classes have no names, so text would describe numbers, not classes; {HOW_TO_NAME}, then run `featurelt extract text:...` again")
     labels = t.column("label").to_numpy().astype(np.int64)
     k = num_classes if num_classes is not None else int(labels.max()) + 1
     if len(np.unique(labels)) != len(labels):

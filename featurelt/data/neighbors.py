@@ -73,6 +73,7 @@ def neighbor_search(store: "Store", vocabulary: Sequence[str] | str | os.PathLik
     store (target or auxiliary) are never suggested. Returns rows ``label, class, bucket, rank (1..k),
     neighbor, cosine``, by label then rank.
     """
+    from featurelt.data.classnames import HOW_TO_NAME, unnamed
     from featurelt.encoders import build_text_encoder
     from featurelt.index import VectorIndex
 
@@ -83,6 +84,9 @@ def neighbor_search(store: "Store", vocabulary: Sequence[str] | str | os.PathLik
     vocab = read_vocabulary(vocabulary) if isinstance(vocabulary, (str, os.PathLike)) else list(vocabulary)
     rows = store.read("classes").sort_by("label").to_pylist()
     targets = _targets(rows, buckets=buckets, names=classes)
+    if unnamed(c["name"] for c in targets):
+        raise ValueError(f"the target classes are named only by label numbers ({', '.join(c['name'] for c in targets[:3])}"
+                         f"{', ...' if len(targets) > 3 else ''}): there are no class names to search near; {HOW_TO_NAME}")
     if not targets:
         raise ValueError(f"no target class in bucket(s) {', '.join(buckets)}: pass --classes NAME,... or other "
                          f"--buckets (see `featurelt classes`)")
