@@ -263,6 +263,10 @@ def test_corrupt_and_truncated_images(tmp_path: Path, store_path: Path, capsys: 
     # every stored image decodes
     for r in store.read("samples", columns=["image"]).to_pylist():
         decode_bytes(r["image"])
+    # the same folder again: its good rows are already stored, so --skip-bad succeeds and adds nothing
+    assert run(store_path, str(folder), "--skip-bad") == 0
+    assert "0 added, 3 duplicates skipped, 2 rejected" in capsys.readouterr().out
+    assert Store(store_path).count("samples") == 3
 
 
 def test_duplicate_id_with_different_content(tmp_path: Path, store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -360,7 +360,7 @@ def ingest(store: "Store", path: str | os.PathLike[str] | None = None, *, fmt: s
             raise BadInput(f"{where}: empty input: no images found")
         if bad and not skip_bad:
             raise BadInput(_bad_message(where, bad))
-        if stats["good"] == 0 and bad:
+        if stats["good"] + stats["stored_dup"] == 0 and bad:  # rows already stored are good rows too
             raise BadInput(f"{where}: no good rows to ingest; " + _bad_message(where, bad))
 
     with store.transaction(message) as tx:
