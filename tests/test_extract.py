@@ -159,6 +159,29 @@ def test_sam_pca_map_basis_is_reused(store_root: Path) -> None:
     assert len(set(_ids(store, "emb_sam_tiny_pca_map"))) == K * PER_CLASS
 
 
+def test_pca_map_fit_shows_progress(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The pca_map fit reads the train split with a progress bar of its own (issue 19 point 11);
+    --no-progress hides it."""
+    assert main(["--store", str(store_root), "extract", "sam:tiny", "--products", "pca_map", "--map-size", "4",
+                 "--split", "test"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"fit sam:tiny pca_map: 100%.*\b18/18\b", err), err  # the 6 train images of each of 3 classes
+    assert run(store_root, "sam:tiny", "--products", "pca_map", "--map-size", "4", "--name", "quiet") == 0
+    assert "fit sam:tiny" not in capsys.readouterr().err
+
+
+def test_ray_init_uses_the_machine_or_ray_cpus() -> None:
+    from featurelt.extract.ray_engine import ray_init_args
+
+    assert ray_init_args(None, None)["num_cpus"] == os.cpu_count()
+    assert ray_init_args(None, 3) == {"num_cpus": 3, "include_dashboard": False, "log_to_driver": False}
+    assert ray_init_args("ray://head:10001", None) == {"address": "ray://head:10001", "log_to_driver": False}
+    with pytest.raises(ValueError, match="--ray-cpus sets the CPUs of a local Ray"):
+        ray_init_args("ray://head:10001", 4)
+    with pytest.raises(ValueError, match="--ray-cpus must be >= 1"):
+        ray_init_args(None, 0)
+
+
 def test_text_minilm_and_clip_text_tower(store_root: Path) -> None:
     assert run(store_root, "text:minilm") == 0
     store = Store(store_root)
@@ -262,6 +285,58 @@ def test_kill_9_midway_leaves_the_store_valid_and_resumes(store_root: Path) -> N
     assert len(ids) == total and len(set(ids)) == total
     after = {r["sample_id"]: r["vector"] for r in store.read("emb_pixels").to_pylist()}
     assert all(np.array_equal(after[sid], vec) for sid, vec in before.items())  # committed rows untouched
+
+
+def test_two_runs_at_once_write_each_row_once(store_root: Path) -> None:
+    """Two ``featurelt extract pixels`` processes started together on one store (issue 13 point 4):
+    each chunk re-checks the table inside its transaction, so every (sample, view) ends up with
+    exactly one row and the two runs' added rows sum to the samples."""
+    import subprocess
+    import sys
+
+    store = Store(store_root)
+    total = K * PER_CLASS + _add_random_samples(store, [(SIZE, SIZE)] * 300, prefix="c", seed=5)
+    cmd = [sys.executable, "-m", "featurelt", "--store", str(store_root), "extract", "pixels", "--json",
+           "--batch-size", "4", "--commit-seconds", "0", "--no-progress"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    store.refresh()
+    t = store.read("emb_pixels", columns=["sample_id", "view"])
+    keys = list(zip(t.column("sample_id").to_pylist(), t.column("view").to_pylist()))
+    assert len(keys) == len(set(keys)) == total
+    added = [json.loads(out)["rows_added"]["pixels"] for out, _ in outs]
+    assert sum(added) == total, added
+    assert sorted(store.read("embedding_sets").column("rows").to_pylist()) == sorted(a for a in added if a)
+
+
+def test_a_rerun_removes_duplicate_rows(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows written twice (two runs at once before the re-check) are cut back to one per (sample,
+    view) by the next run of the same extract, in one transaction; other sets and fingerprints keep theirs."""
+    assert run(store_root, "pixels", "--limit", "6") == 0
+    assert run(store_root, "pixels", "--limit", "6", "--name", "other") == 0
+    store = Store(store_root)
+    rows = store.read("emb_pixels")
+    with store.transaction("test: duplicate rows") as tx:
+        tx.append("emb_pixels", rows.slice(0, 4))
+        tx.append("emb_pixels", rows.slice(1, 1))
+        tx.append("emb_other", store.read("emb_other").slice(0, 2))  # another set: not this run's
+    store.refresh()
+    assert store.count("emb_pixels") == 11
+    capsys.readouterr()
+    assert run(store_root, "pixels", "--limit", "6") == 0
+    assert "note: removed 5 duplicate rows from emb_pixels" in capsys.readouterr().err
+    store.refresh()
+    t = store.read("emb_pixels")
+    assert t.column("sample_id").to_pylist() and sorted(t.column("sample_id").to_pylist()) == sorted(
+        rows.column("sample_id").to_pylist())
+    kept = {r["sample_id"]: r["vector"] for r in t.to_pylist()}
+    assert all(kept[r["sample_id"]] == r["vector"] for r in rows.to_pylist())
+    assert store.count("emb_other") == 8  # not touched
+    version = store.version
+    assert run(store_root, "pixels", "--limit", "6") == 0  # nothing left to do
+    store.refresh()
+    assert store.version == version
 
 
 def test_commit_every_chunk_rows_or_commit_seconds(store_root: Path) -> None:
@@ -759,8 +834,8 @@ def test_ray_engine_equals_local(store_root: Path, capsys: pytest.CaptureFixture
         assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
         np.testing.assert_allclose(np.asarray(b.column("vector").to_pylist()), np.asarray(a.column("vector").to_pylist()),
                                    rtol=1e-5, atol=1e-6)
-    # re-run with ray: nothing left, no duplicates
-    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--device", "cpu") == 0
+    # re-run with ray (a local Ray of 1 CPU): nothing left, no duplicates
+    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--device", "cpu", "--ray-cpus", "1") == 0
     store.refresh()
     assert store.version == version + 1
     # GPU Ray tasks: a cluster without GPUs is a clear error; on a GPU machine they give the local rows

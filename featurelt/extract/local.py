@@ -10,8 +10,8 @@ import pyarrow as pa
 from featurelt.extract.batches import view_batches
 from featurelt.extract.device import progress_bar
 from featurelt.extract.encode import LoopTimes, encoded
-from featurelt.extract.plan import Plan
-from featurelt.extract.rows import new_rows, rejects_rows
+from featurelt.extract.plan import Plan, done_views
+from featurelt.extract.rows import drop_done, new_rows, rejects_rows
 from featurelt.extract.views import ViewMaker
 from featurelt.store import Store
 
@@ -37,6 +37,18 @@ class LocalRun:
         self.device, self.strict, self.chunk_rows, self.progress, self.message = device, strict, chunk_rows, progress, message
         self.commit_seconds = commit_seconds
         self.times: LoopTimes | None = None  # set by the local engine's run
+        # the version of each embedding table that `done` was read at (None: no table yet)
+        self.known = {p: store.table_versions().get(f"emb_{sets[p]}") for p in products}
+
+    def _refresh_done(self, product: str) -> None:
+        """Inside a transaction (the store lock held, the store's view refreshed): read ``done`` again
+        when another process has committed to the product's table since it was read, so that two
+        runs of the same extract at once do not both write a (sample, view)."""
+        table = f"emb_{self.sets[product]}"
+        now = self.store.table_versions().get(table)
+        if now != self.known[product]:
+            self.done[product] = done_views(self.store, table, self.fingerprints[product])
+            self.known[product] = now
 
     def _commit(self, pending: dict[str, list[pa.RecordBatch]], rejects: list[tuple[str, str]],
                 record: Callable[[Any, dict[str, int]], int], added: dict[str, int]) -> tuple[int, bool]:
@@ -46,11 +58,15 @@ class LocalRun:
         before = self.store.version
         with self.store.transaction(self.message) as tx:
             for p, batches in pending.items():
-                if batches:
-                    added[p] += tx.append(f"emb_{self.sets[p]}", batches)
+                self._refresh_done(p)
+                fresh = [b for b in (drop_done(rb, self.done[p]) for rb in batches) if b is not None]
+                if fresh:
+                    added[p] += tx.append(f"emb_{self.sets[p]}", fresh)
             if rejects:
                 tx.append("rejects", rejects_rows(rejects, self.message))
             text_rows = record(tx, added)
+        for p in pending:  # the store now shows this commit (or none)
+            self.known[p] = self.store.table_versions().get(f"emb_{self.sets[p]}")
         return text_rows, self.store.version != before
 
     def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from featurelt.extract.device import default_num_workers, resolve_device
 from featurelt.extract.fit import fit_encoder
 from featurelt.extract.local import LocalRun
-from featurelt.extract.plan import check_split, done_views, plan_todo, set_names, sql_str
+from featurelt.extract.plan import check_split, done_views, plan_todo, remove_duplicates, set_names, sql_str
 from featurelt.extract.provenance import provenance_rows
-from featurelt.extract.ray_engine import RayRun
+from featurelt.extract.ray_engine import RayRun, ray_init_args
 from featurelt.extract.text import read_templates, text_rows_of, write_text
 from featurelt.extract.views import AUGMENTS, ViewMaker
 from featurelt.images.loader import worker_context
@@ -82,7 +82,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             strict: bool = False, checkpoint: str | None = None, map_size: int = 16,
             image_size: int | None = None, templates: list[str] | str | os.PathLike[str] | None = None,
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
-            ray_gpus_per_task: float = 1.0, chunk_rows: int = 16384, commit_seconds: float = 10.0,
+            ray_gpus_per_task: float = 1.0, ray_cpus: int | None = None, chunk_rows: int = 16384, commit_seconds: float = 10.0,
             fit_samples: int | None = 4096, resize_on: ResizeOn = "auto", progress: bool = True,
             message: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
@@ -96,7 +96,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     ``rejects``. ``chunk_rows`` / ``commit_seconds``: a store transaction every ``chunk_rows``
     samples at most, and at least every ``commit_seconds`` seconds of work (the unit an interrupted
     run keeps; a commit costs about 15 ms on a local disk). ``engine="ray"`` runs the same work as Ray tasks with one commit (``ray_address`` or a
-    local Ray with 2 CPUs; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
+    local Ray with ``ray_cpus`` CPUs, default all cores; tasks encode on CPU, or with ``device="cuda"`` on the cluster's GPUs,
     ``ray_gpus_per_task`` each, decoding in ``num_workers`` DataLoader workers per task).
     ``resize_on``: where images are resized and cropped; ``device`` (:class:`~featurelt.images.transforms.DeviceResize`
     on the encoder's device, in batches, within 2 grey levels of PIL; workers then only decode, which
@@ -143,6 +143,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
 
     if not ray_gpus_per_task > 0:
         raise ValueError(f"ray_gpus_per_task must be > 0, got {ray_gpus_per_task}")
+    ray_init_args(ray_address, ray_cpus)  # checks ray_cpus
     check_split(store, split)
     task_device = "cpu"
     if engine == "ray":
@@ -173,7 +174,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     store_version = store.version
     notes: list[str] = []
     fitted = fit_encoder(store, encoder, prods, sets, batch_size=batch_size, num_workers=num_workers, device=dev,
-                          limit=fit_samples)
+                         limit=fit_samples, progress=progress)
     if fitted:
         notes.append(f"fitted {', '.join(fitted)} on the train split")
     fingerprints = {p: encoder.fingerprint(p) for p in prods}
@@ -185,7 +186,15 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             if have != {"dim": int(encoder.products[p]), "dtype": dtype}:
                 raise ValueError(f"embedding set '{set_name}' holds {have['dim']}-d {have['dtype']} vectors; this run "
                                  f"makes {encoder.products[p]}-d {dtype}: pass --name for a new set")
-    done = {p: done_views(store, f"emb_{sets[p]}", fingerprints[p]) for p in prods}
+    msg = message or command_line()
+    done = {}
+    for p in prods:
+        table, duplicates = f"emb_{sets[p]}", set()
+        done[p] = done_views(store, table, fingerprints[p], duplicates)
+        if duplicates:  # left by two runs at once before chunks re-checked the table (or by a writer that does not)
+            removed = remove_duplicates(store, table, fingerprints[p], msg)
+            notes.append(f"removed {removed} duplicate rows from {table}")
+            done[p] = done_views(store, table, fingerprints[p])
     plan = plan_todo(store, split=split, limit=limit, views=views, done=done)
 
     text = None
@@ -200,12 +209,11 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         else:
             notes.append("no classes table: class text embeddings not written")
 
-    msg = message or command_line()
     args = (store, encoder, prods, sets, fingerprints, done, plan, make_view)
     common = dict(dtype=dtype, views=views, batch_size=batch_size, num_workers=num_workers, device=dev, strict=strict,
                   chunk_rows=chunk_rows, commit_seconds=commit_seconds, progress=progress, message=msg)
     runner = (RayRun(*args, **common, ray_address=ray_address, task_device=task_device,
-                      ray_gpus_per_task=ray_gpus_per_task) if engine == "ray" else LocalRun(*args, **common))
+                      ray_gpus_per_task=ray_gpus_per_task, ray_cpus=ray_cpus) if engine == "ray" else LocalRun(*args, **common))
 
     started = utcnow()
     recorded = False  # the run's provenance rows are in the store

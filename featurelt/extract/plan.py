@@ -44,15 +44,44 @@ def check_split(store: Store, split: str | None) -> None:
                          f"{', '.join(splits) or '(none)'}")
 
 
-def done_views(store: Store, table: str, fingerprint: str) -> dict[str, set[int]]:
-    """``{sample_id: {views}}`` of the rows of ``table`` made with ``fingerprint`` (reads 2 columns)."""
+def done_views(store: Store, table: str, fingerprint: str,
+               duplicates: set[tuple[str, int]] | None = None) -> dict[str, set[int]]:
+    """``{sample_id: {views}}`` of the rows of ``table`` made with ``fingerprint`` (reads 2 columns).
+    ``duplicates``: filled with the ``(sample_id, view)`` pairs that have more than one row."""
     if not store.has_table(table):
         return {}
     done: dict[str, set[int]] = {}
     for b in store.scan(table, columns=["sample_id", "view"], filter=f"fingerprint = {sql_str(fingerprint)}"):
         for sid, view in zip(b.column("sample_id").to_pylist(), b.column("view").to_pylist()):
-            done.setdefault(sid, set()).add(view)
+            have = done.setdefault(sid, set())
+            if duplicates is not None and view in have:
+                duplicates.add((sid, view))
+            have.add(view)
     return done
+
+
+def remove_duplicates(store: Store, table: str, fingerprint: str, message: str) -> int:
+    """Delete the surplus copies of ``(sample_id, view)`` rows made with ``fingerprint`` (left by two
+    runs of the same extract at once before each chunk re-checked the table), keeping the first
+    copy of each, in one transaction that looks again after taking the store lock. Returns the rows removed."""
+    with store.transaction(message) as tx:
+        dups: set[tuple[str, int]] = set()
+        done_views(store, table, fingerprint, dups)
+        if not dups:
+            tx.discard()
+            return 0
+        ids = ", ".join(sql_str(s) for s in sorted({sid for sid, _ in dups}))
+        where = f"fingerprint = {sql_str(fingerprint)} AND sample_id IN ({ids})"
+        rows = store.read(table, filter=where)
+        seen: set[tuple[str, int]] = set()
+        keep = []
+        for i, key in enumerate(zip(rows.column("sample_id").to_pylist(), rows.column("view").to_pylist())):
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        tx.delete(table, where)
+        tx.append(table, rows.take(keep))
+    return rows.num_rows - len(keep)
 
 
 @dataclass

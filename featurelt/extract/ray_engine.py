@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -80,13 +81,27 @@ def ray_task_workers(nodes: list[dict[str, Any]], wanted: int, gpus_per_task: fl
     return max(0, min(wanted, int(min(per_task)) - 1))
 
 
+def ray_init_args(address: str | None, cpus: int | None) -> dict[str, Any]:
+    """``ray.init`` arguments: join the cluster at ``address``, or start a local Ray with ``cpus``
+    CPUs (default: this machine's cores, ``os.cpu_count()``)."""
+    if cpus is not None and cpus < 1:
+        raise ValueError(f"--ray-cpus must be >= 1, got {cpus}")
+    if address:
+        if cpus is not None:
+            raise ValueError(f"--ray-cpus sets the CPUs of a local Ray; the cluster at --ray-address {address} "
+                             "has its own")
+        return {"address": address, "log_to_driver": False}
+    return {"num_cpus": cpus or os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False}
+
+
 class RayRun(LocalRun):
     """The Ray engine: shards as remote tasks writing fragments; one store commit on the driver."""
 
     def __init__(self, *args: Any, ray_address: str | None, task_device: str, ray_gpus_per_task: float,
-                 **kwargs: Any) -> None:
+                 ray_cpus: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ray_address, self.task_device, self.gpus_per_task = ray_address, task_device, ray_gpus_per_task
+        self.ray_cpus = ray_cpus
 
     def run(self, record: Callable[[Any, dict[str, int]], int]) -> tuple[dict[str, int], int, int, int, int]:
         import ray
@@ -95,10 +110,7 @@ class RayRun(LocalRun):
 
         started = False
         if not ray.is_initialized():
-            if self.ray_address:
-                ray.init(address=self.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(**ray_init_args(self.ray_address, self.ray_cpus))
             started = True
         plan = self.plan
         added = {p: 0 for p in self.products}
@@ -125,6 +137,7 @@ class RayRun(LocalRun):
             with self.store.transaction(self.message) as tx:
                 for p in self.products:  # drop leftovers of killed runs before tasks write fragments
                     tx.reconcile(f"emb_{self.sets[p]}")
+                    self._refresh_done(p)  # the lock is held from here to the commit: no other writer
                 enc_ref = ray.put(self.encoder.to("cpu"))
                 refs = {task.remote(self.store.root, self.store.storage_options, plan.samples_version,
                                     plan.positions[a:b], plan.needed[a:b], enc_ref, self.make_view, self.products,

@@ -28,13 +28,26 @@ def new_rows(batch: dict[str, Any], vectors: np.ndarray, done: dict[str, set[int
     """The rows of an encoded batch for one product, minus the (sample, view) pairs in ``done``
     (already in the set with this fingerprint); None when nothing is new."""
     sids, vlist, strengths = batch["sample_id"], batch["view"], batch["aug_strength"]
-    keep = [i for i, (s, v) in enumerate(zip(sids, vlist)) if v not in done.get(s, ())]
+    keep = _missing(sids, vlist, done)
     if not keep:
         return None
     if len(keep) != len(sids):
         sids, vlist, strengths = [sids[i] for i in keep], [vlist[i] for i in keep], [strengths[i] for i in keep]
         vectors = vectors[keep]
     return embedding_batch(sids, vlist, strengths, fingerprint, vectors, dtype)
+
+
+def drop_done(rows: pa.RecordBatch, done: dict[str, set[int]]) -> pa.RecordBatch | None:
+    """``rows`` of an ``emb_<name>`` table minus the (sample, view) pairs in ``done``; None when none is left."""
+    keep = _missing(rows.column("sample_id").to_pylist(), rows.column("view").to_pylist(), done)
+    if not keep:
+        return None
+    return rows if len(keep) == rows.num_rows else rows.take(pa.array(keep, pa.int64()))
+
+
+def _missing(sample_ids: list[str], views: list[int], done: dict[str, set[int]]) -> list[int]:
+    """Indices of the (sample_id, view) pairs not in ``done``."""
+    return [i for i, (s, v) in enumerate(zip(sample_ids, views)) if v not in done.get(s, ())]
 
 
 def rejects_rows(rejects: list[tuple[str, str]], message: str) -> pa.Table:
