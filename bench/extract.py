@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from featurelt.data.images import encode_png, load_sample_image, sample_id_for, sha256_hex
+from featurelt.data.images import encode_png, sample_id_for, sha256_hex
+from featurelt.images.decode import load_sample_image
 from featurelt.store import Store
 
 SECTION = "## bench/extract.py"
@@ -156,25 +157,26 @@ def bench_encoder(store: Store, name: str, *, images: int, batch_size: int, num_
 def bench_host(store: Store, name: str, *, images: int, batch_size: int, workers: list[int], untrained: bool,
                repeats: int = 3) -> list[dict]:
     """Steady img/s of the decode stage alone (no encoder), uint8 vs float32 handover, per worker count."""
-    import featurelt.extract as fx
     from featurelt.encoders import build_encoder
+    from featurelt.extract.batches import view_batches
+    from featurelt.extract.plan import plan_todo
+    from featurelt.extract.views import ViewMaker
 
     enc = build_encoder(name, device="cpu", untrained=untrained)
-    plan = fx._plan(store, split=None, limit=images, views=0, done={"bench": {}})
+    plan = plan_todo(store, split=None, limit=images, views=0, done={"bench": {}})
     out = []
     for handover in ("decoded uint8", "resized uint8", "float32"):
-        make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0,
-                                  resize_on_device=handover == "decoded uint8")
+        make_view = ViewMaker(enc.transform, views=0, augment=None, seed=0,
+                              resize_on_device=handover == "decoded uint8")
         if handover == "float32":  # the whole transform in the workers
             make_view.preprocess, make_view.finish, make_view.host = enc.transform, None, None
         for nw in workers:
             steadies, firsts = [], []
             for _ in range(repeats):
-                stream = fx._SampleStream(store.root, plan.samples_version, None, plan.positions, plan.needed,
-                                          make_view, batch_size=batch_size, views=0)
                 t0 = time.perf_counter()
                 first, count = None, 0
-                for b in fx._loader(stream, num_workers=nw):
+                for b in view_batches(store.root, plan.samples_version, None, plan, make_view, batch_size=batch_size,
+                                      views=0, num_workers=nw):
                     count += len(b["sample_id"])
                     if first is None:
                         first, first_count = time.perf_counter(), count

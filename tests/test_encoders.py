@@ -18,7 +18,9 @@ from featurelt.encoders import (
     build_text_encoder,
     list_encoders,
 )
-from featurelt.encoders.base import checkpoint_sha256, load_templates, split_transform, stack_images
+from featurelt.encoders.base import checkpoint_sha256, load_templates
+from featurelt.images.transforms import split_transform
+from featurelt.images.packing import stack_images
 
 REQUIRED = {"clip:tiny", "sam:vit_b", "sam:vit_l", "sam:vit_h", "sam:tiny", "dinov2:small", "dinov2:base",
             "dinov2:large", "dinov2:giant", "dinov2:tiny", "pixels", "text:minilm", CLIP_FAMILY}
@@ -161,9 +163,9 @@ def test_image_encoder_deterministic_and_fingerprinted(name: str) -> None:
 @pytest.mark.parametrize("name", OFFLINE_IMAGE)
 def test_split_transform_is_bit_identical(name: str) -> None:
     """Workers hand over uint8 and the device finishes the transform: same floats as the whole transform."""
-    from featurelt.encoders.base import DeviceStage, split_transform
+    from featurelt.images.transforms import DeviceStage, split_transform
 
-    from featurelt.encoders.base import PackedImages
+    from featurelt.images.packing import PackedImages
 
     enc = _build(name)
     stages = split_transform(enc.transform)
@@ -196,7 +198,7 @@ def test_stack_images_is_a_channels_last_stack(channels: int) -> None:
     """Host stages hand over [C, H, W] views of interleaved pixels; stack_images batches them
     channels-last (the same values as torch.stack), and both resamplings give the same result on
     either layout."""
-    from featurelt.encoders.base import ConvertMode, DeviceResize, HostStage
+    from featurelt.images.transforms import ConvertMode, DeviceResize, HostStage
 
     rng = np.random.default_rng(3)
     mode = "L" if channels == 1 else "RGB"
@@ -221,7 +223,7 @@ class _PackedBatches(torch.utils.data.IterableDataset):
         self.images = images
 
     def __iter__(self):
-        from featurelt.encoders.base import PackedImages
+        from featurelt.images.packing import PackedImages
 
         yield PackedImages.pack(self.images)
 
@@ -230,7 +232,8 @@ def test_packed_images_cross_to_the_main_process_as_one_buffer() -> None:
     """Images of different sizes travel as one uint8 buffer: unpacked they equal the images, a slice
     is the images in it, DeviceStage takes the packed batch as it takes the list, and a DataLoader
     worker hands the batch over as one shared-memory buffer (not one per image)."""
-    from featurelt.encoders.base import DeviceResize, DeviceStage, PackedImages
+    from featurelt.images.packing import PackedImages
+    from featurelt.images.transforms import DeviceResize, DeviceStage
 
     rng = np.random.default_rng(4)
     arrays = [rng.integers(0, 256, (h, w, c), dtype=np.uint8) for h, w, c in [(20, 30, 3), (9, 14, 3), (25, 11, 1), (16, 16, 3)]]
@@ -269,7 +272,7 @@ def _resize_images() -> list[Image.Image]:
 def test_resized_size_follows_torchvision() -> None:
     from torchvision.transforms import functional as TF
 
-    from featurelt.encoders.base import resized_size
+    from featurelt.images.transforms import resized_size
 
     for h, w, size in [(37, 45, 32), (45, 37, 32), (28, 28, 224), (375, 500, 224), (500, 333, 256), (7, 1000, 5)]:
         out = TF.resize(Image.new("RGB", (w, h)), size)
@@ -282,7 +285,7 @@ def test_device_resize_is_within_two_grey_levels_of_pil(name: str) -> None:
     the result is the whole PIL transform's within 2 grey levels, on a few percent of the values.
     Images PIL must resize itself (over max_pixels; palette / alpha images under open_clip, which
     resizes before it converts) give the whole transform's floats exactly."""
-    from featurelt.encoders.base import DeviceResize, split_transform
+    from featurelt.images.transforms import DeviceResize, split_transform
 
     enc = _build(name)
     stages = split_transform(enc.transform, resize_on_device=True)
@@ -354,7 +357,7 @@ def _files() -> dict[str, tuple[bytes, bool]]:
 
 
 def test_plain_image_size_reads_png_and_jpeg_headers() -> None:
-    from featurelt.data.images import decode_bytes, decode_rgb_tensor, plain_image_size
+    from featurelt.images.decode import decode_bytes, decode_rgb_tensor, plain_image_size
 
     for case, (data, plain) in _files().items():
         size = plain_image_size(data)
@@ -376,7 +379,7 @@ def test_host_stage_from_bytes_equals_the_pil_route(name: str) -> None:
     give exactly what the PIL route gives, or within 2 grey levels when the image is over
     max_pixels (resized in the worker with uint8 kernels instead of PIL); everything else (and a
     stage that does not convert to RGB) returns None and goes through PIL."""
-    from featurelt.data.images import decode_bytes
+    from featurelt.images.decode import decode_bytes
 
     enc = _build(name)
     stages = split_transform(enc.transform, resize_on_device=True)
@@ -416,7 +419,7 @@ def test_host_stage_from_bytes_equals_the_pil_route(name: str) -> None:
 def test_both_resamplings_are_within_two_grey_levels_of_pil(channels: int) -> None:
     """resample_uint8 (the CPU's) and resample_float (CUDA's, run here on the CPU) against PIL's
     resize, up and down, bilinear and bicubic: at most 2 grey levels apart, 0.2 on average."""
-    from featurelt.encoders.base import DeviceResize
+    from featurelt.images.transforms import DeviceResize
 
     rng = np.random.default_rng(4)
     yy, xx = np.mgrid[0:64, 0:50]
@@ -441,7 +444,7 @@ def test_both_resamplings_are_within_two_grey_levels_of_pil(channels: int) -> No
 
 def test_device_resize_by_hand() -> None:
     """A 2x1 image squashed to 1x1 (bilinear, antialiased: the mean) and a constant image upscaled."""
-    from featurelt.encoders.base import DeviceResize
+    from featurelt.images.transforms import DeviceResize
 
     x = torch.tensor([[[[10, 21]]]], dtype=torch.uint8)  # [1, 1, 1, 2]
     out = DeviceResize(1, None, "squash", "bilinear")(x)
@@ -450,7 +453,7 @@ def test_device_resize_by_hand() -> None:
     up = DeviceResize(8, 8, "shortest_crop", "bicubic")(const)
     assert up.shape == (1, 3, 8, 8) and torch.all(up == 200)
     with pytest.raises(TypeError, match="uint8"):
-        from featurelt.encoders.base import DeviceStage
+        from featurelt.images.transforms import DeviceStage
 
         DeviceStage((0.0,), (1.0,), resize=DeviceResize(4))([torch.zeros(1, 4, 4)])
 
@@ -705,7 +708,7 @@ def test_device_stage_on_cuda_is_bit_identical() -> None:
     """The uint8 -> normalised float step gives the same bits on the GPU as the CPU transform."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from featurelt.encoders.base import DeviceStage
+    from featurelt.images.transforms import DeviceStage
 
     stage = DeviceStage((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
     x = torch.arange(256, dtype=torch.uint8).repeat(3 * 4, 1).view(4, 3, 16, 16)
@@ -718,7 +721,7 @@ def test_device_stages_do_not_make_the_host_wait() -> None:
     a Python list would wait for the batch in flight): torch's sync debug mode turns a sync into an error."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from featurelt.encoders.base import DeviceResize, DeviceStage
+    from featurelt.images.transforms import DeviceResize, DeviceStage
 
     stage = DeviceStage((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), resize=DeviceResize(32, 36, "shortest_crop", "bicubic"))
     batch = torch.randint(0, 256, (4, 3, 40, 50), dtype=torch.uint8).cuda()
@@ -749,7 +752,7 @@ def test_launching_a_batch_does_not_make_the_host_wait(name: str) -> None:
     images = [im.convert("RGB").resize((40, 30)) for im in _images()]
     host, prepare = stages
     products = [p for p in enc.products if not enc.requires_fit(p)]
-    from featurelt.encoders.base import PackedImages
+    from featurelt.images.packing import PackedImages
 
     batches = [stack_images([host(im) for im in images]),  # channels-last, as workers hand it over
                # images of different sizes, packed as workers hand them over
@@ -770,7 +773,7 @@ def test_device_resize_on_cuda_matches_cpu() -> None:
     rounding lands on a half; and the CPU's uint8 resampling within 2."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from featurelt.encoders.base import DeviceResize
+    from featurelt.images.transforms import DeviceResize
 
     rng = np.random.default_rng(0)
     for h, w in [(37, 45), (28, 28), (375, 500), (90, 120)]:

@@ -121,7 +121,7 @@ def test_tiny_encoder_end_to_end(store_root: Path, name: str, capsys: pytest.Cap
     product = next(p for p in enc.products if not enc.requires_fit(p))
     first = store.read(f"emb_{enc.default_set_name(product)}").slice(0, 2)
     samples = {r["sample_id"]: r for r in store.read("samples").to_pylist()}
-    from featurelt.data.images import load_sample_image
+    from featurelt.images.decode import load_sample_image
 
     sids = first.column("sample_id").to_pylist()
     x = torch.stack([enc.preprocess(load_sample_image(samples[s])) for s in sids])
@@ -159,6 +159,29 @@ def test_sam_pca_map_basis_is_reused(store_root: Path) -> None:
     assert len(set(_ids(store, "emb_sam_tiny_pca_map"))) == K * PER_CLASS
 
 
+def test_pca_map_fit_shows_progress(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The pca_map fit reads the train split with a progress bar of its own (issue 19 point 11);
+    --no-progress hides it."""
+    assert main(["--store", str(store_root), "extract", "sam:tiny", "--products", "pca_map", "--map-size", "4",
+                 "--split", "test"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"fit sam:tiny pca_map: 100%.*\b18/18\b", err), err  # the 6 train images of each of 3 classes
+    assert run(store_root, "sam:tiny", "--products", "pca_map", "--map-size", "4", "--name", "quiet") == 0
+    assert "fit sam:tiny" not in capsys.readouterr().err
+
+
+def test_ray_init_uses_the_machine_or_ray_cpus() -> None:
+    from featurelt.extract.ray_engine import ray_init_args
+
+    assert ray_init_args(None, None)["num_cpus"] == os.cpu_count()
+    assert ray_init_args(None, 3) == {"num_cpus": 3, "include_dashboard": False, "log_to_driver": False}
+    assert ray_init_args("ray://head:10001", None) == {"address": "ray://head:10001", "log_to_driver": False}
+    with pytest.raises(ValueError, match="--ray-cpus sets the CPUs of a local Ray"):
+        ray_init_args("ray://head:10001", 4)
+    with pytest.raises(ValueError, match="--ray-cpus must be >= 1"):
+        ray_init_args(None, 0)
+
+
 def test_text_minilm_and_clip_text_tower(store_root: Path) -> None:
     assert run(store_root, "text:minilm") == 0
     store = Store(store_root)
@@ -181,9 +204,9 @@ def test_text_minilm_and_clip_text_tower(store_root: Path) -> None:
 
 # --------------------------------------------------------------------------- resume, incremental
 def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import featurelt.extract as fx
+    from featurelt.extract.local import LocalRun
 
-    real_commit = fx._LocalRun._commit
+    real_commit = LocalRun._commit
     calls = {"n": 0}
 
     def commit_then_die(self, *args, **kwargs):
@@ -191,14 +214,14 @@ def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: p
         calls["n"] += 1
         raise KeyboardInterrupt("simulated kill after the first chunk commit")
 
-    monkeypatch.setattr(fx._LocalRun, "_commit", commit_then_die)
+    monkeypatch.setattr(LocalRun, "_commit", commit_then_die)
     rc = run(store_root, "pixels", "--batch-size", "4", "--chunk-rows", "8")
     assert rc == 130 and calls["n"] == 1
     store = Store(store_root)
     assert store.count("emb_pixels") == 8  # the first chunk survives
     # the provenance row came with the first chunk: the killed run is recorded with the rows it committed
     assert store.read("embedding_sets").column("rows").to_pylist() == [8]
-    monkeypatch.setattr(fx._LocalRun, "_commit", real_commit)
+    monkeypatch.setattr(LocalRun, "_commit", real_commit)
 
     assert run(store_root, "pixels", "--batch-size", "4", "--chunk-rows", "8") == 0
     store.refresh()
@@ -264,6 +287,58 @@ def test_kill_9_midway_leaves_the_store_valid_and_resumes(store_root: Path) -> N
     assert all(np.array_equal(after[sid], vec) for sid, vec in before.items())  # committed rows untouched
 
 
+def test_two_runs_at_once_write_each_row_once(store_root: Path) -> None:
+    """Two ``featurelt extract pixels`` processes started together on one store (issue 13 point 4):
+    each chunk re-checks the table inside its transaction, so every (sample, view) ends up with
+    exactly one row and the two runs' added rows sum to the samples."""
+    import subprocess
+    import sys
+
+    store = Store(store_root)
+    total = K * PER_CLASS + _add_random_samples(store, [(SIZE, SIZE)] * 300, prefix="c", seed=5)
+    cmd = [sys.executable, "-m", "featurelt", "--store", str(store_root), "extract", "pixels", "--json",
+           "--batch-size", "4", "--commit-seconds", "0", "--no-progress"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    store.refresh()
+    t = store.read("emb_pixels", columns=["sample_id", "view"])
+    keys = list(zip(t.column("sample_id").to_pylist(), t.column("view").to_pylist()))
+    assert len(keys) == len(set(keys)) == total
+    added = [json.loads(out)["rows_added"]["pixels"] for out, _ in outs]
+    assert sum(added) == total, added
+    assert sorted(store.read("embedding_sets").column("rows").to_pylist()) == sorted(a for a in added if a)
+
+
+def test_a_rerun_removes_duplicate_rows(store_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows written twice (two runs at once before the re-check) are cut back to one per (sample,
+    view) by the next run of the same extract, in one transaction; other sets and fingerprints keep theirs."""
+    assert run(store_root, "pixels", "--limit", "6") == 0
+    assert run(store_root, "pixels", "--limit", "6", "--name", "other") == 0
+    store = Store(store_root)
+    rows = store.read("emb_pixels")
+    with store.transaction("test: duplicate rows") as tx:
+        tx.append("emb_pixels", rows.slice(0, 4))
+        tx.append("emb_pixels", rows.slice(1, 1))
+        tx.append("emb_other", store.read("emb_other").slice(0, 2))  # another set: not this run's
+    store.refresh()
+    assert store.count("emb_pixels") == 11
+    capsys.readouterr()
+    assert run(store_root, "pixels", "--limit", "6") == 0
+    assert "note: removed 5 duplicate rows from emb_pixels" in capsys.readouterr().err
+    store.refresh()
+    t = store.read("emb_pixels")
+    assert t.column("sample_id").to_pylist() and sorted(t.column("sample_id").to_pylist()) == sorted(
+        rows.column("sample_id").to_pylist())
+    kept = {r["sample_id"]: r["vector"] for r in t.to_pylist()}
+    assert all(kept[r["sample_id"]] == r["vector"] for r in rows.to_pylist())
+    assert store.count("emb_other") == 8  # not touched
+    version = store.version
+    assert run(store_root, "pixels", "--limit", "6") == 0  # nothing left to do
+    store.refresh()
+    assert store.version == version
+
+
 def test_commit_every_chunk_rows_or_commit_seconds(store_root: Path) -> None:
     from featurelt.extract import extract
 
@@ -286,11 +361,12 @@ def test_commits_run_beside_the_encoding(store_root: Path, monkeypatch: pytest.M
     order, and the run's rows and provenance are complete."""
     import threading
 
-    import featurelt.extract as fx
+    import featurelt.extract.encode as fx
     from featurelt.extract import extract
+    from featurelt.extract.local import LocalRun
 
     events: list[tuple[str, float, str]] = []
-    real_commit, real_launch = fx._LocalRun._commit, fx.launch_batch
+    real_commit, real_launch = LocalRun._commit, fx.launch_batch
 
     def slow_commit(self, pending, *args, **kwargs):
         events.append(("commit start", time.perf_counter(), threading.current_thread().name))
@@ -303,7 +379,7 @@ def test_commits_run_beside_the_encoding(store_root: Path, monkeypatch: pytest.M
         events.append(("launch", time.perf_counter(), threading.current_thread().name))
         return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(fx._LocalRun, "_commit", slow_commit)
+    monkeypatch.setattr(LocalRun, "_commit", slow_commit)
     monkeypatch.setattr(fx, "launch_batch", launch)
     store = Store(store_root)
     n = K * PER_CLASS
@@ -454,7 +530,7 @@ def test_plain_files_skip_pil_with_the_same_rows(store_root: Path, monkeypatch: 
     """With the resize on the device, the worker decodes plain PNG / JPEG files with torchvision, not
     PIL: the rows are bit-identical to the PIL route's, and a damaged file is still rejected with
     PIL's reason."""
-    from featurelt.encoders.base import HostStage
+    from featurelt.images.transforms import HostStage
 
     store = Store(store_root)
     sid = _add_corrupt(store)
@@ -524,41 +600,41 @@ def test_referenced_files_are_read_from_their_uri(store_root: Path, tmp_path: Pa
 
 
 def test_workers_get_the_plan_from_a_file(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With workers the stream pickles small whatever the plan's size (the workers start together),
-    they read the plan from a file, and the file is gone once the iteration ends."""
+    """With workers the loader's shard pickles small whatever the plan's size (the workers start
+    together), they read the plan and make_image from a file, and the file is gone once the iteration ends."""
     import pickle
 
-    import featurelt.extract as fx
+    from featurelt.extract.views import ViewMaker
+    from featurelt.images.loader import StoreImageLoader
 
     store = Store(store_root)
     enc = encoders.build_encoder("pixels")
-    make_view = fx._ViewMaker(enc.transform, views=0, augment=None, seed=0)
-    plan = fx._plan(store, split=None, limit=None, views=0, done={"x": {}})
-    big = fx._SampleStream(store.root, plan.samples_version, None, np.arange(200_000), [(0,)] * 200_000, make_view,
-                           batch_size=4, views=0)
-    assert len(pickle.dumps(big)) > 1_000_000
-    remove = big.spill()
-    assert len(pickle.dumps(big)) < 16_384 < 65_536  # the pipe a worker's pickle goes through
-    again = pickle.loads(pickle.dumps(big))
-    assert again.positions is None and again.plan_file == big.plan_file
+    make_view = ViewMaker(enc.transform, views=0, augment=None, seed=0)
+    version = store.dataset("samples").version
+    big = StoreImageLoader(store.root, version, None, np.array_split(np.arange(200_000), 50_000), make_view)
+    assert len(pickle.dumps(big.shard)) > 1_000_000
+    remove = big._spill(big.shard)
+    assert len(pickle.dumps(big.shard)) < 16_384 < 65_536  # the pipe a worker's pickle goes through
+    again = pickle.loads(pickle.dumps(big.shard))
+    assert again.plan is None and again.make_image is None and again.plan_file == big.shard.plan_file
     remove()
-    assert not os.path.exists(big.plan_file)
+    assert not os.path.exists(big.shard.plan_file)
 
     seen: list[str] = []
-    spill = fx._SampleStream.spill
+    spill = StoreImageLoader._spill
 
-    def spy(self):
-        out = spill(self)
-        seen.append(self.plan_file)
+    def spy(self, shard):
+        out = spill(self, shard)
+        seen.append(shard.plan_file)
         return out
 
-    stream = fx._SampleStream(store.root, plan.samples_version, None, plan.positions, plan.needed, make_view,
-                              batch_size=4, views=0)
-    monkeypatch.setattr(fx._SampleStream, "spill", spy)
-    ids = [sid for b in fx._loader(stream, num_workers=2) for sid in b["sample_id"]]
-    assert sorted(ids) == sorted(store.read("samples", columns=["sample_id"]).column("sample_id").to_pylist())
+    n = store.count("samples")
+    loader = StoreImageLoader(store.root, version, None, np.array_split(np.arange(n), 6), make_view, num_workers=2)
+    monkeypatch.setattr(StoreImageLoader, "_spill", spy)
+    ids = [sid for b in loader for sid in b.columns["sample_id"]]
+    assert ids == store.read("samples", columns=["sample_id"]).column("sample_id").to_pylist()  # plan order
     assert len(seen) == 1 and not os.path.exists(seen[0])
-    assert stream.plan_file is None  # the caller's stream is left as it was
+    assert loader.shard.plan_file is None  # the caller's loader is left as it was
 
 
 def test_workers_give_the_same_rows(store_root: Path) -> None:
@@ -610,7 +686,7 @@ def test_out_of_memory_retries_with_half_batch() -> None:
     assert seen == [10, 5, 2, 3, 5, 2, 3]
     np.testing.assert_array_equal(out["pixels"], real(x)["pixels"].numpy())
     # the halves are cut from the batch as it came (uint8 from the workers), and finished on the device
-    from featurelt.encoders.base import split_transform
+    from featurelt.images.transforms import split_transform
 
     finish = split_transform(enc.transform)[1]
     u8 = torch.randint(0, 256, (10, 1, enc.image_size, enc.image_size), dtype=torch.uint8)
@@ -619,7 +695,7 @@ def test_out_of_memory_retries_with_half_batch() -> None:
     assert seen == [10, 5, 2, 3, 5, 2, 3]
     np.testing.assert_array_equal(out["pixels"], real(finish(u8))["pixels"].numpy())
     # images of different sizes, packed in one buffer: the halves are slices of it
-    from featurelt.encoders.base import PackedImages
+    from featurelt.images.packing import PackedImages
 
     resize = split_transform(enc.transform, resize_on_device=True)[1]
     mixed = [torch.randint(0, 256, (1, 20 + i, 30 - i), dtype=torch.uint8) for i in range(10)]
@@ -630,9 +706,9 @@ def test_out_of_memory_retries_with_half_batch() -> None:
 
 
 def test_one_batch_in_flight_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """_encoded launches batch i+1 before it reads back batch i, and yields batches in order
+    """encoded() launches batch i+1 before it reads back batch i, and yields batches in order
     (a batch with no images left yields None)."""
-    import featurelt.extract as fx
+    import featurelt.extract.encode as fx
 
     log: list[str] = []
 
@@ -651,17 +727,17 @@ def test_one_batch_in_flight_keeps_order(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(fx, "launch_batch", launch)
     batches = [{"id": i, "x": None if i == 2 else torch.full((1, 1), i)} for i in range(4)]
-    got = [(b["id"], None if v is None else int(v["p"][0, 0])) for b, v in fx._encoded(batches, None, ["p"],
+    got = [(b["id"], None if v is None else int(v["p"][0, 0])) for b, v in fx.encoded(batches, None, ["p"],
                                                                                         device="cpu", prepare=None)]
     assert got == [(0, 0), (1, 1), (2, None), (3, 3)]
     assert log == ["launch 0", "launch 1", "read 0", "read 1", "launch 3", "read 3"]
-    assert list(fx._encoded([], None, ["p"], device="cpu", prepare=None)) == []
+    assert list(fx.encoded([], None, ["p"], device="cpu", prepare=None)) == []
 
 
 def test_loop_times_count_the_waits_of_each_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """_encoded adds the loader wait to ``images``, the launch to ``launch`` and the wait for a
+    """encoded() adds the loader wait to ``images``, the launch to ``launch`` and the wait for a
     result to ``device``; the consumer's own time between batches goes to none of them."""
-    import featurelt.extract as fx
+    import featurelt.extract.encode as fx
 
     class Job:
         def result(self) -> dict[str, np.ndarray]:
@@ -679,7 +755,7 @@ def test_loop_times_count_the_waits_of_each_stage(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(fx, "launch_batch", launch)
     times = fx.LoopTimes()
-    for _ in fx._encoded(loader(), None, ["p"], device="cpu", prepare=None, times=times):
+    for _ in fx.encoded(loader(), None, ["p"], device="cpu", prepare=None, times=times):
         time.sleep(0.05)  # the consumer: rows and commits, timed by the caller
     assert times.images >= 3 * 0.02 and times.launch >= 3 * 0.01 and times.device >= 3 * 0.03
     assert times.images < 3 * 0.05 and times.device < 3 * 0.05 + 0.03  # the consumer's sleeps are not in them
@@ -758,8 +834,8 @@ def test_ray_engine_equals_local(store_root: Path, capsys: pytest.CaptureFixture
         assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
         np.testing.assert_allclose(np.asarray(b.column("vector").to_pylist()), np.asarray(a.column("vector").to_pylist()),
                                    rtol=1e-5, atol=1e-6)
-    # re-run with ray: nothing left, no duplicates
-    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--device", "cpu") == 0
+    # re-run with ray (a local Ray of 1 CPU): nothing left, no duplicates
+    assert run(store_root, name, "--name", "ray", "--engine", "ray", "--device", "cpu", "--ray-cpus", "1") == 0
     store.refresh()
     assert store.version == version + 1
     # GPU Ray tasks: a cluster without GPUs is a clear error; on a GPU machine they give the local rows
@@ -780,7 +856,7 @@ def test_ray_engine_equals_local(store_root: Path, capsys: pytest.CaptureFixture
 
 
 def test_ray_gpu_task_workers_fit_the_poorest_gpu_node() -> None:
-    from featurelt.extract import _ray_task_workers
+    from featurelt.extract.ray_engine import ray_task_workers as _ray_task_workers
 
     nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 2.0}},   # 8 CPUs per 1-GPU task
              {"Alive": True, "Resources": {"CPU": 6.0, "GPU": 1.0}},    # 6 CPUs per task: 5 workers

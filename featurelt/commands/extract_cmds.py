@@ -89,7 +89,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="with --engine ray --device cuda: GPUs each Ray task reserves (default 1; 0.5 packs two "
                    "tasks per GPU). --device auto runs Ray tasks on CPU")
     p.add_argument("--ray-address", metavar="ADDR",
-                   help="Ray cluster to join with --engine ray (default: a local Ray with 2 CPUs)")
+                   help="Ray cluster to join with --engine ray (default: a local Ray, see --ray-cpus)")
+    p.add_argument("--ray-cpus", dest="ray_cpus", type=positive_int, default=None, metavar="N",
+                   help="CPUs of the local Ray that --engine ray starts without --ray-address (default: this "
+                   "machine's cores); CPU tasks run one per CPU")
     p.add_argument("--chunk-rows", type=positive_int, default=16384, metavar="N",
                    help="samples per store commit at most, local engine (default 16384)")
     p.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
@@ -132,6 +135,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      checkpoint=args.checkpoint, map_size=args.map_size, image_size=args.image_size,
                      templates=args.templates, seed=args.seed, untrained=args.untrained, engine=args.engine,
                      ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
+                     ray_cpus=args.ray_cpus,
                      chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, resize_on=args.resize_on,
                      progress=args.progress)
     if args.json:
