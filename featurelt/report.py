@@ -285,7 +285,7 @@ def few_shot_examples(store: "Store", run_id: str, split: str, embedding_set: st
 def sample_images(store: "Store", sample_ids: list[str]) -> dict[str, "np.ndarray | str"]:
     """RGB arrays [H, W, 3] uint8 of samples (their stored bytes, else the file at their uri); an image
     that cannot be read maps to the reason (a string), shown in its place."""
-    from featurelt.data.images import ImageDecodeError, load_sample_image
+    from featurelt.images.decode import ImageDecodeError, load_sample_image
 
     if not sample_ids:
         return {}
