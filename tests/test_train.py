@@ -506,3 +506,15 @@ def test_tau_norm_from_cli(lt_root, tmp_path, capsys):
     capsys.readouterr()
     assert train(root, "--head", "cosine", "--tau-norm", "1") == 1  # refused before training
     assert "needs a head whose classifier is one linear layer" in capsys.readouterr().err
+
+
+def test_ldam_drw_starts_at_default_epoch_and_is_logged(lt_root, tmp_path, capsys):
+    # default drw_epoch = ceil(0.8 * epochs): 4 of 5 epochs; the log line says so, the runs row keeps it
+    root = copy_store(lt_root, tmp_path)
+    assert train(root, "--loss", "ldam", "--epochs", "5", "--batch-size", "64") == 0
+    err = capsys.readouterr().err
+    assert "note: ldam: deferred re-weighting starts at epoch 4 of 0..4" in err
+    metrics = json.loads(last_run(root)["metrics"])
+    assert any("starts at epoch 4" in n for n in metrics["notes"])
+    assert train(root, "--loss", "ldam", "--loss-opt", "drw_epoch=9", "--epochs", "2") == 0
+    assert "it never applies" in capsys.readouterr().err

@@ -165,6 +165,10 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr)
+
+
 def cmd_train_head(args: argparse.Namespace) -> int:
     from featurelt.config import resolve
     from featurelt.train.head import SWEEP_COLUMNS, sweep, train_head
@@ -172,19 +176,20 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     cfg = resolve(config_file=args.config, overrides=overrides_from_args(args))
     if args.sweep:
         grid = parse_sweep(args.sweep)
-        results, rows = sweep(args.store, cfg, grid, progress=True)
+        results, rows = sweep(args.store, cfg, grid, progress=True, log=_note)
         if args.json:
             print_rows(rows, as_json=True)
         else:
             keys = list(grid)
             print_rows([{k: _fmt(v) for k, v in r.items()} for r in rows], columns=[*keys, *SWEEP_COLUMNS, "run_id"])
         return 0
-    res = train_head(args.store, cfg, progress=True)
+    res = train_head(args.store, cfg, progress=True, log=_note)
     m = res.metrics
     if args.json:
         out = {"run_id": res.run_id, "checkpoint": res.checkpoint, "pinned_versions": res.pinned_versions,
                "train_seconds": res.train_seconds, "eval_seconds": res.eval_seconds, "load_seconds": res.load_seconds,
-               "device": res.device, "features_in": res.features_in, **{k: m[k] for k in METRIC_COLUMNS},
+               "device": res.device, "features_in": res.features_in, "notes": res.notes,
+               **{k: m[k] for k in METRIC_COLUMNS},
                "config": res.config.to_dict()}
         json.dump(out, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")

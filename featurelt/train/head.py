@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -38,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +58,8 @@ from featurelt.store import Store, command_line, utcnow
 
 if TYPE_CHECKING:
     from featurelt.heads.base import Head
+
+logger = logging.getLogger("featurelt.train")
 
 EVAL_BATCH = 8192        # rows per evaluation forward pass
 DEVICE_FRACTION = 0.5    # features go to the GPU when they take at most this fraction of free memory
@@ -148,6 +151,7 @@ class RunResult:
     streamed: bool                   # features streamed per batch (from host memory or the store)
     features_in: str = "device"      # device | host | store (TrainData.features_in)
     predictions: pa.Table | None = None  # the predictions rows written
+    notes: list[str] = field(default_factory=list)  # log lines of the run (also metrics["notes"] in the runs row)
 
 
 # ---------------------------------------------------------------------------------------- determinism
@@ -201,6 +205,7 @@ class HeadTrainer:
 
     def __init__(self, cfg: TrainCfg, data: TrainData) -> None:
         self.cfg, self.data, self.device = cfg, data, data.device
+        self.notes: list[str] = []  # lines for the run's log (e.g. when ldam's re-weighting starts)
         k = data.num_classes
         ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
         self.head: Head = build("head", cfg.head, HEADS.get(cfg.head), ctx, cfg.head_opts).to(self.device)
@@ -211,8 +216,10 @@ class HeadTrainer:
             if cfg.proto:
                 raise ValueError(f"head '{cfg.head}' is fitted, not trained: --proto does not apply")
             return
-        loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target)
+        loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target,
+                               epochs=cfg.epochs)
         self.loss = build("loss", cfg.loss, LOSSES.get(cfg.loss), loss_ctx, cfg.loss_opts).to(self.device)
+        self.notes.extend(self.loss.schedule_notes(cfg.epochs))
         self.proto: ProtoLoss | None = None
         if cfg.proto:
             dim = self._latent_dim()
@@ -321,7 +328,7 @@ class HeadTrainer:
             logits, z = self.head.logits_and_features(x)
             if self.wants_feedback:
                 per = self.loss.per_sample(logits, target, epoch=epoch)
-                loss = per.mean()
+                loss = self.loss.reduce(per, target, epoch=epoch)
                 self.sampler.feedback(batch.index, per.detach(), batch.view)
             else:
                 loss = self.loss(logits, target, epoch=epoch)
@@ -435,12 +442,24 @@ def evaluate(trainer: HeadTrainer, feats: FeatureSet, *, num_target: int, post_h
 
 
 def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: bool = True,
-               progress: bool = False, message: str | None = None) -> RunResult:
+               progress: bool = False, message: str | None = None,
+               log: Callable[[str], None] | None = None) -> RunResult:
     """Train, evaluate and record one head (module docstring). ``store``: a Store or its root path.
 
     write: save the checkpoint + config and write the runs / predictions rows (False: only compute).
     progress: show a tqdm bar over the epochs (on stderr).
+    log: called with each note of the run when it arises (default: the ``featurelt.train`` logger); the
+    notes are also in ``RunResult.notes`` and in the runs row's ``metrics["notes"]``.
     """
+    notes: list[str] = []
+
+    def note(line: str, *, warning: bool = False) -> None:
+        notes.append(line)
+        if log is not None:
+            log(line)
+        else:
+            logger.log(logging.WARNING if warning else logging.INFO, line)
+
     if not cfg.features:
         raise ValueError("no embedding sets given: --features NAME[,NAME...] (see `featurelt embeddings`)")
     root = store.root if isinstance(store, Store) else str(store)
@@ -469,6 +488,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     with deterministic(device):
         seed_everything(cfg.seed)
         trainer = HeadTrainer(cfg, data)
+        for line in trainer.notes:
+            note(line)
         bar = None
         if progress and not trainer.fitted:
             from tqdm import tqdm
@@ -503,7 +524,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
                        "tables": {t: versions[t] for t in read_tables if t in versions}}
     metrics = {**metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "load_seconds": load_seconds,
                "epoch_seconds": epoch_seconds, "device": str(device), "streamed": data.streamed,
-               "features_in": data.features_in, "num_train": int(len(data.y))}
+               "features_in": data.features_in, "num_train": int(len(data.y)), "notes": notes}
     preds = pa.table({
         "run_id": pa.array([run_id] * len(labels), pa.string()),
         "sample_id": pa.array(evalset.sample_ids.tolist(), pa.string()),
@@ -536,7 +557,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     return RunResult(run_id=run_id, config=resolved, metrics=metrics, train_seconds=train_seconds,
                      epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, load_seconds=load_seconds,
                      pinned_versions=pinned_versions, checkpoint=checkpoint, device=str(device),
-                     streamed=data.streamed, features_in=data.features_in, predictions=preds)
+                     streamed=data.streamed, features_in=data.features_in, predictions=preds, notes=notes)
 
 
 def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -> str:
@@ -571,7 +592,8 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def sweep(store: Store | str | os.PathLike[str], base: TrainCfg, grid: dict[str, list[Any]], *, write: bool = True,
-          progress: bool = False) -> tuple[list[RunResult], list[dict[str, Any]]]:
+          progress: bool = False, log: Callable[[str], None] | None = None
+          ) -> tuple[list[RunResult], list[dict[str, Any]]]:
     """Train every point of ``grid`` over ``base``; returns the results and one comparison row per point
     (the grid values, run_id, many / medium / few / all accuracy and macro-F1)."""
     results, rows = [], []
@@ -584,7 +606,7 @@ def sweep(store: Store | str | os.PathLike[str], base: TrainCfg, grid: dict[str,
             else:
                 changes[key] = value
         cfg = base.replace(**changes)
-        res = train_head(store, cfg, write=write, progress=progress)
+        res = train_head(store, cfg, write=write, progress=progress, log=log)
         results.append(res)
         rows.append({**{k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in point.items()},
                      "run_id": res.run_id, **{c: res.metrics[c] for c in SWEEP_COLUMNS}})
