@@ -91,11 +91,15 @@ def test_adapter_residual_formula():
 
 def test_lfm_projection_identity_init():
     c = ctx()
-    head = HEADS.get("lfm-projection")(c, tau=0.05)
+    head = HEADS.get("lfm-projection")(c, scale=20.0)
     x = feats()
     assert_close(head.proj.weight, torch.eye(DT))
     assert_close(head.features(x), x)
-    assert_close(head(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.05)
+    assert_close(head(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T * 20.0)
+    # default: the plain cosine similarity, as the authors' model feeds it to the loss
+    assert_close(HEADS.get("lfm-projection")(c)(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        HEADS.get("lfm-projection")(c, scale=0.0)
 
 
 def test_lfm_projection_rectangular_identity():

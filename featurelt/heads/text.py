@@ -1,6 +1,6 @@
 """Cosine classifiers, optionally over class text embeddings (METHODS.md sections 1, 5, 6).
 
-All three heads score ``logits_k = cos(g(f), c_k) / tau``:
+All three heads score ``logits_k = cos(g(f), c_k) / tau`` (``lfm-projection``: ``scale * cos``, scale = 1/tau):
 
 - ``cosine``: ``g`` = identity, classifier rows ``c_k`` learned; ``init="text"`` starts them as the class
   text embeddings (the zero-shot CLIP classifier, section 1 "semantic init").
@@ -94,11 +94,15 @@ class AdapterHead(TextHead):
 
 @HEADS.register("lfm-projection")
 class LFMProjectionHead(TextHead):
-    """LFM stage 2: ``f_I = W_I f`` (W_I initialised to identity), prediction = cosine to text / tau (section 6)."""
+    """LFM stage 2: ``f_I = W_I f`` (W_I initialised to identity), logits ``scale * cos(f_I, t_k)`` (section 6)."""
 
-    def __init__(self, ctx: HeadContext, *, tau: float = 0.05) -> None:
-        """tau: temperature, > 0."""
-        super().__init__(ctx, "lfm-projection", tau)
+    def __init__(self, ctx: HeadContext, *, scale: float = 1.0) -> None:
+        """scale: factor on the cosine logits, > 0 (default 1). The authors' model (LFM code) feeds the plain
+        cosine similarity ``f_I . t_k`` of unit vectors to the cross-entropy, with no temperature or logit
+        scale, and predicts its argmax, which no scale changes; 1 reproduces their training signal. A larger
+        scale (e.g. 20 = 1/0.05, the cosine head's temperature) sharpens the softmax over classes, which
+        trains faster but is not the paper's loss and diverges at learning rates a linear head takes."""
+        super().__init__(ctx, "lfm-projection", 1.0 / check_tau("scale", scale))
         self.proj = nn.Linear(ctx.in_dim, self.text.shape[1], bias=False)
         with torch.no_grad():
             self.proj.weight.copy_(rect_identity(self.text.shape[1], ctx.in_dim))  # W_I [Dt, D]
