@@ -241,6 +241,24 @@ def test_ldam_matches_reference_form_and_drw_weighted_mean() -> None:
     assert loss(z, y, epoch=24).item() != pytest.approx(float((w[y] * per).mean()), rel=1e-2)
 
 
+def test_focal_alpha_class_balanced_and_list_by_hand() -> None:
+    # per-sample focal (gamma 2) on Z, Y: row 0 p_0 = 0.6652410, -(1 - p)^2 log p = 0.0456778;
+    # row 1 p_2 = 0.6896721 -> 0.0357805. Class-balanced alpha (beta 0.9, n = 100, 10, 1) normalised to
+    # sum 3: (0.2393292, 0.3674420, 2.3932288); batch loss = plain mean (Cui et al.'s focal: sum / B)
+    f0, f2 = 0.04567779896788494, 0.03578047725008614
+    cb = LOSSES.get("focal")(ctx3(), alpha="class-balanced", beta=0.9)
+    assert cb(Z, Y).item() == pytest.approx((0.23932923600883355 * f0 + 2.3932287908953045 * f2) / 2, rel=1e-6)
+    assert_close(cb.per_sample(Z, Y), torch.tensor([0.23932923600883355 * f0, 2.3932287908953045 * f2],
+                                                   dtype=torch.float64), rtol=1e-6, atol=0)
+    listed = LOSSES.get("focal")(ctx3(), alpha=[0.5, 1.0, 2.0])
+    assert listed(Z, Y).item() == pytest.approx((0.5 * f0 + 2.0 * f2) / 2, rel=1e-6)
+    assert LOSSES.get("focal")(ctx3(), alpha="0.5,1,2")(Z, Y).item() == pytest.approx(listed(Z, Y).item())
+    assert LOSSES.get("focal")(ctx3(), alpha="none")(Z, Y).item() == pytest.approx((f0 + f2) / 2, rel=1e-6)
+    for bad in ("0.5,1", "x", [1.0, -1.0, 1.0], "balanced"):
+        with pytest.raises(ValueError, match="focal alpha must be"):
+            LOSSES.get("focal")(ctx3(), alpha=bad)
+
+
 def test_contrastive_l2v_uses_batch_images() -> None:
     loss = LOSSES.get("contrastive-vl")(ctx3(), l2v_weight=2.0)
     y = torch.tensor([0, 0])  # both images of class 0: -mean_i log softmax_images(z[:, 0])_i

@@ -518,3 +518,10 @@ def test_ldam_drw_starts_at_default_epoch_and_is_logged(lt_root, tmp_path, capsy
     assert any("starts at epoch 4" in n for n in metrics["notes"])
     assert train(root, "--loss", "ldam", "--loss-opt", "drw_epoch=9", "--epochs", "2") == 0
     assert "it never applies" in capsys.readouterr().err
+
+
+def test_class_balanced_focal_from_cli(lt_root, tmp_path):
+    root = copy_store(lt_root, tmp_path)
+    assert train(root, "--loss", "focal", "--loss-opt", "alpha=class-balanced", "--loss-opt", "beta=0.99", *QUICK) == 0
+    assert "alpha: class-balanced" in last_run(root)["config"]
+    assert train(root, "--loss", "focal", "--loss-opt", "alpha=1,2", *QUICK) == 1  # K = 10 weights needed

@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--loss", help="loss name (default ce): ce, balanced-softmax, logit-adjust, ldam, focal, "
                    "class-balanced, ns-ce, contrastive-vl")
     g.add_argument("--loss-opt", dest="loss_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="loss option, repeatable (e.g. gamma=2, lambda_s=0.1)")
+                   help="loss option, repeatable (e.g. gamma=2, lambda_s=0.1; focal: alpha=class-balanced|none|A1,A2,..."
+                   " (class-balanced focal loss, Cui et al.) with beta=0.9999; ldam: drw_epoch=N, default ceil(0.8 * "
+                   "epochs))")
     g.add_argument("--proto", nargs="?", const=PROTO_ALL, metavar="TERMS",
                    help=f"prototype loss terms on the head's latent, comma-separated (bare --proto = {PROTO_ALL})")
     g.add_argument("--proto-M", dest="proto_m", type=int, help="memory bank size per class (default 64)")
