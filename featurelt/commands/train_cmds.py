@@ -78,7 +78,10 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--aux-cap", dest="aux_cap", type=int, help="max samples per auxiliary class per epoch (default 50)")
     g.add_argument("--epochs", type=int, help="epochs (default 30)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 256)")
-    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default 0.01)")
+    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default: sgd 0.1, adam / adamw 0.001)")
+    g.add_argument("--standardize", choices=["auto", "on", "off"],
+                   help="feed the head (x - mean) / std of the train features: auto (default) for heads that learn "
+                   "their classifier from scratch (linear, mlp, fusion, cosine with random rows), on, off")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (default sgd)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="weight decay (default 5e-4)")
@@ -125,7 +128,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("features", "text_set", "train_split", "eval_split", "head", "loss", "proto", "proto_m",
                  "proto_beta", "proto_tau_head", "proto_tau_tail_std", "proto_tau_tail_dist", "sampler", "aux_cap",
-                 "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
+                 "epochs", "batch_size", "lr", "standardize", "optimizer", "momentum", "weight_decay", "seed", "device",
                  "post_hoc_tau", "tau_norm", "out_dir", "as_of", "stream_features"):
         v = getattr(args, name, None)
         if v is not None:
@@ -168,7 +171,8 @@ def _fmt(v: Any) -> Any:
 
 
 def _note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr)
+    """A note of the run as it arises, on stderr (``warning: ...`` lines as they are, others as ``note: ...``)."""
+    print(line if line.startswith("warning:") else f"note: {line}", file=sys.stderr)
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
@@ -191,6 +195,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         out = {"run_id": res.run_id, "checkpoint": res.checkpoint, "pinned_versions": res.pinned_versions,
                "train_seconds": res.train_seconds, "eval_seconds": res.eval_seconds, "load_seconds": res.load_seconds,
                "device": res.device, "features_in": res.features_in, "notes": res.notes,
+               "top_class_fraction": m["top_class_fraction"],
                **{k: m[k] for k in METRIC_COLUMNS},
                "config": res.config.to_dict()}
         json.dump(out, sys.stdout, indent=1, default=str)
@@ -203,6 +208,9 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     print(f"trained {cfg.epochs} epochs in {res.train_seconds:.2f} s ({m['num_train']} train rows), evaluated "
           f"{m['num_evaluated']} '{cfg.eval_split}' rows in {res.eval_seconds:.2f} s")
     print(f"checkpoint: {res.checkpoint}")
+    for line in res.notes:
+        if line.startswith("warning:"):
+            print(line)
     return 0
 
 

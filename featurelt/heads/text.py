@@ -43,6 +43,7 @@ class CosineHead(Head):
             weight = unit(t.detach().float().clone())
         elif init == "random":
             weight = unit(torch.randn(ctx.num_classes, ctx.in_dim))
+            self.standardize_input = True  # rows learned from scratch (text-initialised rows need raw features)
         else:
             raise ValueError(f"cosine option init must be 'random' or 'text', got {init!r}")
         self.weight = nn.Parameter(weight)  # [K, D]
