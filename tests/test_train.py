@@ -579,3 +579,33 @@ def test_standardized_input_trains_on_a_shared_mean_direction(lt_root, tmp_path,
     assert "standardize: auto" in run["config"]
     ckpt = torch.load(run["checkpoint"], weights_only=True)
     assert ckpt["input_mean"].shape == (64,) and ckpt["input_std"].min() > 0
+
+
+def test_auxiliary_class_before_an_original_one_trains(full_root, tmp_path, capsys):
+    # as after `ingest` of an auxiliary folder, then a new original class: the auxiliary class has label 5,
+    # original class '5' label 10 (K = 11). Training maps labels to head indices (targets first); the
+    # predictions rows keep store labels and never name the auxiliary class.
+    root = copy_store(full_root, tmp_path)
+    store = Store(root)
+    classes = store.read("classes").to_pylist()
+    for c in classes:
+        c["label"] = {5: 10, 10: 5}.get(c["label"], c["label"])
+    with store.transaction("test: auxiliary label before an original one") as tx:
+        for table in ("samples", "text_embeddings"):  # swap labels 5 and 10
+            tx.update(table, {"label": "99"}, where="label = 5")
+            tx.update(table, {"label": "5"}, where="label = 10")
+            tx.update(table, {"label": "10"}, where="label = 99")
+        tx.overwrite("classes", pa.Table.from_pylist(sorted(classes, key=lambda c: c["label"]),
+                                                     schema=store.read("classes").schema))
+    assert Store(root).read("classes").column("source").to_pylist()[5] == "auxiliary"
+    for args in (["--loss", "ns-ce"], ["--head", "adapter", "--text-set", "means", "--sampler", "lfm"], ["--head", "knn"]):
+        capsys.readouterr()
+        assert train(root, *args, *QUICK) == 0, capsys.readouterr().err
+        run = last_run(root)
+        preds = Store(root).sql(f"SELECT label, prediction, top5 FROM predictions WHERE run_id = '{run['run_id']}'")
+        labels, pred = preds.column("label").to_pylist(), preds.column("prediction").to_pylist()
+        assert 10 in labels and 5 not in labels                      # original class '5' evaluated, auxiliary not
+        assert 5 not in pred and all(5 not in t for t in preds.column("top5").to_pylist())
+        assert run["acc_all"] > 0.5
+    capsys.readouterr()
+    assert main(["--store", str(root), "eval", "--run", run["run_id"]]) == 0  # metrics from store labels agree

@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--aux-cap", dest="aux_cap", type=int, help="max samples per auxiliary class per epoch (default 50)")
     g.add_argument("--epochs", type=int, help="epochs (default 30)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 256)")
-    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default: sgd 0.1, adam / adamw 0.001)")
+    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default: sgd 0.1, adam / adamw 0.01)")
     g.add_argument("--standardize", choices=["auto", "on", "off"],
                    help="feed the head (x - mean) / std of the train features: auto (default) for heads that learn "
                    "their classifier from scratch (linear, mlp, fusion, cosine with random rows), on, off")
