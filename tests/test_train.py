@@ -609,3 +609,24 @@ def test_auxiliary_class_before_an_original_one_trains(full_root, tmp_path, caps
         assert run["acc_all"] > 0.5
     capsys.readouterr()
     assert main(["--store", str(root), "eval", "--run", run["run_id"]]) == 0  # metrics from store labels agree
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_non_finite_features_name_the_set_and_sample(lt_root, tmp_path, capsys, mode):
+    root = copy_store(lt_root, tmp_path)
+    train_ids = sorted(Store(root).read("samples", columns=["sample_id"], filter="split = 'train'").column(0).to_pylist())
+    bad = {train_ids[7]: np.nan, train_ids[20]: np.inf}
+
+    def vectors(ids):
+        x = np.ones((len(ids), 4), dtype=np.float32)
+        for i, sid in enumerate(ids):
+            x[i, 2] = bad.get(sid, 1.0)
+        return x
+
+    _add_set(root, "broken", vectors)
+    capsys.readouterr()
+    assert main(["--store", str(root), "train-head", "--features", "pixels,broken", "--stream-features", mode,
+                 *QUICK]) == 1
+    err = capsys.readouterr().err
+    assert f"embedding set 'broken' has a NaN or infinite value in the vector of sample {train_ids[7]}" in err
+    assert "lr" not in err and "Traceback" not in err
