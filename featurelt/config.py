@@ -193,6 +193,23 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """``yaml.safe_load`` of a file; unreadable text or bad YAML is a ValueError naming the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory, not a YAML file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+
+
 def parse_value(text: str) -> Any:
     """A CLI option value (``k=v`` of --head-opt & co.) parsed as YAML: ``0.1`` -> float, ``true`` -> bool."""
     try:
@@ -216,7 +233,7 @@ def from_yaml(path: str | Path) -> TrainCfg:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "config file") or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
     return from_dict(data, source=str(path))

@@ -630,3 +630,20 @@ def test_non_finite_features_name_the_set_and_sample(lt_root, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"embedding set 'broken' has a NaN or infinite value in the vector of sample {train_ids[7]}" in err
     assert "lr" not in err and "Traceback" not in err
+
+
+def test_bad_config_yaml_and_damaged_checkpoint_are_one_line(lt_root, tmp_path, capsys):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("head: linear\nloss_opts: {gamma: 2\nepochs: 3\n")
+    assert train(lt_root, "--config", str(cfg)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"featurelt train-head: error: config file {cfg} is not valid YAML at line") and "Traceback" not in err
+    root = copy_store(lt_root, tmp_path)
+    assert train(root, *QUICK) == 0
+    run = last_run(root)
+    Path(run["checkpoint"]).write_bytes(b"PK\x03\x04 not a checkpoint at all")
+    capsys.readouterr()
+    assert main(["--store", str(root), "eval", "--run", run["run_id"]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"featurelt eval: error: head checkpoint {run['checkpoint']} cannot be read")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

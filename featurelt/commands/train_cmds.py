@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -257,6 +258,10 @@ def recompute_run_metrics(store: Any, run_id: str) -> tuple[dict[str, Any], dict
 def cmd_eval(args: argparse.Namespace) -> int:
     store = open_store(args)
     run, m = recompute_run_metrics(store, args.run_id)
+    if run.get("checkpoint") and os.path.exists(run["checkpoint"]):  # a damaged head.pt: one error line naming it
+        from featurelt.train.head import load_checkpoint
+
+        load_checkpoint(run["checkpoint"])
 
     def same(a: Any, b: Any) -> bool:
         if a is None or b is None:
