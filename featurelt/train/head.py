@@ -236,6 +236,8 @@ class HeadTrainer:
         self.input_norm: tuple[Tensor, Tensor] | None = None
         if cfg.standardize == "on" or (cfg.standardize == "auto" and self.head.standardize_input):
             self.input_norm = input_statistics(data.x, self.device)
+        elif cfg.standardize == "auto" and self.head.takes_input_statistics:
+            self.head.set_input_statistics(*input_statistics(data.x, self.device))
         if self.fitted:
             if cfg.proto:
                 raise ValueError(f"head '{cfg.head}' is fitted, not trained: --proto does not apply")
