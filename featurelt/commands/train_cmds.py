@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default: sgd 0.1, adam / adamw 0.01)")
     g.add_argument("--standardize", choices=["auto", "on", "off"],
                    help="feed the head (x - mean) / std of the train features: auto (default) for heads that learn "
-                   "their classifier from scratch (linear, mlp, fusion, cosine with random rows), on, off")
+                   "their classifier from scratch (linear, mlp, fusion, cosine with random rows; adapter and "
+                   "lfm-projection standardise only their learned part and keep the zero-shot start), on, off")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (default sgd)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="weight decay (default 5e-4)")
