@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml
+from featurelt.config import read_yaml
 
 # command -> option keys that are positional arguments, in order
 POSITIONALS: dict[str, tuple[str, ...]] = {
@@ -57,7 +57,7 @@ def load_job(path: str | Path) -> tuple[str | None, list[list[str]]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"job file {path} does not exist")
-    spec = yaml.safe_load(path.read_text())
+    spec = read_yaml(path, "job file")
     if not isinstance(spec, dict) or not isinstance(spec.get("steps"), list) or not spec["steps"]:
         raise ValueError(f"{path}: a job needs a non-empty 'steps' list")
     steps = []

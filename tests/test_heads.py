@@ -91,11 +91,37 @@ def test_adapter_residual_formula():
 
 def test_lfm_projection_identity_init():
     c = ctx()
-    head = HEADS.get("lfm-projection")(c, tau=0.05)
+    head = HEADS.get("lfm-projection")(c, scale=20.0)
     x = feats()
-    assert_close(head.proj.weight, torch.eye(DT))
+    assert_close(head.projection()[0], torch.eye(DT))
     assert_close(head.features(x), x)
-    assert_close(head(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T / 0.05)
+    assert_close(head(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T * 20.0)
+    # default: the plain cosine similarity, as the authors' model feeds it to the loss
+    assert_close(HEADS.get("lfm-projection")(c)(x), F.normalize(x, dim=1) @ F.normalize(c.text_embeddings, dim=1).T)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        HEADS.get("lfm-projection")(c, scale=0.0)
+
+
+def test_text_heads_standardise_only_their_learned_part():
+    c = ctx()
+    x = feats()
+    g = torch.Generator().manual_seed(5)
+    mean, std = torch.randn(DT, generator=g), torch.rand(DT, generator=g) + 0.5
+    lfm = HEADS.get("lfm-projection")(c)
+    lfm.set_input_statistics(mean, std)
+    assert_close(lfm.features(x), x)  # still the identity at the start: W_I = E, c = 0
+    with torch.no_grad():
+        lfm.proj.weight.copy_(torch.randn(DT, DT, generator=g))
+        lfm.proj.bias.copy_(torch.randn(DT, generator=g))
+    w_i, off = lfm.projection()  # f_I = x + W (x - mean) / std + b = W_I x + c
+    assert_close(lfm.features(x), x @ w_i.T + off)
+    assert_close(lfm.features(x), x + ((x - mean) / std) @ lfm.proj.weight.T + lfm.proj.bias)
+    ad = HEADS.get("adapter")(c, lam=0.3)
+    ad.set_input_statistics(mean, std)
+    assert_close(ad.features(x), 0.3 * torch.relu(ad.fc((x - mean) / std)) + 0.7 * x)
+    assert "in_mean" in ad.state_dict() and "in_std" in lfm.state_dict()  # saved with the checkpoint
+    with pytest.raises(TypeError, match="does not take input statistics"):
+        HEADS.get("linear")(c).set_input_statistics(mean, std)
 
 
 def test_lfm_projection_rectangular_identity():

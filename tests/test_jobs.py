@@ -55,3 +55,15 @@ def test_job_runs_the_commands(digits_store, tmp_path, capsys) -> None:
     assert store.version == before + 2
     assert "[job step 3/4] failed" in capsys.readouterr().out
     assert store.tags() == []
+
+
+def test_bad_yaml_is_one_line_naming_the_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("steps:\n  - ingest: {builtin: digits\n  - extract: pixels\n")
+    assert main(["job", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"featurelt job: error: job file {bad} is not valid YAML at line") and "Traceback" not in err
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("steps: [caf\xe9]\n".encode("latin-1"))
+    assert main(["job", str(latin)]) == 1
+    assert f"job file {latin} is not UTF-8 text" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 from featurelt.cli import main
 from featurelt.data.classes import assign_buckets, bucket_for, classes_table, check_thresholds
-from featurelt.data.longtail import choose_subset, exp_profile, pareto_profile, profile_counts
+from featurelt.data.longtail import choose_subset, exp_profile, imagenet_lt_profile, pareto_profile, profile_counts
 from featurelt.store import Store
 
 # digits after the 80/20 split: the smallest class (8) has 139 train rows -> n_max = 139.
@@ -46,6 +46,25 @@ def test_pareto_profile_range_and_seed() -> None:
     assert pareto_profile(1280, 50, 256, seed=4) != a
     # heavy tail: with shape 6 most classes sit near the bottom of the range
     assert sorted(a)[len(a) // 2] < 1280 / 2
+
+
+def test_imagenet_lt_profile_matches_the_published_buckets() -> None:
+    # ImageNet-LT (Liu et al. 2019): 1000 classes, 1280 to 5 train images, 385 many (> 100), 479 medium,
+    # 136 few (< 20) classes, 115,846 images
+    c = imagenet_lt_profile(1280, 1000)
+    assert c[0] == 1280 and c[-1] == 5 and all(x >= y for x, y in zip(c, c[1:]))
+    many, few = sum(n > 100 for n in c), sum(n < 20 for n in c)
+    for got, published in ((many, 385), (1000 - many - few, 479), (few, 136)):
+        assert abs(got - published) <= 0.05 * published
+    assert (many, few) == (385, 136)
+    assert sum(c) == pytest.approx(115846, rel=0.01)
+    # the pareto profile does not: about 316 / 521 / 163
+    p = pareto_profile(1280, 1000, 256, seed=0)
+    assert abs(sum(n > 100 for n in p) - 385) > 0.05 * 385
+    assert profile_counts("imagenet-lt", 1280, 1000, 256) == c
+    # the same shape scaled: 100 classes from 139 images, imbalance 10
+    small = imagenet_lt_profile(139, 100, 10)
+    assert small[0] == 139 and small[-1] == 13 and all(x >= y for x, y in zip(small, small[1:]))
 
 
 def test_buckets_pure() -> None:
@@ -141,3 +160,17 @@ def test_make_lt_pareto_and_max_per_class(digits_store: Path, tmp_path: Path, ca
     err = capsys.readouterr().err
     assert "class 0 ('0') has 142 train rows" in err and "asks for 145" in err
     assert Store(root).version == before
+
+
+def test_make_lt_imagenet_lt_profile_from_cli(digits_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "s"
+    shutil.copytree(digits_store, root)
+    assert main(["--store", str(root), "make-lt", "--profile", "imagenet-lt", "--imbalance", "10"]) == 0
+    assert _train_counts(Store(root)) == imagenet_lt_profile(DIGITS_N_MAX, 10, 10)
+    assert main(["--store", str(root), "make-lt", "--profile", "imagenet-lt"]) == 1  # 139 / 256 < 1 image
+    assert "fewer than 1 image" in capsys.readouterr().err
+    assert main(["--store", str(root), "make-lt", "--profile", "exp"]) == 1
+    assert "needs --imbalance" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["make-lt", "--help"])
+    assert "imagenet-lt" in capsys.readouterr().out

@@ -88,9 +88,10 @@ def np_loss(name: str, z: np.ndarray, y: np.ndarray, n: np.ndarray, nb: np.ndarr
         a = 30.0 * z.copy()
         a[rows, y] -= 30.0 * m[y]
         per = np_lse(a) - a[rows, y]
-        if epoch >= 160:
+        if epoch >= 160:  # PyTorch's weighted mean, as F.cross_entropy(weight=w) in the LDAM-DRW code
             w = (1 - 0.9999) / (1 - 0.9999 ** n)
-            per = per * (w / w.sum() * len(n))[y]
+            w = (w / w.sum() * len(n))[y]
+            return float((w * per).sum() / w.sum())
         return float(per.mean())
     if name == "ns-ce":  # lambda_s 0.1, explicit double loop over the formula
         out = []
@@ -138,7 +139,10 @@ def test_soft_targets_and_per_sample(name: str) -> None:
     assert_close(loss(z, onehot), loss(z, y))
     assert_close(loss.per_sample(z, onehot), loss.per_sample(z, y))
     assert loss.per_sample(z, y).shape == (6,)
-    assert_close(loss.per_sample(z, y).mean(), loss(z, y))
+    assert_close(loss.reduce(loss.per_sample(z, y), y), loss(z, y))
+    if name != "ldam":
+        assert_close(loss.per_sample(z, y).mean(), loss(z, y))
+    assert_close(loss(z, onehot, epoch=500), loss(z, y, epoch=500))  # after ldam's DRW start too
     # a soft target is sum_k y_k * (loss with label k), for every loss except the batch-coupled l2v term
     lam = torch.rand(6, generator=g, dtype=torch.float64)
     y2 = torch.tensor([1, 0, 4, 2, 3, 0])
@@ -188,6 +192,71 @@ def test_ldam_deferred_reweighting_switches_at_drw_epoch() -> None:
     w = torch.tensor([0.2393292360088335, 0.3674419730958617, 2.3932287908953045], dtype=torch.float64)
     assert_close(after, before * w[Y])
     assert loss.margins.max().item() == pytest.approx(0.5)
+
+
+def ldam_reference(z: torch.Tensor, y: torch.Tensor, ctx: LossContext, s: float, w: torch.Tensor | None = None):
+    """The LDAM-DRW code's form: ``F.cross_entropy(s * (z - m * onehot_y), y, weight=w)``."""
+    m = ctx.class_counts.double() ** -0.25
+    m = (m / m.max() * 0.5).to(z)
+    out = s * (z - m * torch.nn.functional.one_hot(y, ctx.num_classes).to(z))
+    return torch.nn.functional.cross_entropy(out, y, weight=None if w is None else w.to(z))
+
+
+def test_ldam_float32_confident_logit_matches_float64_reference() -> None:
+    # softmax(30 z)_y is within 1e-8 of 1 in every row (and within ~1e-7 after the margin): the loss must
+    # stay > 0 with a non-zero gradient in float32 and equal the float64 reference form
+    ctx = LossContext(torch.tensor([100.0, 10.0, 1.0]))
+    loss = LOSSES.get("ldam")(ctx, drw_epoch=-1)
+    z64 = torch.tensor([[1.0, 0.3, 0.2], [0.0, 0.9, 0.0], [0.1, 0.0, 1.2]]).double()  # float32 values exactly
+    y = torch.tensor([0, 1, 2])
+    assert (1 - torch.softmax(30 * z64, 1)[torch.arange(3), y] < 1e-8).all()
+    ref = torch.stack([ldam_reference(z64[i:i + 1], y[i:i + 1], ctx, 30.0) for i in range(3)])
+    z = z64.float().requires_grad_(True)
+    per = loss.per_sample(z, y)
+    assert (per > 0).all()
+    assert_close(per.double(), ref, rtol=1e-4, atol=0)
+    soft = loss.per_sample(z, torch.nn.functional.one_hot(y, 3).float())  # the per-class path
+    assert_close(soft.double(), ref, rtol=1e-4, atol=0)
+    loss(z, y).backward()
+    z64r = z64.clone().requires_grad_(True)
+    ldam_reference(z64r, y, ctx, 30.0).backward()
+    assert z.grad.abs().sum() > 0
+    assert_close(z.grad.double(), z64r.grad, rtol=1e-4, atol=1e-12)
+
+
+def test_ldam_matches_reference_form_and_drw_weighted_mean() -> None:
+    ctx = LossContext(torch.tensor([100.0, 10.0, 1.0]), epochs=30)
+    loss = LOSSES.get("ldam")(ctx, drw_beta=0.9)
+    assert loss.drw_epoch == 24  # ceil(0.8 * 30): the LDAM-DRW code's 160 of 200
+    assert LOSSES.get("ldam")(LossContext(torch.tensor([5.0, 1.0]))).drw_epoch == 160  # run length unknown
+    assert LOSSES.get("ldam")(ctx, drw_epoch=3).drw_epoch == 3
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(64, 3, generator=g), torch.randint(0, 3, (64,), generator=g)
+    assert_close(loss(z, y, epoch=23), ldam_reference(z, y, ctx, 30.0))
+    w = torch.tensor([0.2393292360088335, 0.3674419730958617, 2.3932287908953045])
+    assert_close(loss(z, y, epoch=24), ldam_reference(z, y, ctx, 30.0, w))
+    # sum_i w_yi l_i / sum_i w_yi, not the plain mean of w_yi l_i
+    per = loss.per_sample(z, y, epoch=0)
+    assert loss(z, y, epoch=24).item() == pytest.approx(float((w[y] * per).sum() / w[y].sum()), rel=1e-5)
+    assert loss(z, y, epoch=24).item() != pytest.approx(float((w[y] * per).mean()), rel=1e-2)
+
+
+def test_focal_alpha_class_balanced_and_list_by_hand() -> None:
+    # per-sample focal (gamma 2) on Z, Y: row 0 p_0 = 0.6652410, -(1 - p)^2 log p = 0.0456778;
+    # row 1 p_2 = 0.6896721 -> 0.0357805. Class-balanced alpha (beta 0.9, n = 100, 10, 1) normalised to
+    # sum 3: (0.2393292, 0.3674420, 2.3932288); batch loss = plain mean (Cui et al.'s focal: sum / B)
+    f0, f2 = 0.04567779896788494, 0.03578047725008614
+    cb = LOSSES.get("focal")(ctx3(), alpha="class-balanced", beta=0.9)
+    assert cb(Z, Y).item() == pytest.approx((0.23932923600883355 * f0 + 2.3932287908953045 * f2) / 2, rel=1e-6)
+    assert_close(cb.per_sample(Z, Y), torch.tensor([0.23932923600883355 * f0, 2.3932287908953045 * f2],
+                                                   dtype=torch.float64), rtol=1e-6, atol=0)
+    listed = LOSSES.get("focal")(ctx3(), alpha=[0.5, 1.0, 2.0])
+    assert listed(Z, Y).item() == pytest.approx((0.5 * f0 + 2.0 * f2) / 2, rel=1e-6)
+    assert LOSSES.get("focal")(ctx3(), alpha="0.5,1,2")(Z, Y).item() == pytest.approx(listed(Z, Y).item())
+    assert LOSSES.get("focal")(ctx3(), alpha="none")(Z, Y).item() == pytest.approx((f0 + f2) / 2, rel=1e-6)
+    for bad in ("0.5,1", "x", [1.0, -1.0, 1.0], "balanced"):
+        with pytest.raises(ValueError, match="focal alpha must be"):
+            LOSSES.get("focal")(ctx3(), alpha=bad)
 
 
 def test_contrastive_l2v_uses_batch_images() -> None:

@@ -155,7 +155,7 @@ def test_lfm_label_weight_is_regularised_minimiser() -> None:
 def test_lfm_partner_frequencies_and_label_shift() -> None:
     ctx = make_ctx(aux=False, generated=False, batch_size=512)
     tau = 0.5
-    s = SAMPLERS.get("lfm")(ctx, tau=tau, alpha=1.0)
+    s = SAMPLERS.get("lfm")(ctx, tau=tau, alpha=1.0, a=1.0, per_sample=True)
     got = collect(s, range(60))
     yi, yj = ctx.labels[got["index"]], ctx.labels[got["partner"]]
     assert (yi != yj).all()
@@ -174,6 +174,21 @@ def test_lfm_partner_frequencies_and_label_shift() -> None:
     # Beta(1, 1) = uniform: mean 1/2, variance 1/12
     assert got["lam_x"].mean() == pytest.approx(0.5, abs=0.01)
     assert got["lam_x"].var() == pytest.approx(1 / 12, abs=0.005)
+
+
+def test_lfm_default_beta_is_one_draw_per_batch() -> None:
+    # the authors' LocalFeatureMixup: lam_x ~ Beta(0.2, 0.2), drawn once per batch
+    ctx = make_ctx(aux=False, generated=False, batch_size=16)
+    s = SAMPLERS.get("lfm")(ctx)
+    lams = [b.lam_x for e in range(40) for b in s.epoch(e)]
+    assert all(np.unique(lam.numpy()).size == 1 for lam in lams)
+    first = np.array([lam[0].item() for lam in lams])
+    assert first.size > 200
+    # Beta(0.2, 0.2): mean 1/2, variance 1 / (4 (2a + 1)) = 1/5.6
+    assert first.mean() == pytest.approx(0.5, abs=0.06)
+    assert first.var() == pytest.approx(1 / 5.6, abs=0.03)
+    per_row = SAMPLERS.get("lfm")(ctx, per_sample=True, a=0.2)
+    assert np.unique(next(iter(per_row.epoch(0))).lam_x.numpy()).size == 16
 
 
 def test_lfm_needs_text_similarity() -> None:

@@ -85,15 +85,22 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
 
     p = sub.add_parser(
         "make-lt", parents=[parents.store],
-        help="make the train split long-tailed (exp / pareto profile), moving dropped rows to train_unused",
+        help="make the train split long-tailed (exp / pareto / imagenet-lt profile), moving dropped rows to "
+        "train_unused",
         description="Derive a long-tailed train split from the balanced one: per target class keep a seeded "
         "random subset of n_y train rows and move the rest to split train_unused. exp: "
         "n_y = floor(n_max * (1/imbalance)^(y/(K-1))) (CIFAR-LT); pareto: Pareto(shape 6) draws sorted and mapped "
-        "to [n_max/imbalance, n_max] (ImageNet-LT style). Rows in train_unused return to the pool first, so "
-        "make-lt can be re-run. Rebuilds the classes table (train_count, bucket). One new store version.")
-    p.add_argument("--imbalance", type=float, required=True,
-                   help="n_max / n_min, e.g. 100 (CIFAR-100-LT) or 10")
-    p.add_argument("--profile", choices=["exp", "pareto"], default="exp",
+        "to [n_max/imbalance, n_max] (for 1000 classes from 1280 to 5 images: about 316 / 521 / 163 many / "
+        "medium / few classes, not ImageNet-LT's 385 / 479 / 136); imagenet-lt: ImageNet-LT's published "
+        "distribution (1280 to 5 images, 385 / 479 / 136 many (> 100) / medium / few (< 20) classes of 1000, "
+        "115.8K images) as a curve scaled to [n_max/imbalance, n_max], --imbalance 256 by default; with "
+        "--max-per-class 1280 on 1000 classes it gives those buckets exactly. Rows in train_unused return to the "
+        "pool first, so make-lt can be re-run. Rebuilds the classes table (train_count, bucket). One new store "
+        "version.")
+    p.add_argument("--imbalance", type=float, default=None,
+                   help="n_max / n_min, e.g. 100 (CIFAR-100-LT) or 10; required except for --profile imagenet-lt "
+                   "(default 256 = 1280 / 5)")
+    p.add_argument("--profile", choices=["exp", "pareto", "imagenet-lt"], default="exp",
                    help="class-size profile (default exp)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row choice and of the pareto draws (default 0)")
     p.add_argument("--max-per-class", dest="max_per_class", type=positive_int, default=None, metavar="N",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -57,7 +58,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--loss", help="loss name (default ce): ce, balanced-softmax, logit-adjust, ldam, focal, "
                    "class-balanced, ns-ce, contrastive-vl")
     g.add_argument("--loss-opt", dest="loss_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="loss option, repeatable (e.g. gamma=2, lambda_s=0.1)")
+                   help="loss option, repeatable (e.g. gamma=2, lambda_s=0.1; focal: alpha=class-balanced|none|A1,A2,..."
+                   " (class-balanced focal loss, Cui et al.) with beta=0.9999; ldam: drw_epoch=N, default ceil(0.8 * "
+                   "epochs))")
     g.add_argument("--proto", nargs="?", const=PROTO_ALL, metavar="TERMS",
                    help=f"prototype loss terms on the head's latent, comma-separated (bare --proto = {PROTO_ALL})")
     g.add_argument("--proto-M", dest="proto_m", type=int, help="memory bank size per class (default 64)")
@@ -76,7 +79,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--aux-cap", dest="aux_cap", type=int, help="max samples per auxiliary class per epoch (default 50)")
     g.add_argument("--epochs", type=int, help="epochs (default 30)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 256)")
-    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default 0.01)")
+    g.add_argument("--lr", type=float, help="peak learning rate, cosine-annealed (default: sgd 0.1, adam / adamw 0.01)")
+    g.add_argument("--standardize", choices=["auto", "on", "off"],
+                   help="feed the head (x - mean) / std of the train features: auto (default) for heads that learn "
+                   "their classifier from scratch (linear, mlp, fusion, cosine with random rows; adapter and "
+                   "lfm-projection standardise only their learned part and keep the zero-shot start), on, off")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (default sgd)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="weight decay (default 5e-4)")
@@ -127,7 +134,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("features", "text_set", "train_split", "eval_split", "head", "loss", "proto", "proto_m",
                  "proto_beta", "proto_tau_head", "proto_tau_tail_std", "proto_tau_tail_dist", "sampler", "aux_cap",
-                 "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "seed", "device",
+                 "epochs", "batch_size", "lr", "standardize", "optimizer", "momentum", "weight_decay", "seed", "device",
                  "post_hoc_tau", "tau_norm", "out_dir", "as_of", "stream_features"):
         v = getattr(args, name, None)
         if v is not None:
@@ -169,6 +176,11 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _note(line: str) -> None:
+    """A note of the run as it arises, on stderr (``warning: ...`` lines as they are, others as ``note: ...``)."""
+    print(line if line.startswith("warning:") else f"note: {line}", file=sys.stderr)
+
+
 def cmd_train_head(args: argparse.Namespace) -> int:
     from featurelt.config import resolve
     from featurelt.train.head import SWEEP_COLUMNS, sweep, train_head
@@ -176,19 +188,21 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     cfg = resolve(config_file=args.config, overrides=overrides_from_args(args))
     if args.sweep:
         grid = parse_sweep(args.sweep)
-        results, rows = sweep(args.store, cfg, grid, progress=True)
+        results, rows = sweep(args.store, cfg, grid, progress=True, log=_note)
         if args.json:
             print_rows(rows, as_json=True)
         else:
             keys = list(grid)
             print_rows([{k: _fmt(v) for k, v in r.items()} for r in rows], columns=[*keys, *SWEEP_COLUMNS, "run_id"])
         return 0
-    res = train_head(args.store, cfg, progress=True)
+    res = train_head(args.store, cfg, progress=True, log=_note)
     m = res.metrics
     if args.json:
         out = {"run_id": res.run_id, "checkpoint": res.checkpoint, "pinned_versions": res.pinned_versions,
                "train_seconds": res.train_seconds, "eval_seconds": res.eval_seconds, "load_seconds": res.load_seconds,
-               "device": res.device, "features_in": res.features_in, **{k: m[k] for k in METRIC_COLUMNS},
+               "device": res.device, "features_in": res.features_in, "notes": res.notes,
+               "top_class_fraction": m["top_class_fraction"],
+               **{k: m[k] for k in METRIC_COLUMNS},
                "config": res.config.to_dict()}
         json.dump(out, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
@@ -200,6 +214,9 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     print(f"trained {cfg.epochs} epochs in {res.train_seconds:.2f} s ({m['num_train']} train rows), evaluated "
           f"{m['num_evaluated']} '{cfg.eval_split}' rows in {res.eval_seconds:.2f} s")
     print(f"checkpoint: {res.checkpoint}")
+    for line in res.notes:
+        if line.startswith("warning:"):
+            print(line)
     return 0
 
 
@@ -256,6 +273,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store = open_store(args)
     args.run_id = resolve_run_id(store, args.run_id)
     run, m = recompute_run_metrics(store, args.run_id)
+    if run.get("checkpoint") and os.path.exists(run["checkpoint"]):  # a damaged head.pt: one error line naming it
+        from featurelt.train.head import load_checkpoint
+
+        load_checkpoint(run["checkpoint"])
 
     def same(a: Any, b: Any) -> bool:
         if a is None or b is None:

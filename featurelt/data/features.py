@@ -66,6 +66,11 @@ def available_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def non_finite_message(name: str, sample_id: str) -> str:
+    return (f"embedding set '{name}' has a NaN or infinite value in the vector of sample {sample_id}: "
+            f"re-extract it (featurelt extract) or leave the set out of --features")
+
+
 class StoreRows:
     """Features of a split left in the store: ``[N, D_total]`` (view 0) read by row on demand.
 
@@ -74,10 +79,13 @@ class StoreRows:
     return float32 numpy arrays; :meth:`subset` keeps a lazy selection of samples.
     """
 
-    def __init__(self, datasets: list[Any], positions: list[np.ndarray], dims: tuple[int, ...]) -> None:
+    def __init__(self, datasets: list[Any], positions: list[np.ndarray], dims: tuple[int, ...],
+                 sample_ids: np.ndarray | None = None, names: tuple[str, ...] | None = None) -> None:
         self.datasets = datasets
         self.positions = positions
         self.dims = dims
+        self.sample_ids = sample_ids  # [N] str, to name a sample with a non-finite vector
+        self.names = names            # embedding set names, in block order
         self.offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
 
     @property
@@ -101,7 +109,13 @@ class StoreRows:
             # each distinct row once, in file order (Lance reads sorted offsets fastest); then scatter back
             uniq, inverse = np.unique(wanted, return_inverse=True)
             table = ds.take(uniq, columns=["vector"])
-            out[:, self.offsets[i]:self.offsets[i + 1]] = _vectors(table)[inverse]
+            block = _vectors(table)[inverse]
+            if not np.isfinite(block).all():
+                bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                name = self.names[i] if self.names else f"#{i}"
+                sid = self.sample_ids[rows[bad]] if self.sample_ids is not None else f"row {int(rows[bad])}"
+                raise ValueError(non_finite_message(name, str(sid)))
+            out[:, self.offsets[i]:self.offsets[i + 1]] = block
         return out
 
     def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
@@ -115,7 +129,8 @@ class StoreRows:
 
     def subset(self, rows: np.ndarray) -> "StoreRows":
         """The samples ``rows`` (index array or boolean mask), still lazy."""
-        return StoreRows(self.datasets, [p[rows] for p in self.positions], self.dims)
+        return StoreRows(self.datasets, [p[rows] for p in self.positions], self.dims,
+                         None if self.sample_ids is None else self.sample_ids[rows], self.names)
 
 
 @dataclass(frozen=True)
@@ -255,6 +270,10 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
                 if views:
                     strength[rows, v] = batch.column("aug_strength").to_numpy()[keep]
             first_row += batch.num_rows
+        if not streamed:  # one vectorised pass per set: name the first sample (in sample_id order) with a bad value
+            finite = np.isfinite(x[:, :, offsets[i]:offsets[i + 1]]).all(axis=(1, 2))  # type: ignore[index]
+            if not finite.all():
+                raise ValueError(non_finite_message(name, str(ids[np.flatnonzero(~finite)[0]])))
         missing = ~seen.all(axis=1)
         if missing.any():
             examples = ", ".join(ids[missing][:3])
@@ -263,7 +282,7 @@ def load_features(store: "Store", sets: list[str] | tuple[str, ...], *, split: s
                              f"'{split}' (e.g. {examples}); extract them first: featurelt extract ... "
                              f"(store {store.root}, version {store.version})")
     if streamed:
-        rows_ = StoreRows([store.dataset(t) for t in tables], positions, tuple(dims))
+        rows_ = StoreRows([store.dataset(t) for t in tables], positions, tuple(dims), ids, tuple(sets))
         return FeatureSet(sample_ids=ids, labels=labels, source=source, x=rows_, sets=tuple(sets), dims=tuple(dims),
                           views=rows_ if views else None, view_strength=strength if views else None)
     return FeatureSet(sample_ids=ids, labels=labels, source=source, x=np.ascontiguousarray(x[:, 0]),  # type: ignore[index]

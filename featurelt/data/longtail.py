@@ -5,7 +5,18 @@ Profiles (pure functions of their arguments; class ``y`` is the y-th target clas
 - ``exp`` (CIFAR-LT): ``n_y = floor(n_max * (1/imbalance)^(y/(K-1)))``;
 - ``pareto`` (ImageNet-LT / Places-LT style): K draws from a Pareto distribution with shape 6
   (``numpy.random.default_rng(seed).pareto(6, K)``), sorted in decreasing order and mapped linearly so
-  the largest is ``n_max`` and the smallest ``n_max / imbalance``, then floored.
+  the largest is ``n_max`` and the smallest ``n_max / imbalance``, then floored. It does not reproduce
+  ImageNet-LT's buckets: for 1000 classes from 1280 to 5 images it gives about 316 / 521 / 163
+  many / medium / few classes where ImageNet-LT has 385 / 479 / 136;
+- ``imagenet-lt``: the published ImageNet-LT distribution (Liu et al. 2019: 1000 classes, 1280 to 5
+  train images, 385 many (> 100) / 479 medium / 136 few (< 20) classes, 115,846 images). The per-class
+  list is not shipped, so the profile is a curve through those statistics in log space:
+  ``n(q) = n_max * imbalance^(-g(q))`` at ``q = y / (K-1)``, with ``g`` rising from 0 to ``g_a`` on
+  ``[0, 0.385]`` as ``g_a (1 - (1 - q/0.385)^3.71)`` (the exponent fits the image total), linear to
+  ``g_b`` at 0.864 and to 1 at 1, where ``g_a = log(1280/101) / log 256`` and ``g_b = log(1280/20) / log 256``
+  put 101 and 20 images at the bucket edges. With n_max 1280 and imbalance 256 (its default) it gives
+  exactly 385 / 479 / 136 classes for K = 1000 (115,880 images); other K, n_max and imbalance scale
+  the same shape.
 
 :func:`make_lt` keeps a seeded random subset of each class's train rows (original source only) and
 moves the rest to split ``train_unused``, in one transaction that also rebuilds ``classes``. Rows
@@ -24,9 +35,14 @@ import numpy as np
 if TYPE_CHECKING:
     from featurelt.store.core import Store
 
-Profile = Literal["exp", "pareto"]
+Profile = Literal["exp", "pareto", "imagenet-lt"]
 PROFILES: tuple[str, ...] = get_args(Profile)
 PARETO_SHAPE = 6.0  # ImageNet-LT's Pareto shape (alpha = 6)
+# imagenet-lt curve (module docstring): ImageNet-LT's 1280..5 images and its many / few bucket edges
+IMAGENET_LT_IMBALANCE = 256.0            # 1280 / 5
+IMAGENET_LT_EDGES = (0.385, 0.864)       # fractions of classes above 100 and at >= 20 images (385, 385 + 479 of 1000)
+IMAGENET_LT_LOG_DROPS = (math.log(1280 / 101) / math.log(256), math.log(1280 / 20) / math.log(256))
+IMAGENET_LT_HEAD_POWER = 3.71            # fits the 115,846 images of ImageNet-LT's train split
 UNUSED_SPLIT = "train_unused"
 _EPS = 1e-9  # floor() guard against 144 * 0.1 = 14.399999...
 
@@ -67,12 +83,27 @@ def pareto_profile(n_max: int, num_classes: int, imbalance: float, *, seed: int 
     return counts
 
 
+def imagenet_lt_profile(n_max: int, num_classes: int, imbalance: float = IMAGENET_LT_IMBALANCE) -> list[int]:
+    """ImageNet-LT's published class-size curve (module docstring) for ``y = 0..K-1``, largest first."""
+    _check(n_max, num_classes, imbalance)
+    if num_classes == 1:
+        return [int(n_max)]
+    (a, b), (ga, gb) = IMAGENET_LT_EDGES, IMAGENET_LT_LOG_DROPS
+    q = np.arange(num_classes) / (num_classes - 1)
+    head = ga * (1.0 - np.clip(1.0 - q / a, 0.0, 1.0) ** IMAGENET_LT_HEAD_POWER)
+    g = np.where(q < a, head, np.where(q < b, ga + (gb - ga) * (q - a) / (b - a), gb + (1.0 - gb) * (q - b) / (1.0 - b)))
+    counts = np.floor(n_max * np.power(float(imbalance), -g) + _EPS).astype(np.int64)
+    return [int(max(1, c)) for c in counts]
+
+
 def profile_counts(profile: Profile, n_max: int, num_classes: int, imbalance: float, *, seed: int = 0) -> list[int]:
-    """Counts of ``profile`` (``exp`` | ``pareto``) for classes 0..K-1 in label order."""
+    """Counts of ``profile`` (``exp`` | ``pareto`` | ``imagenet-lt``) for classes 0..K-1 in label order."""
     if profile == "exp":
         return exp_profile(n_max, num_classes, imbalance)
     if profile == "pareto":
         return pareto_profile(n_max, num_classes, imbalance, seed=seed)
+    if profile == "imagenet-lt":
+        return imagenet_lt_profile(n_max, num_classes, imbalance)
     raise ValueError(f"unknown profile '{profile}'; available: {', '.join(PROFILES)}")
 
 
@@ -104,19 +135,24 @@ def _in_list(ids: list[str]) -> str:
     return ", ".join("'" + s.replace("'", "''") + "'" for s in ids)
 
 
-def make_lt(store: "Store", *, imbalance: float, profile: Profile = "exp", seed: int = 0,
+def make_lt(store: "Store", *, imbalance: float | None, profile: Profile = "exp", seed: int = 0,
             max_per_class: int | None = None, many: int | None = None, few: int | None = None,
             message: str | None = None, chunk: int = 20000) -> LongTailResult:
     """Make the train split long-tailed in one transaction (see module docstring).
 
     n_max is ``max_per_class`` if given, else the smallest per-class pool (train + train_unused rows
     of source original), so every class can supply its count. many / few: bucket thresholds for the
-    rebuilt classes table (default: the current ones, else 100 / 20).
+    rebuilt classes table (default: the current ones, else 100 / 20). imbalance: n_max / n_min; None is
+    ImageNet-LT's 256 for profile ``imagenet-lt`` and an error for the others.
     """
     from featurelt.data.classes import check_thresholds, current_thresholds, rebuild_classes
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; available: {', '.join(PROFILES)}")
+    if imbalance is None:
+        if profile != "imagenet-lt":
+            raise ValueError(f"profile {profile} needs --imbalance (n_max / n_min, e.g. 100)")
+        imbalance = IMAGENET_LT_IMBALANCE
     if not store.has_table("samples") or not store.has_table("classes"):
         raise ValueError(f"store {store.root} has no samples: run `featurelt ingest` first")
     cur_many, cur_few = current_thresholds(store)
@@ -167,5 +203,5 @@ def make_lt(store: "Store", *, imbalance: float, profile: Profile = "exp", seed:
                           moved=len(drop), store_version=store.version)
 
 
-__all__ = ["exp_profile", "pareto_profile", "profile_counts", "choose_subset", "make_lt", "LongTailResult",
+__all__ = ["exp_profile", "pareto_profile", "imagenet_lt_profile", "profile_counts", "choose_subset", "make_lt", "LongTailResult",
            "PROFILES", "UNUSED_SPLIT"]

@@ -48,9 +48,25 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
     Most heads are trained by gradient descent. A head with ``fitted = True`` (``knn``, ``ncm``) is
     instead made in one pass over the train rows by :meth:`fit`, and has no parameters: train-head
     then runs no epochs, and the loss, sampler and optimizer do not apply.
+
+    ``standardize_input``: whether train-head's ``--standardize auto`` feeds this head standardised
+    features ``(x - mean) / std`` (train-split statistics, per dimension). True for heads that learn their
+    classifier from scratch (linear, mlp, fusion, cosine with random rows): frozen encoders' features often
+    share one large mean direction with little spread around it (the tiny test encoders: std / |mean|
+    below 0.01), which leaves gradient descent on the raw features predicting one class. False where the
+    raw geometry is the method (text-aligned heads, kNN / NCM); the text-aligned heads adapter and
+    lfm-projection standardise only their learned part (``takes_input_statistics``).
     """
 
     fitted: ClassVar[bool] = False
+    standardize_input: bool = False
+    # heads that keep the raw features for a zero-shot start but standardise their learned part themselves
+    # (adapter, lfm-projection): train-head hands them the statistics via set_input_statistics(mean, std)
+    takes_input_statistics: ClassVar[bool] = False
+
+    def set_input_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Heads with ``takes_input_statistics``: per-dimension train mean and std [D] of the features."""
+        raise TypeError(f"head {type(self).__name__} does not take input statistics")
 
     def __init__(self, ctx: HeadContext) -> None:
         super().__init__()

@@ -19,6 +19,8 @@ from featurelt.heads.base import HEADS, Head, HeadContext
 class FusionHead(Head):
     """Self-attention over cached sources as tokens, alpha-mixed with a linear head on the first source (section 2)."""
 
+    standardize_input = True
+
     def __init__(self, ctx: HeadContext, *, width: int = 256, num_heads: int = 4, alpha: float = 0.5,
                  dropout: float = 0.5) -> None:
         """width: common token width, divisible by num_heads. num_heads: attention heads, >= 1.

@@ -22,6 +22,7 @@ class LinearClassifierHead(Head):
     """A head whose classifier is the linear layer ``fc`` on its latent: it can be tau-normalised."""
 
     fc: nn.Linear
+    standardize_input = True
 
     def classify(self, z: Tensor) -> Tensor:
         return self.fc(z)

@@ -8,8 +8,11 @@ option raises ``TypeError`` naming every unknown key and the accepted ones.
 (mixup) targets ``[B, K]``. Every loss defines :meth:`Loss.per_class` ``[B, K]``, the loss sample b
 would have if its label were k (class weights included); a soft target gives
 ``sum_k y_k * per_class[:, k]``, so a one-hot soft target reproduces the hard-label loss exactly.
-``per_sample(logits, target, *, epoch=0) -> [B]`` satisfies ``per_sample(...).mean() == forward(...)``
-(used by the ECVL momentum sampler, METHODS.md section 5).
+``per_sample(logits, target, *, epoch=0) -> [B]`` satisfies ``reduce(per_sample(...), target) == forward(...)``
+(used by the ECVL momentum sampler, METHODS.md section 5). ``reduce`` is the plain batch mean, except for a
+loss with ``weighted_mean = True`` (ldam with deferred re-weighting): there it is PyTorch's weighted mean
+``sum_i w_i l_i / sum_i w_i`` with ``w_i = sum_k y_ik w_k`` (``F.cross_entropy(weight=...)``, as in the
+LDAM-DRW reference code).
 
 Families (one file each): ``softmax.py`` (ce, balanced-softmax, logit-adjust, class-balanced, focal;
 METHODS.md section 1), ``ldam.py`` (section 1), ``neighbor.py`` (ns-ce, section 3),
@@ -46,6 +49,7 @@ class LossContext:
     class_counts: Tensor
     neighbor_of: Tensor | None = field(default=None)
     num_target: int | None = field(default=None)
+    epochs: int | None = field(default=None)  # epochs of the run (schedules such as ldam's DRW start); None = unknown
 
     def __post_init__(self) -> None:
         counts = torch.as_tensor(self.class_counts)
@@ -65,6 +69,8 @@ class LossContext:
             raise ValueError(f"num_target must be in 1..{k}, got {self.num_target}")
         if (nb[:num_target] != -1).any():
             raise ValueError("neighbor_of must be -1 for target classes (labels < num_target)")
+        if self.epochs is not None and int(self.epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         object.__setattr__(self, "class_counts", counts.float())
         object.__setattr__(self, "neighbor_of", nb)
         object.__setattr__(self, "num_target", num_target)
@@ -118,7 +124,11 @@ class Loss(nn.Module):
     """Base class: subclasses implement :meth:`per_class`; targets, weighting and reduction live here.
 
     Buffers (move with ``.to(device)``): ``class_counts`` [K], ``log_prior`` [K] = log(n / sum n).
+    ``weighted_mean``: False = the batch loss is the plain mean of the (weighted) per-sample losses;
+    True = ``sum_i w_i l_i / sum_i w_i`` when :meth:`class_weights` gives weights (see :meth:`reduce`).
     """
+
+    weighted_mean: bool = False
 
     def __new__(cls, ctx: LossContext | None = None, *args: Any, **opts: Any) -> "Loss":
         check_options(cls, opts)
@@ -140,6 +150,10 @@ class Loss(nn.Module):
     def class_weights(self, *, epoch: int = 0) -> Tensor | None:
         """Optional per-class weights [K] multiplying the per-class loss (None = all 1)."""
         return None
+
+    def schedule_notes(self, epochs: int) -> list[str]:
+        """Lines for the run's log about epoch-dependent behaviour over ``epochs`` epochs (none by default)."""
+        return []
 
     def _check(self, logits: Tensor) -> None:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
@@ -163,9 +177,20 @@ class Loss(nn.Module):
         # y_k = 0 entries must not turn an infinite per-class loss into nan
         return torch.where(y != 0, y * losses, torch.zeros_like(losses)).sum(1)
 
+    def reduce(self, per_sample: Tensor, target: Tensor, *, epoch: int = 0) -> Tensor:
+        """Batch loss from :meth:`per_sample` [B]: the mean, or (``weighted_mean`` and class weights at
+        ``epoch``) ``sum_i w_i l_i / sum_i w_i`` with ``w_i = w_{y_i}`` (soft target: ``sum_k y_ik w_k``)."""
+        w = self.class_weights(epoch=epoch) if self.weighted_mean else None
+        if w is None:
+            return per_sample.mean()
+        w = w.to(per_sample)
+        if target.dim() == 1 and not target.dtype.is_floating_point:
+            return per_sample.sum() / w[target.long()].sum()
+        return per_sample.sum() / (soft_targets(target, self.num_classes).to(per_sample) @ w).sum()
+
     def forward(self, logits: Tensor, target: Tensor, *, epoch: int = 0) -> Tensor:
-        """Mean of :meth:`per_sample` over the batch. Returns a scalar tensor."""
-        return self.per_sample(logits, target, epoch=epoch).mean()
+        """:meth:`reduce` of :meth:`per_sample` over the batch. Returns a scalar tensor."""
+        return self.reduce(self.per_sample(logits, target, epoch=epoch), target, epoch=epoch)
 
 
 from featurelt.losses import contrastive, ldam, neighbor, softmax  # noqa: E402  (register the families)

@@ -45,17 +45,20 @@ class LFMSampler(Sampler):
     a uniform pool row of j. ``lam_x ~ Beta(a, a)``, ``lam_y = lfm_label_weight(lam_x, n_i, n_j, alpha)``
     with n = ``ctx.class_counts``.
     Options: tau > 0 (default 0.05), alpha >= 0 (default 1; Places-LT 1.25 / 1.5), a > 0 (Beta
-    parameter, default 1.0 = uniform lam_x: the paper only says "a beta distribution").
+    parameter, default 0.2), per_sample (default False: one lam_x per batch of ``ctx.batch_size`` rows;
+    True: one per row). The paper only says "a beta distribution"; the defaults are the authors' code
+    (``mixups.py``, ``LocalFeatureMixup``: ``Beta(0.2, 0.2)``, one draw per batch).
     """
 
-    def __init__(self, ctx: SamplerContext, *, tau: float = 0.05, alpha: float = 1.0, a: float = 1.0,
-                 aux_ratio: bool = True, aux_per_head: int = 1, many: int = 100, few: int = 20) -> None:
+    def __init__(self, ctx: SamplerContext, *, tau: float = 0.05, alpha: float = 1.0, a: float = 0.2,
+                 per_sample: bool = False, aux_ratio: bool = True, aux_per_head: int = 1, many: int = 100,
+                 few: int = 20) -> None:
         super().__init__(ctx, aux_ratio=aux_ratio, aux_per_head=aux_per_head, many=many, few=few)
         if ctx.text_sim is None:
             raise ValueError("sampler 'lfm' needs class text embeddings: SamplerContext.text_sim is None")
         if alpha < 0 or a <= 0:
             raise ValueError(f"lfm needs alpha >= 0 and a > 0, got alpha={alpha}, a={a}")
-        self.tau, self.alpha, self.a = float(tau), float(alpha), float(a)
+        self.tau, self.alpha, self.a, self.per_sample = float(tau), float(alpha), float(a), bool(per_sample)
         self.partner_probs = lfm_partner_probs(ctx.text_sim, self.tau)
 
     def plan(self, rng: np.random.Generator, pool: np.ndarray, epoch: int) -> Plan:
@@ -85,7 +88,11 @@ class LFMSampler(Sampler):
                 p = self.partner_probs[yi[pos]] * present * ~full
                 partner_cls[pos] = rng.choice(p.size, p=p / p.sum()) if p.sum() > 0 else yi[pos]
         partner = self.rows_of(rng, partner_cls, pool)
-        lam_x = rng.beta(self.a, self.a, size=index.size)
+        if self.per_sample:
+            lam_x = rng.beta(self.a, self.a, size=index.size)
+        else:  # one draw per batch (Sampler.epoch cuts the plan into batches of batch_size rows)
+            batches = -(-index.size // ctx.batch_size)
+            lam_x = np.repeat(rng.beta(self.a, self.a, size=batches), ctx.batch_size)[: index.size]
         n = ctx.class_counts
         lam_y = lfm_label_weight(torch.from_numpy(lam_x), torch.from_numpy(n[yi]), torch.from_numpy(n[partner_cls]),
                                  self.alpha).numpy()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -38,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +59,9 @@ from featurelt.store import Store, command_line, utcnow
 if TYPE_CHECKING:
     from featurelt.heads.base import Head
 
+logger = logging.getLogger("featurelt.train")
+
+COLLAPSE_FRACTION = 0.9  # a run predicting one class for more of the eval rows gets a warning note
 EVAL_BATCH = 8192        # rows per evaluation forward pass
 DEVICE_FRACTION = 0.5    # features go to the GPU when they take at most this fraction of free memory
 
@@ -80,6 +84,7 @@ class TrainData:
     bucket_many: int | None = None  # classes-table thresholds (many > bucket_many, few < bucket_few),
     bucket_few: int | None = None   #   passed to samplers that take them (auxiliary ratio rule, section 3)
     streamed: bool = False          # True: x lives on the host or in the store; each batch is copied to `device`
+    label_map: LabelMap | None = None  # store labels <-> the head indices of y (None: they are equal)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -148,6 +153,7 @@ class RunResult:
     streamed: bool                   # features streamed per batch (from host memory or the store)
     features_in: str = "device"      # device | host | store (TrainData.features_in)
     predictions: pa.Table | None = None  # the predictions rows written
+    notes: list[str] = field(default_factory=list)  # log lines of the run (also metrics["notes"] in the runs row)
 
 
 # ---------------------------------------------------------------------------------------- determinism
@@ -179,6 +185,24 @@ def deterministic(device: torch.device) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------- the loop
+def input_statistics(x: Tensor | StoreRows, device: torch.device, *, chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std ``[D]`` (float32, on ``device``) of the train features ``x`` [N, D] (view 0),
+    accumulated in float64 chunk by chunk (streamed features are read from the store once). A dimension
+    with (near) zero spread gets std 1, so it stays 0 after centring."""
+    n = len(x)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    sq = torch.zeros_like(total)
+    for start in range(0, n, chunk):
+        part = torch.as_tensor(x[start:start + chunk]).to(device).double()
+        total += part.sum(0)
+        sq += (part * part).sum(0)
+    mean = total / max(n, 1)
+    var = (sq / max(n, 1) - mean * mean).clamp_min(0)
+    std = var.sqrt()
+    std = torch.where(std > 1e-6 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
 def _accepts(cls: Any, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
 
@@ -201,18 +225,27 @@ class HeadTrainer:
 
     def __init__(self, cfg: TrainCfg, data: TrainData) -> None:
         self.cfg, self.data, self.device = cfg, data, data.device
+        self.notes: list[str] = []  # lines for the run's log (e.g. when ldam's re-weighting starts)
         k = data.num_classes
         ctx = HeadContext(in_dims=list(data.in_dims), num_classes=k, text_embeddings=data.text)
         self.head: Head = build("head", cfg.head, HEADS.get(cfg.head), ctx, cfg.head_opts).to(self.device)
         if cfg.tau_norm > 0:  # refuse before training a head that cannot be tau-normalised
             self.head.tau_normalised_logits(torch.zeros(1, ctx.in_dim, device=self.device), cfg.tau_norm)
         self.fitted = self.head.fitted  # knn, ncm: one pass of fit() instead of epochs
+        # (x - mean) / std of the train features, applied wherever features reach the head
+        self.input_norm: tuple[Tensor, Tensor] | None = None
+        if cfg.standardize == "on" or (cfg.standardize == "auto" and self.head.standardize_input):
+            self.input_norm = input_statistics(data.x, self.device)
+        elif cfg.standardize == "auto" and self.head.takes_input_statistics:
+            self.head.set_input_statistics(*input_statistics(data.x, self.device))
         if self.fitted:
             if cfg.proto:
                 raise ValueError(f"head '{cfg.head}' is fitted, not trained: --proto does not apply")
             return
-        loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target)
+        loss_ctx = LossContext(class_counts=data.class_counts, neighbor_of=data.neighbor_of, num_target=data.num_target,
+                               epochs=cfg.epochs)
         self.loss = build("loss", cfg.loss, LOSSES.get(cfg.loss), loss_ctx, cfg.loss_opts).to(self.device)
+        self.notes.extend(self.loss.schedule_notes(cfg.epochs))
         self.proto: ProtoLoss | None = None
         if cfg.proto:
             dim = self._latent_dim()
@@ -240,25 +273,35 @@ class HeadTrainer:
         self.wants_feedback = type(self.sampler).feedback is not Sampler.feedback
         params = list(self.head.parameters())
         if cfg.optimizer == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.effective_lr, momentum=cfg.momentum,
                                                               weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.Adam(params, lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
         else:
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.AdamW(params, lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+
+    def standardized(self, x: Tensor) -> Tensor:
+        """x: [B, D_total] on the device. Returns ``(x - mean) / std`` when the input is standardised, else x."""
+        if self.input_norm is None:
+            return x
+        mean, std = self.input_norm
+        return (x - mean) / std
 
     def _latent_dim(self) -> int:
         with torch.no_grad():
             was = self.head.training
             self.head.eval()
-            d = self.head.features(torch.as_tensor(self.data.x[:1]).to(self.device)).shape[1]
+            d = self.head.features(self.standardized(torch.as_tensor(self.data.x[:1]).to(self.device))).shape[1]
             self.head.train(was)
         return int(d)
 
     def _gather(self, rows: Tensor, view: Tensor | None) -> Tensor:
         """Features of ``rows`` ([B] long, on the device -- or on the host when streamed); ``view`` [B]
-        picks cached views. Returns [B, D_total] on the device."""
+        picks cached views. Returns [B, D_total] on the device, standardised (:meth:`standardized`)."""
+        return self.standardized(self._gather_raw(rows, view))
+
+    def _gather_raw(self, rows: Tensor, view: Tensor | None) -> Tensor:
         d = self.data
         if isinstance(d.x, StoreRows):  # read this batch's rows from the store
             src = d.x if view is None else d.views
@@ -321,7 +364,7 @@ class HeadTrainer:
             logits, z = self.head.logits_and_features(x)
             if self.wants_feedback:
                 per = self.loss.per_sample(logits, target, epoch=epoch)
-                loss = per.mean()
+                loss = self.loss.reduce(per, target, epoch=epoch)
                 self.sampler.feedback(batch.index, per.detach(), batch.view)
             else:
                 loss = self.loss(logits, target, epoch=epoch)
@@ -337,7 +380,7 @@ class HeadTrainer:
             raise ValueError(f"sampler '{self.cfg.sampler}' yielded no batch in epoch {epoch}")
         mean = float(total) / steps
         if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss is {mean} in epoch {epoch} (lr {self.cfg.lr} too high?)")
+            raise FloatingPointError(f"training loss is {mean} in epoch {epoch} (lr {self.cfg.effective_lr} too high?)")
         return mean
 
     @torch.no_grad()
@@ -364,7 +407,7 @@ class HeadTrainer:
         out = []
         for start in range(0, len(x), EVAL_BATCH):
             chunk = x[start:start + EVAL_BATCH]
-            chunk = torch.as_tensor(chunk).to(self.device, non_blocking=True)
+            chunk = self.standardized(torch.as_tensor(chunk).to(self.device, non_blocking=True))
             out.append(self.head.tau_normalised_logits(chunk, tau_norm) if tau_norm > 0 else self.head(chunk))
         return torch.cat(out)
 
@@ -374,33 +417,85 @@ def new_run_id() -> str:
     return f"{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _classes(store: Store) -> tuple[pa.Table, int]:
+@dataclass(frozen=True)
+class LabelMap:
+    """Store labels <-> head indices: target classes first, then auxiliary ones, each in label order.
+
+    Heads, losses and samplers number auxiliary classes K_target..K-1 (METHODS.md section 3); the store
+    numbers classes in the order they were ingested, so an original class ingested after an auxiliary one
+    has a larger label. Training works in head indices; predictions and runs rows keep store labels.
+    """
+
+    to_store: np.ndarray  # [K] int64: store label of head index i
+    to_head: np.ndarray   # [max label + 1] int64: head index of a store label (-1: not a class)
+    num_target: int       # K_target
+
+    @classmethod
+    def from_classes(cls, classes: pa.Table) -> "LabelMap":
+        labels = np.asarray(classes.column("label").to_pylist(), dtype=np.int64)
+        aux = np.asarray([s == "auxiliary" for s in classes.column("source").to_pylist()], dtype=bool)
+        order = np.concatenate([np.sort(labels[~aux]), np.sort(labels[aux])])
+        to_head = np.full(int(labels.max()) + 1 if labels.size else 0, -1, dtype=np.int64)
+        to_head[order] = np.arange(order.size)
+        return cls(to_store=order, to_head=to_head, num_target=int((~aux).sum()))
+
+    def lookup(self, labels: np.ndarray) -> np.ndarray:
+        """Store labels [N] -> head indices [N] int64, -1 for a label outside the classes table."""
+        labels = np.asarray(labels, dtype=np.int64)
+        ok = (labels >= 0) & (labels < self.to_head.size)
+        idx = np.full(labels.shape, -1, dtype=np.int64)
+        idx[ok] = self.to_head[labels[ok]]
+        return idx
+
+    def head(self, labels: np.ndarray, what: str) -> np.ndarray:
+        """:meth:`lookup`, with a ValueError naming ``what`` for a label outside the classes table."""
+        idx = self.lookup(labels)
+        if (idx < 0).any():
+            bad = int(np.asarray(labels)[idx < 0][0])
+            raise ValueError(f"{what} has label {bad}, which is not in the classes table "
+                             f"(labels {', '.join(map(str, np.sort(self.to_store)[:10]))}...)")
+        return idx
+
+    def is_target(self, labels: np.ndarray) -> np.ndarray:
+        """[N] bool: the store label is a target (non-auxiliary) class."""
+        idx = self.lookup(labels)
+        return (idx >= 0) & (idx < self.num_target)
+
+
+def _classes(store: Store) -> tuple[pa.Table, LabelMap]:
+    """The classes table in head order (target classes, then auxiliary ones) and its :class:`LabelMap`."""
     if not store.has_table("classes"):
         raise ValueError(f"store {store.root} has no classes table at version {store.version}: run `featurelt ingest` first")
-    classes = store.read("classes").sort_by("label")
-    source = classes.column("source").to_pylist()
-    num_target = sum(1 for s in source if s != "auxiliary")
-    if any(s == "auxiliary" for s in source[:num_target]):
-        raise ValueError("classes table: auxiliary classes must come after the target classes (labels K..K+A-1)")
-    return classes, num_target
+    classes = store.read("classes")
+    label_map = LabelMap.from_classes(classes)
+    position = {int(v): i for i, v in enumerate(classes.column("label").to_pylist())}
+    return classes.take(pa.array([position[int(v)] for v in label_map.to_store], pa.int64())), label_map
 
 
 def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views: bool) -> tuple[TrainData, FeatureSet, pa.Table]:
-    """Read the train split, classes and text embeddings at the pinned version; place them on ``device``."""
-    classes, num_target = _classes(store)
+    """Read the train split, classes and text embeddings at the pinned version; place them on ``device``.
+
+    Labels, class counts, ``neighbor_of`` and text rows are in head order (:class:`LabelMap`, also in
+    ``TrainData.label_map``); the returned classes table is in that order too.
+    """
+    classes, label_map = _classes(store)
+    num_target = label_map.num_target
     k = classes.num_rows
     # on CUDA, features too large for the GPU also take a pinned host copy: count them twice for "auto"
     fraction = MEMORY_FRACTION / 2 if device.type == "cuda" else MEMORY_FRACTION
     train = load_features(store, list(cfg.features), split=cfg.train_split, views=views, stream=cfg.stream_features,
                           memory_fraction=fraction)
-    if train.labels.max() >= k or train.labels.min() < 0:
-        raise ValueError(f"train split has label {int(train.labels.max())} outside the classes table (0..{k - 1})")
-    counts = class_counts_of(train.labels, train.source, k)
-    neighbor = np.array([-1 if v is None else v for v in classes.column("neighbor_of").to_pylist()], dtype=np.int64)
+    y = label_map.head(train.labels, f"train split '{cfg.train_split}'")
+    counts = class_counts_of(y, train.source, k)
+    parents = [None if v is None else int(v) for v in classes.column("neighbor_of").to_pylist()]
+    neighbor = np.array([-1 if v is None or not 0 <= v < label_map.to_head.size else label_map.to_head[v]
+                         for v in parents], dtype=np.int64)
     neighbor[:num_target] = -1
+    neighbor[neighbor >= num_target] = -1  # a parent must be a target class
     text = None
     if cfg.text_set:
-        text = torch.from_numpy(load_text_embeddings(store, cfg.text_set, num_classes=k))
+        rows = load_text_embeddings(store, cfg.text_set, num_classes=int(label_map.to_store.max()) + 1)
+        text = torch.from_numpy(np.ascontiguousarray(rows[label_map.to_store]))
     if train.streamed:  # vectors stay in the store; labels (small) on the host
         stream, x, views_t = True, train.x, train.views
     else:
@@ -409,7 +504,7 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
         x = place(train.x, device, stream=stream)  # type: ignore[arg-type]
         views_t = place(train.views, device, stream=stream) if train.views is not None else None  # type: ignore[arg-type]
     data = TrainData(
-        x=x, y=place(train.labels, device, stream=stream),
+        x=x, y=place(y, device, stream=stream), label_map=label_map,
         source=train.source, class_counts=torch.from_numpy(counts).float(), neighbor_of=torch.from_numpy(neighbor),
         num_target=num_target, in_dims=list(train.dims), text=text, views=views_t,
         view_strength=train.view_strength, streamed=stream, device=device,
@@ -417,9 +512,21 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
     return data, train, classes
 
 
+def dominant_prediction(pred: np.ndarray) -> tuple[int, float]:
+    """(most predicted class, the fraction [0, 1] of rows predicted as it) of predictions [N]."""
+    if len(pred) == 0:
+        return -1, 0.0
+    values, counts = np.unique(pred, return_counts=True)
+    i = int(np.argmax(counts))
+    return int(values[i]), float(counts[i] / len(pred))
+
+
 def evaluate(trainer: HeadTrainer, feats: FeatureSet, *, num_target: int, post_hoc_tau: float,
-             class_counts: Tensor, tau_norm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             class_counts: Tensor, tau_norm: float = 0.0,
+             to_store: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(labels [N], prediction [N], top5 [N, min(5, K_target)], score [N]) over target classes only.
+    ``to_store`` [K]: head index -> store label for prediction and top5 (:class:`LabelMap`); labels are
+    ``feats.labels`` as stored.
 
     Auxiliary logits are dropped before the softmax (METHODS.md section 3); with ``tau_norm > 0`` the
     classifier rows are tau-normalised first, and with ``post_hoc_tau > 0`` the kept logits become
@@ -430,17 +537,32 @@ def evaluate(trainer: HeadTrainer, feats: FeatureSet, *, num_target: int, post_h
         logits = post_hoc_logit_adjust(logits, class_counts.to(logits.device), post_hoc_tau)
     probs = torch.softmax(logits.float(), dim=1)
     score, top = probs.topk(min(5, num_target), dim=1)
-    top = top.cpu().numpy().astype(np.int32)
+    top = top.cpu().numpy().astype(np.int64)
+    if to_store is not None:
+        top = np.asarray(to_store, dtype=np.int64)[top]
+    top = top.astype(np.int32)
     return feats.labels, top[:, 0], top, score[:, 0].cpu().numpy().astype(np.float32)
 
 
 def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: bool = True,
-               progress: bool = False, message: str | None = None) -> RunResult:
+               progress: bool = False, message: str | None = None,
+               log: Callable[[str], None] | None = None) -> RunResult:
     """Train, evaluate and record one head (module docstring). ``store``: a Store or its root path.
 
     write: save the checkpoint + config and write the runs / predictions rows (False: only compute).
     progress: show a tqdm bar over the epochs (on stderr).
+    log: called with each note of the run when it arises (default: the ``featurelt.train`` logger); the
+    notes are also in ``RunResult.notes`` and in the runs row's ``metrics["notes"]``.
     """
+    notes: list[str] = []
+
+    def note(line: str, *, warning: bool = False) -> None:
+        notes.append(line)
+        if log is not None:
+            log(line)
+        else:
+            logger.log(logging.WARNING if warning else logging.INFO, line)
+
     if not cfg.features:
         raise ValueError("no embedding sets given: --features NAME[,NAME...] (see `featurelt embeddings`)")
     root = store.root if isinstance(store, Store) else str(store)
@@ -450,7 +572,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
         raise ValueError(f"store {root} is empty: ingest data and extract features first")
     device = resolve_device(cfg.device)
     run_id = new_run_id()
-    resolved = cfg.replace(as_of=str(pinned.version))
+    resolved = cfg.replace(as_of=str(pinned.version), lr=cfg.effective_lr)
     seed_everything(cfg.seed)
 
     t0 = time.perf_counter()
@@ -459,7 +581,9 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     data, train, classes = load_train_data(pinned, cfg, device=device, views=_accepts(sampler_cls, "view_strength"))
     del train  # once the features are placed, only TrainData holds them (the host copy can go)
     evalset = load_features(pinned, list(cfg.features), split=cfg.eval_split, stream=cfg.stream_features)
-    keep = (evalset.source == "original") & (evalset.labels < data.num_target)
+    label_map = data.label_map
+    assert label_map is not None
+    keep = (evalset.source == "original") & label_map.is_target(evalset.labels)
     if not keep.any():
         raise ValueError(f"eval split '{cfg.eval_split}' has no original rows of target classes")
     evalset = evalset.select(keep)
@@ -469,6 +593,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     with deterministic(device):
         seed_everything(cfg.seed)
         trainer = HeadTrainer(cfg, data)
+        for line in trainer.notes:
+            note(line)
         bar = None
         if progress and not trainer.fitted:
             from tqdm import tqdm
@@ -493,9 +619,16 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
         te = time.perf_counter()
         labels, pred, top5, score = evaluate(trainer, evalset, num_target=data.num_target,
                                              post_hoc_tau=cfg.post_hoc_tau, class_counts=data.class_counts,
-                                             tau_norm=cfg.tau_norm)
+                                             tau_norm=cfg.tau_norm, to_store=label_map.to_store)
         metrics = compute_metrics(labels, pred, buckets_from_classes(classes))
         eval_seconds = time.perf_counter() - te
+    top_class, top_fraction = dominant_prediction(pred)
+    if top_fraction > COLLAPSE_FRACTION:
+        names = dict(zip(classes.column("label").to_pylist(), classes.column("name").to_pylist()))
+        note(f"warning: the head predicts class {top_class} ('{names.get(top_class, '?')}') for "
+             f"{100 * top_fraction:.0f}% of the {len(pred)} '{cfg.eval_split}' rows: it has collapsed to one class "
+             f"(lr {cfg.effective_lr}, optimizer {cfg.optimizer}, standardize {cfg.standardize}; try another --lr, "
+             f"--standardize on or more --epochs)", warning=True)
 
     read_tables = ["samples", "classes", *(f"emb_{s}" for s in cfg.features)] + (["text_embeddings"] if cfg.text_set else [])
     versions = pinned.table_versions()
@@ -503,7 +636,8 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
                        "tables": {t: versions[t] for t in read_tables if t in versions}}
     metrics = {**metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "load_seconds": load_seconds,
                "epoch_seconds": epoch_seconds, "device": str(device), "streamed": data.streamed,
-               "features_in": data.features_in, "num_train": int(len(data.y))}
+               "features_in": data.features_in, "num_train": int(len(data.y)), "notes": notes,
+               "top_class_fraction": top_fraction, "collapsed": top_fraction > COLLAPSE_FRACTION}
     preds = pa.table({
         "run_id": pa.array([run_id] * len(labels), pa.string()),
         "sample_id": pa.array(evalset.sample_ids.tolist(), pa.string()),
@@ -515,7 +649,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     })
     checkpoint = None
     if write:
-        checkpoint = save_checkpoint(trainer.head, resolved, root=root, run_id=run_id)
+        checkpoint = save_checkpoint(trainer.head, resolved, root=root, run_id=run_id, input_norm=trainer.input_norm)
         row = pa.table({
             "run_id": [run_id], "time": pa.array([utcnow()], pa.timestamp("us")), "head": [cfg.head],
             "loss": ["none" if trainer.fitted else cfg.loss], "sampler": ["none" if trainer.fitted else cfg.sampler],
@@ -536,11 +670,17 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     return RunResult(run_id=run_id, config=resolved, metrics=metrics, train_seconds=train_seconds,
                      epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, load_seconds=load_seconds,
                      pinned_versions=pinned_versions, checkpoint=checkpoint, device=str(device),
-                     streamed=data.streamed, features_in=data.features_in, predictions=preds)
+                     streamed=data.streamed, features_in=data.features_in, predictions=preds, notes=notes)
 
 
-def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -> str:
-    """``head.pt`` (state_dict) and ``config.yaml`` in ``cfg.out_dir`` or ``<store>/checkpoints/<run_id>/``."""
+def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str,
+                    input_norm: tuple[Tensor, Tensor] | None = None) -> str:
+    """``head.pt`` and ``config.yaml`` in ``cfg.out_dir`` or ``<store>/checkpoints/<run_id>/``.
+
+    ``head.pt`` holds ``{"state_dict": head.state_dict(), "input_mean": [D] | None, "input_std": [D] | None}``
+    (the standardisation the head was trained with: its input is ``(x - input_mean) / input_std``);
+    read it with :func:`load_checkpoint`.
+    """
     if cfg.out_dir:
         out = Path(cfg.out_dir).expanduser() / run_id
     elif "://" not in root or root.startswith("file://"):
@@ -550,9 +690,54 @@ def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str) -
     out.mkdir(parents=True, exist_ok=True)
     path = out / "head.pt"
     state = head.state_dict()  # knn: its index and labels are the "_extra_state" entry (a dict of tensors)
-    torch.save({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}, path)
+    mean, std = input_norm if input_norm is not None else (None, None)
+    torch.save({"state_dict": {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()},
+                "input_mean": None if mean is None else mean.detach().cpu(),
+                "input_std": None if std is None else std.detach().cpu()}, path)
     (out / "config.yaml").write_text(cfg.to_yaml())
     return str(path)
+
+
+@dataclass
+class HeadCheckpoint:
+    """A ``head.pt`` read back: the head's ``state_dict`` and the standardisation of its input."""
+
+    path: str
+    state_dict: dict[str, Any]
+    input_mean: Tensor | None = None  # [D]: the head reads (x - input_mean) / input_std
+    input_std: Tensor | None = None
+
+    def standardized(self, x: Tensor) -> Tensor:
+        """x: [B, D] features as stored. Returns what the head was trained on, [B, D]."""
+        if self.input_mean is None or self.input_std is None:
+            return x
+        return (x - self.input_mean.to(x)) / self.input_std.to(x)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> HeadCheckpoint:
+    """Read a head checkpoint written by :func:`save_checkpoint` (or an older bare ``state_dict``) with
+    ``torch.load(weights_only=True)``. A missing file is a FileNotFoundError and a damaged or foreign one
+    a ValueError, both naming the file."""
+    import pickle
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"head checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
+            KeyError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"head checkpoint {path} cannot be read (damaged, or not a featurelt head.pt): "
+                         f"{type(exc).__name__}: {first}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"head checkpoint {path} holds a {type(obj).__name__}, not a featurelt head checkpoint")
+    if "state_dict" not in obj:  # bare state_dict (checkpoints written before input standardisation)
+        return HeadCheckpoint(path=path, state_dict=obj)
+    if not isinstance(obj["state_dict"], dict):
+        raise ValueError(f"head checkpoint {path}: 'state_dict' is a {type(obj['state_dict']).__name__}, not a dict")
+    return HeadCheckpoint(path=path, state_dict=obj["state_dict"], input_mean=obj.get("input_mean"),
+                          input_std=obj.get("input_std"))
 
 
 # ---------------------------------------------------------------------------------------- sweeps
@@ -571,7 +756,8 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def sweep(store: Store | str | os.PathLike[str], base: TrainCfg, grid: dict[str, list[Any]], *, write: bool = True,
-          progress: bool = False) -> tuple[list[RunResult], list[dict[str, Any]]]:
+          progress: bool = False, log: Callable[[str], None] | None = None
+          ) -> tuple[list[RunResult], list[dict[str, Any]]]:
     """Train every point of ``grid`` over ``base``; returns the results and one comparison row per point
     (the grid values, run_id, many / medium / few / all accuracy and macro-F1)."""
     results, rows = [], []
@@ -584,12 +770,12 @@ def sweep(store: Store | str | os.PathLike[str], base: TrainCfg, grid: dict[str,
             else:
                 changes[key] = value
         cfg = base.replace(**changes)
-        res = train_head(store, cfg, write=write, progress=progress)
+        res = train_head(store, cfg, write=write, progress=progress, log=log)
         results.append(res)
         rows.append({**{k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in point.items()},
                      "run_id": res.run_id, **{c: res.metrics[c] for c in SWEEP_COLUMNS}})
     return results, rows
 
 
-__all__ = ["TrainData", "HeadTrainer", "RunResult", "train_head", "sweep", "expand_grid", "evaluate",
+__all__ = ["TrainData", "LabelMap", "HeadTrainer", "HeadCheckpoint", "load_checkpoint", "RunResult", "train_head", "sweep", "expand_grid", "evaluate",
            "load_train_data", "resolve_device", "save_checkpoint", "SWEEP_COLUMNS"]
