@@ -158,7 +158,7 @@ def test_make_lt_pareto_and_max_per_class(digits_store: Path, tmp_path: Path, ca
     before = store.version
     assert main(["--store", str(root), "make-lt", "--imbalance", "10", "--max-per-class", "145"]) == 1
     err = capsys.readouterr().err
-    assert "class 0 ('0') has 142 train rows" in err and "asks for 145" in err
+    assert "class 0 ('zero') has 142 train rows" in err and "asks for 145" in err
     assert Store(root).version == before
 
 
