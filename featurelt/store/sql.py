@@ -218,12 +218,13 @@ def _text_columns(t: pa.Table) -> list[list[str | None]]:
 
     cols = []
     for col in t.columns:
-        try:
-            if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-                raise pa.ArrowNotImplementedError("binary as Python bytes")
-            cols.append(pc.cast(col, pa.string()).to_pylist())
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-            cols.append([None if v is None else str(v) for v in col.to_pylist()])
+        if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):  # bytes print as Python's b'..'
+            try:
+                cols.append(pc.cast(col, pa.string()).to_pylist())
+                continue
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                pass
+        cols.append([None if v is None else str(v) for v in col.to_pylist()])
     return cols
 
 
