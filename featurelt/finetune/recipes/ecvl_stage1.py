@@ -1,0 +1,180 @@
+"""Recipe ``ecvl-stage1`` (seed 003, METHODS.md section 5): image-text contrastive fine-tuning with
+momentum-driven RandAugment in pixel space.
+
+- Loss: ``L_v->l + L_l->v`` (InfoNCE with temperature) on ``logits = cos(f_i, t_k) / tau`` against the class
+  texts "A photo of a {class}" (``--head text --text-set``; the text tower is frozen, so its embeddings
+  are the stored ones): ``contrastive-vl`` with ``l2v_weight = 1``.
+- Augmentation: each sample's momentum loss ``Lm_i = beta Lm_i + (1 - beta) L_i`` (per epoch, the mean of its
+  losses; :func:`featurelt.samplers.momentum_update`) gives ``M_i`` in [0, 1]
+  (:func:`featurelt.samplers.momentum_strength`); every step, each image gets ``k`` RandAugment operations
+  chosen at random, each applied with probability ``M_i`` and strength ``M_i * zeta``, ``zeta ~ U(0, 1)``
+  (:func:`momentum_randaugment`; the pixel form of what cached views approximate in stage 2's sampler).
+  Samples not seen yet have ``M_i = 0`` (plain image).
+- Stage 2: ``train-head --head adapter --loss contrastive-vl --sampler class-balanced`` on the exported set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from featurelt.finetune.hooks import FinetuneHooks
+from featurelt.samplers import momentum_strength, momentum_update
+
+DEFAULTS: dict[str, Any] = {
+    "head": "text",                  # cosine to the frozen class text embeddings / tau
+    "head_opts": {"tau": 0.07},
+    "loss": "contrastive-vl",
+    "loss_opts": {"l2v_weight": 1.0},  # L_v->l + L_l->v
+    "sampler": "instance",
+    "optimizer": "adamw",
+    "lr": 1e-5,
+}
+TEMPLATE = "A photo of a {}"
+
+
+def _signed(v: float, sign: bool) -> float:
+    return -v if sign else v
+
+
+# op(image [C,H,W] float in [0, 1], strength s in [0, 1], sign) -> image; magnitudes at s = 1 are
+# torchvision RandAugment's largest bin (shear 0.3, translate 45% of 331/150..., rotate 30 deg, enhance 0.9).
+OPS: dict[str, Callable[[Tensor, float, bool], Tensor]] = {
+    "shear_x": lambda x, s, n: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+                                         shear=[math.degrees(math.atan(_signed(0.3 * s, n))), 0.0]),
+    "shear_y": lambda x, s, n: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+                                         shear=[0.0, math.degrees(math.atan(_signed(0.3 * s, n)))]),
+    "translate_x": lambda x, s, n: TF.affine(x, angle=0.0, translate=[int(_signed(0.45 * s * x.shape[-1], n)), 0],
+                                             scale=1.0, shear=[0.0, 0.0]),
+    "translate_y": lambda x, s, n: TF.affine(x, angle=0.0, translate=[0, int(_signed(0.45 * s * x.shape[-2], n))],
+                                             scale=1.0, shear=[0.0, 0.0]),
+    "rotate": lambda x, s, n: TF.rotate(x, _signed(30.0 * s, n)),
+    "brightness": lambda x, s, n: TF.adjust_brightness(x, 1.0 + _signed(0.9 * s, n)),
+    "color": lambda x, s, n: TF.adjust_saturation(x, 1.0 + _signed(0.9 * s, n)),
+    "contrast": lambda x, s, n: TF.adjust_contrast(x, 1.0 + _signed(0.9 * s, n)),
+    "sharpness": lambda x, s, n: TF.adjust_sharpness(x, 1.0 + _signed(0.9 * s, n)),
+    "solarize": lambda x, s, n: TF.solarize(x, 1.0 - s),
+    "posterize": lambda x, s, n: TF.posterize((x * 255).round().to(torch.uint8), 8 - int(round(4 * s))).float() / 255,
+    "autocontrast": lambda x, s, n: TF.autocontrast(x),
+}
+
+
+def momentum_randaugment(images: Tensor, strength: Tensor, *, k: int = 2, generator: torch.Generator,
+                         ops: Sequence[str] = tuple(OPS)) -> Tensor:
+    """ECVL's memory-driven RandAugment (METHODS.md section 5) on images [B, C, H, W] float in [0, 1].
+
+    strength: [B] M_i in [0, 1]. Per image: ``k`` distinct operations of ``ops`` at random; each is applied
+    with probability M_i, at strength ``M_i * zeta`` (zeta ~ U(0, 1)) with a random sign where the
+    operation has one. M_i = 0 leaves the image unchanged. Returns a new [B, C, H, W] tensor.
+    """
+    if images.dim() != 4 or strength.shape != (images.shape[0],):
+        raise ValueError(f"expected images [B, C, H, W] and strength [B], got {tuple(images.shape)} / {tuple(strength.shape)}")
+    if not 0 < k <= len(ops):
+        raise ValueError(f"k must be in 1..{len(ops)}, got {k}")
+    out = images.clone()
+    m = strength.detach().float().cpu()
+    for i in range(images.shape[0]):
+        chosen = torch.randperm(len(ops), generator=generator)[:k].tolist()
+        apply = (torch.rand(k, generator=generator) < m[i]).tolist()
+        zeta = torch.rand(k, generator=generator).tolist()
+        neg = (torch.rand(k, generator=generator) < 0.5).tolist()
+        x = out[i]
+        for c, a, z, n in zip(chosen, apply, zeta, neg):
+            if a:
+                x = OPS[ops[c]](x, float(m[i]) * z, bool(n)).clamp(0.0, 1.0)
+        out[i] = x
+    return out
+
+
+class MomentumState:
+    """Per-sample momentum loss over the train rows, keyed by sample_id (METHODS.md section 5).
+
+    ``add(sample_ids, losses)`` accumulates this epoch's losses; ``fold()`` (at the start of an epoch) turns
+    each seen sample's mean loss into ``Lm`` by :func:`momentum_update`; ``strength(sample_ids)`` is M_i.
+    """
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"momentum beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.index: dict[str, int] = {}
+        self.lm = np.zeros(0)
+        self.sum = np.zeros(0)
+        self.cnt = np.zeros(0)
+        self.m = np.zeros(0)
+
+    def _rows(self, sample_ids: Sequence[str]) -> np.ndarray:
+        new = [s for s in dict.fromkeys(map(str, sample_ids)) if s not in self.index]
+        if new:
+            for s in new:
+                self.index[s] = len(self.index)
+            grow = len(new)
+            self.lm = np.concatenate([self.lm, np.full(grow, np.nan)])
+            self.sum = np.concatenate([self.sum, np.zeros(grow)])
+            self.cnt = np.concatenate([self.cnt, np.zeros(grow)])
+            self.m = np.concatenate([self.m, np.zeros(grow)])
+        return np.array([self.index[str(s)] for s in sample_ids], dtype=np.int64)
+
+    def add(self, sample_ids: Sequence[str], losses: Tensor | np.ndarray) -> None:
+        rows = self._rows(sample_ids)
+        loss = torch.as_tensor(losses).detach().float().cpu().numpy().astype(np.float64)
+        if loss.shape != rows.shape:
+            raise ValueError(f"momentum: {rows.size} samples and {loss.size} losses")
+        np.add.at(self.sum, rows, loss)
+        np.add.at(self.cnt, rows, 1.0)
+
+    def fold(self) -> None:
+        if self.cnt.any():
+            loss = np.where(self.cnt > 0, self.sum / np.maximum(self.cnt, 1), np.nan)
+            self.lm = momentum_update(self.lm, loss, self.beta)
+            self.sum[:] = 0.0
+            self.cnt[:] = 0.0
+        self.m = momentum_strength(self.lm)
+
+    def strength(self, sample_ids: Sequence[str]) -> Tensor:
+        rows = self._rows(sample_ids)  # first: it may grow ``m``
+        return torch.from_numpy(self.m[rows].astype(np.float32))
+
+
+class ECVLStage1Hooks(FinetuneHooks):
+    """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step."""
+
+    extra_columns = ("sample_id",)
+
+    def __init__(self, *, beta: float = 0.9, k: int = 2, seed: int = 0) -> None:
+        self.state = MomentumState(beta)
+        self.k, self.seed = int(k), int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._epoch: int | None = None
+
+    def train_plan(self, epoch: int, ctx: Any) -> None:
+        self.start_epoch(epoch)
+        return None  # the configured sampler's plan
+
+    def start_epoch(self, epoch: int) -> None:
+        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws."""
+        self.state.fold()
+        self.generator.manual_seed(self.seed * 1000003 + int(epoch))
+        self._epoch = epoch
+
+    def augment(self, images: Tensor, sample_ids: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:
+        """Normalised images [B, C, H, W] -> augmented, normalised again (mean / std [C])."""
+        m = self.state.strength(sample_ids)
+        if not (m > 0).any():
+            return images
+        mean = mean.to(images).view(1, -1, 1, 1)
+        std = std.to(images).view(1, -1, 1, 1)
+        x01 = (images * std + mean).clamp(0.0, 1.0)
+        aug = momentum_randaugment(x01.float().cpu(), m, k=self.k, generator=self.generator).to(images)
+        keep = (m <= 0).to(images.device)[:, None, None, None]
+        return torch.where(keep, images, (aug - mean) / std)
+
+    def make_batch(self, images: Tensor, targets: Tensor, batch: Any, ctx: Any) -> tuple[Tensor, Tensor]:
+        return self.augment(images, batch.columns["sample_id"], ctx.mean, ctx.std), targets
+
+    def after_step(self, per_sample_loss: Tensor, batch: Any, ctx: Any) -> None:
+        self.state.add(batch.columns["sample_id"], per_sample_loss)
