@@ -18,11 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featurelt.finetune.recipes import RECIPES, common
-from featurelt.finetune.recipes.auxiliary import AuxiliaryHooks, mask_logits
+from featurelt.finetune.recipes import RECIPES
 from featurelt.finetune.recipes.ecvl_stage1 import MomentumState, momentum_randaugment
-from featurelt.finetune.recipes.lfm_stage1 import LFMStage1Hooks
-from featurelt.finetune.recipes.ltgc_lora import LTGCLoraHooks
 from featurelt.finetune.recipes.sam_fusion import MapFusion, attach_map_fusion, crop_maps, map_boxes, normalise_maps
 from featurelt.losses import BalancedSoftmax, LossContext, NeighborSilencedCE
 from featurelt.samplers import momentum_strength
@@ -148,111 +145,6 @@ def test_ns_ce_with_lambda_one_makes_the_balanced_softmax_step():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert not torch.allclose(models[2].weight, models[1].weight)  # lambda_s < 1 does differ
-
-
-def test_mask_logits_keeps_target_columns():
-    z = torch.arange(12.0).view(2, 6)
-    assert torch.equal(mask_logits(z, 4), z[:, :4])
-    with pytest.raises(ValueError, match="mask_logits"):
-        mask_logits(z, 7)
-
-
-@pytest.fixture(scope="module")
-def full_store(tmp_path_factory):
-    """Digits + auxiliary class 10 (neighbor of 9) + generated rows; plus rejected (split 'filtered') rows."""
-    root = tmp_path_factory.mktemp("recipes") / "store"
-    store = build_digits_store(root, full=True)
-    t = store.read("samples")
-    gen = t.filter(pa.compute.equal(t.column("source"), "generated")).slice(0, 12)
-    aux = t.filter(pa.compute.equal(t.column("source"), "auxiliary")).slice(0, 12)
-    rejected = pa.concat_tables([gen, aux])
-    ids = [f"rej_{s}" for s in rejected.column("sample_id").to_pylist()]
-    rejected = rejected.set_column(0, "sample_id", pa.array(ids)).set_column(
-        rejected.schema.get_field_index("split"), "split", pa.array(["filtered"] * rejected.num_rows))
-    with store.transaction("test: rejected generated / auxiliary rows") as tx:
-        tx.append("samples", rejected)
-    return Store(root)
-
-
-def _ids_of(store, offsets):
-    ids = np.asarray(store.read("samples", columns=["sample_id"]).column("sample_id").to_pylist(), dtype=object)
-    return ids[np.concatenate(offsets)]
-
-
-def test_auxiliary_plan_caps_auxiliary_rows_and_never_reads_filtered(full_store, tmp_path):
-    hooks = AuxiliaryHooks(aux_cap=5)
-    hooks.setup(full_store, batch_size=32, seed=0)
-    rows = hooks.rows
-    assert rows.num_target == 10 and rows.class_counts.size == 11 and rows.neighbor_of[10] == 9
-    for epoch in range(3):
-        plan = hooks.plan_epoch(epoch)
-        ids = _ids_of(full_store, plan)
-        assert not any(s.startswith("rej_") for s in ids)             # split 'filtered' never read
-        assert not any(s.startswith("gen") for s in ids)              # generated rows are not this method's
-        assert sum(s.startswith("aux") for s in ids) <= 5             # <= aux_cap auxiliary rows per class per epoch
-        n_orig = int((rows.source == "original").sum())
-        assert sum(not s.startswith("aux") for s in ids) == n_orig    # every original row once (instance)
-    with pytest.raises(ValueError, match="needs auxiliary classes"):
-        AuxiliaryHooks().setup(build_digits_store(tmp_path / "plain"), batch_size=8, seed=0)
-
-
-# ----------------------------------------------------------------------------------------- ltgc-lora
-
-def test_balancemix_pairs_original_with_passed_generated_only(full_store):
-    hooks = LTGCLoraHooks(a=1.0)
-    hooks.setup(full_store, batch_size=16, seed=3)
-    ids = np.asarray(full_store.read("samples", columns=["sample_id"]).column("sample_id").to_pylist(), dtype=object)
-    src = np.asarray(full_store.read("samples", columns=["source"]).column("source").to_pylist(), dtype=object)
-    split = np.asarray(full_store.read("samples", columns=["split"]).column("split").to_pylist(), dtype=object)
-    for epoch in range(2):
-        for b, offs in enumerate(hooks.plan_epoch(epoch)):
-            half = offs.size // 2
-            assert (src[offs[:half]] == "original").all()
-            assert (src[offs[half:]] == "generated").all()
-            assert (split[offs] == "train").all()                     # rejected generated images never appear
-            assert not any(s.startswith("rej_") for s in ids[offs])
-            assert hooks.plan.lam_x[b].shape == (half,)
-            np.testing.assert_array_equal(hooks.plan.lam_x[b], hooks.plan.lam_y[b])  # the same lambda
-
-
-def test_mix_pairs_mixes_pixels_and_one_hot_labels_with_one_lambda():
-    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
-    targets = torch.tensor([0, 2, 1, 1])
-    lam = torch.tensor([0.25, 0.9])
-    x, y = common.mix_pairs(images, targets, lam, lam, 3)
-    torch.testing.assert_close(x[0], 0.25 * images[0] + 0.75 * images[2])
-    torch.testing.assert_close(x[1], 0.9 * images[1] + 0.1 * images[3])
-    torch.testing.assert_close(y, torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.1, 0.9]]))
-    with pytest.raises(ValueError, match="2B images"):
-        common.mix_pairs(images[:3], targets[:3], lam, lam, 3)
-
-
-# ----------------------------------------------------------------------------------------- lfm-stage1
-
-def test_lfm_plan_and_batch_follow_the_label_shift(full_store):
-    hooks = LFMStage1Hooks(tau=0.05, alpha=1.0, a=0.2)
-    hooks.setup(full_store, batch_size=8, seed=0, text_set="means")
-    rows = hooks.rows
-    assert (rows.source == "original").all()
-    plan = hooks.plan_epoch(0)
-    labels = dict(zip(rows.offsets.tolist(), rows.labels.tolist()))
-    n = rows.class_counts
-    for b, offs in enumerate(plan[:5]):
-        half = offs.size // 2
-        yi = np.array([labels[o] for o in offs[:half]])
-        yj = np.array([labels[o] for o in offs[half:]])
-        lx = hooks.plan.lam_x[b]
-        assert np.unique(lx).size == 1                                  # one lambda_x per batch (authors' code)
-        expect = np.clip(lx - 1.0 * (n[yi] - n[yj]) / (n[yi] + n[yj]), 0, 1)
-        np.testing.assert_allclose(hooks.plan.lam_y[b], expect, rtol=1e-6)
-        images = torch.randn(offs.size, 3, 4, 4)
-        targets = torch.from_numpy(np.concatenate([yi, yj]))
-        batch = type("B", (), {"batch": b})()
-        x, y = hooks.make_batch(images, targets, batch, None)
-        torch.testing.assert_close(x, float(lx[0]) * images[:half] + (1 - float(lx[0])) * images[half:])
-        torch.testing.assert_close(y.sum(1), torch.ones(half))
-        torch.testing.assert_close(y[torch.arange(half), torch.from_numpy(yi)] if (yi != yj).all() else y.new_tensor(expect),
-                                   torch.from_numpy(expect).float())
 
 
 # ----------------------------------------------------------------------------------------- ecvl-stage1

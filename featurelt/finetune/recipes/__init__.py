@@ -27,8 +27,8 @@ class Recipe:
     """One seed's backbone stage.
 
     name: registry name (``--recipe``). seed: the seed paper's number. section: METHODS.md section.
-    summary: one line for ``featurelt recipes``. defaults: finetune options the recipe fixes (cfg field ->
-    value). hooks: factory ``hooks(**recipe_opts) -> FinetuneHooks``. stage2: ``train-head`` options of
+    summary: one line for ``featurelt recipes``. defaults: finetune options the recipe fixes (config field ->
+    value; the command line overrides them). hooks: factory ``hooks(**recipe_opts) -> FinetuneHooks``. stage2: ``train-head`` options of
     the seed's second stage on the exported set. needs: what the store must hold first.
     """
 
@@ -41,7 +41,13 @@ class Recipe:
     stage2: tuple[str, ...] = ()
     needs: str = ""
 
-    def build_hooks(self, **opts: Any) -> FinetuneHooks:
+    def build_hooks(self, *, store: Any = None, **opts: Any) -> FinetuneHooks:
+        """The recipe's hooks with ``opts`` (``--recipe-opt``); ``store`` (Store or root) goes to the recipes
+        that read it themselves (``sam-fusion``: the PCA maps)."""
+        import inspect
+
+        if "store" in inspect.signature(self.hooks).parameters:
+            opts["store"] = store
         try:
             return self.hooks(**opts)
         except TypeError as exc:

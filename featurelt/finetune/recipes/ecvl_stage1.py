@@ -2,8 +2,9 @@
 momentum-driven RandAugment in pixel space.
 
 - Loss: ``L_v->l + L_l->v`` (InfoNCE with temperature) on ``logits = cos(f_i, t_k) / tau`` against the class
-  texts "A photo of a {class}" (``--head text --text-set``; the text tower is frozen, so its embeddings
-  are the stored ones): ``contrastive-vl`` with ``l2v_weight = 1``.
+  texts "A photo of a {class}" (``--head text --text-set``, ``head_scale = 1 / tau``; the text tower is
+  frozen, so its embeddings are the stored ones): ``contrastive-vl`` with ``l2v_weight = 1``. Training the
+  text tower too is not offered.
 - Augmentation: each sample's momentum loss ``Lm_i = beta Lm_i + (1 - beta) L_i`` (per epoch, the mean of its
   losses; :func:`featurelt.samplers.momentum_update`) gives ``M_i`` in [0, 1]
   (:func:`featurelt.samplers.momentum_strength`); every step, each image gets ``k`` RandAugment operations
@@ -22,15 +23,16 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from featurelt.finetune.hooks import FinetuneHooks
+from featurelt.finetune.recipes.base import RecipeHooks
 from featurelt.samplers import momentum_strength, momentum_update
 
 DEFAULTS: dict[str, Any] = {
-    "head": "text",                  # cosine to the frozen class text embeddings / tau
-    "head_opts": {"tau": 0.07},
+    "head": "text",                    # cosine to the frozen class text embeddings / tau
+    "head_scale": 1 / 0.07,            # 1 / tau (CLIP's initial temperature; the paper gives no value)
     "loss": "contrastive-vl",
     "loss_opts": {"l2v_weight": 1.0},  # L_v->l + L_l->v
     "sampler": "instance",
+    "augment": "flip-crop",            # the loader's crop / flip; RandAugment is this recipe's, per sample
     "optimizer": "adamw",
     "lr": 1e-5,
 }
@@ -140,25 +142,39 @@ class MomentumState:
         return torch.from_numpy(self.m[rows].astype(np.float32))
 
 
-class ECVLStage1Hooks(FinetuneHooks):
-    """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step."""
+class ECVLStage1Hooks(RecipeHooks):
+    """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step.
 
-    extra_columns = ("sample_id",)
+    beta: momentum of ``Lm`` in [0, 1) (default 0.9; the paper gives none). k: RandAugment operations per
+    image (default 2). seed: seed of the augmentation draws (epoch e reseeds with (seed, e)).
+    """
 
-    def __init__(self, *, beta: float = 0.9, k: int = 2, seed: int = 0) -> None:
+    name = "ecvl-stage1"
+    defaults = DEFAULTS
+
+    def __init__(self, *, beta: float = 0.9, k: int = 2, seed: int = 0, tau: float = 0.07) -> None:
+        if tau <= 0:
+            raise ValueError(f"ecvl-stage1 needs tau > 0, got {tau}")
+        self.defaults = {**DEFAULTS, "head_scale": 1.0 / float(tau)}
         self.state = MomentumState(beta)
         self.k, self.seed = int(k), int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._epoch: int | None = None
 
+    def configure(self, cfg: Any) -> Any:
+        if not cfg.text_set:
+            raise ValueError("recipe 'ecvl-stage1' needs class text embeddings 'A photo of a {class}': --text-set NAME")
+        return super().configure(cfg)
+
     def train_plan(self, epoch: int, ctx: Any) -> None:
-        self.start_epoch(epoch)
+        if epoch != self._epoch:
+            self.start_epoch(epoch)
         return None  # the configured sampler's plan
 
     def start_epoch(self, epoch: int) -> None:
         """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws."""
         self.state.fold()
-        self.generator.manual_seed(self.seed * 1000003 + int(epoch))
+        self.generator.manual_seed(self.seed * 1_000_003 + int(epoch))
         self._epoch = epoch
 
     def augment(self, images: Tensor, sample_ids: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:
@@ -174,7 +190,8 @@ class ECVLStage1Hooks(FinetuneHooks):
         return torch.where(keep, images, (aug - mean) / std)
 
     def make_batch(self, images: Tensor, targets: Tensor, batch: Any, ctx: Any) -> tuple[Tensor, Tensor]:
-        return self.augment(images, batch.columns["sample_id"], ctx.mean, ctx.std), targets
+        mean, std = ctx.state["normalize"]
+        return self.augment(images, batch.sample_ids, torch.tensor(mean), torch.tensor(std)), targets
 
     def after_step(self, per_sample_loss: Tensor, batch: Any, ctx: Any) -> None:
-        self.state.add(batch.columns["sample_id"], per_sample_loss)
+        self.state.add(batch.sample_ids, per_sample_loss)

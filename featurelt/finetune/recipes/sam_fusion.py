@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featurelt.finetune.hooks import FinetuneHooks
+from featurelt.finetune.recipes.base import RecipeHooks
 
 DEFAULTS: dict[str, Any] = {
     "adapt": "full",          # the whole ResNet trains, as in the paper
@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.1,                # paper: 0.1 (ImageNet-LT), 0.2 (iNat18)
     "momentum": 0.9,
     "loss": "ce",
-    "sampler": "instance",
+    "sampler": "instance",    # hard labels (the map of a mixed image is not defined)
     "augment": "flip-crop",   # the map follows the crop and the flip
 }
 
@@ -201,42 +201,54 @@ def _pca_map_sets(store: Any) -> list[str]:
     return sorted(n for n in names if n.startswith("sam_") and n.endswith("_pca_map"))
 
 
-def aug_params(extras: Sequence[dict | None], sizes_fallback: Sequence[tuple[int, int]] | None = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def aug_params(extras: Sequence[dict | None]) -> tuple[Tensor, Tensor, Tensor]:
     """The loader's per-image augmentation records ``{"box", "flip", "size"}`` -> boxes [B, 4], sizes [B, 2],
-    flips [B]. An image without a record (no augmentation) uses its whole frame, unflipped."""
+    flips [B] bool (the engine's train and evaluation images both carry one)."""
     boxes, sizes, flips = [], [], []
     for i, e in enumerate(extras):
-        if e is None or "size" not in e:
-            if sizes_fallback is None:
-                raise ValueError(f"sam-fusion: image {i} of the batch has no augmentation record (box / flip / size)")
-            w, h = sizes_fallback[i]
-            e = {"box": (0, 0, w, h), "flip": False, "size": (w, h)}
+        if not isinstance(e, dict) or "box" not in e or "size" not in e:
+            raise ValueError(f"sam-fusion: image {i} of the batch has no augmentation record (box / flip / size)")
         boxes.append([float(v) for v in e["box"]])
         sizes.append([float(v) for v in e["size"]])
         flips.append(bool(e.get("flip", False)))
     return torch.tensor(boxes), torch.tensor(sizes), torch.tensor(flips)
 
 
-class SamFusionHooks(FinetuneHooks):
-    """Fuse the SAM PCA map into ResNet stage ``fuse_stage``; optional prototype losses (``proto``)."""
+class SamFusionHooks(RecipeHooks):
+    """Fuse the SAM PCA map into ResNet stage ``fuse_stage``; optional prototype losses (``proto``).
 
-    extra_columns = ("sample_id", "width", "height")
+    store: the store (or its root) holding the ``sam_*_pca_map`` set, read at the run's pinned version.
+    map_set: the embedding set (default: the store's only ``sam_*_pca_map`` set). proto: add
+    ``ProtoLoss`` (section 2) on the pooled backbone feature; proto_beta: its weight beta.
+    """
 
-    def __init__(self, *, fuse_stage: int = 3, map_set: str | None = None, proto: bool = False,
+    name = "sam-fusion"
+    defaults = DEFAULTS
+
+    def __init__(self, *, store: Any = None, fuse_stage: int = 3, map_set: str | None = None, proto: bool = False,
                  proto_beta: float = 1e-4) -> None:
         if fuse_stage not in (1, 2, 3, 4):
             raise ValueError(f"--fuse-stage must be 1..4, got {fuse_stage}")
+        self.store = store
         self.fuse_stage, self.map_set, self.proto, self.proto_beta = int(fuse_stage), map_set, bool(proto), float(proto_beta)
         self.fusion: MapFusion | None = None
         self.table: MapTable | None = None
         self.proto_loss: nn.Module | None = None
+        self._pooled: Tensor | None = None
 
     def configure(self, cfg: Any) -> Any:
-        return cfg
+        if not str(cfg.backbone).startswith("timm:"):
+            raise ValueError(f"recipe 'sam-fusion' fuses into a timm ResNet stage: --backbone timm:<resnet>, "
+                             f"got {cfg.backbone!r}")
+        return super().configure(cfg)
 
     def wrap_model(self, model: nn.Module, ctx: Any) -> nn.Module:
-        self.table = MapTable.from_store(ctx.store, self.map_set)
+        from featurelt.store import Store
+
+        if self.store is None:
+            raise ValueError("recipe 'sam-fusion' needs the store (its sam_*_pca_map set): build_hooks(store=...)")
+        store = self.store if isinstance(self.store, Store) else Store(self.store, as_of=ctx.cfg.as_of)
+        self.table = MapTable.from_store(store, self.map_set)
         self.fusion = attach_map_fusion(model, self.fuse_stage)
         if self.proto:
             from featurelt.losses import LossContext
@@ -244,29 +256,33 @@ class SamFusionHooks(FinetuneHooks):
 
             self.proto_loss = ProtoLoss(LossContext(torch.as_tensor(ctx.class_counts, dtype=torch.float32)),
                                         beta=self.proto_beta)
+            backbone = getattr(model, "backbone", model)
+            backbone.register_forward_hook(lambda _m, _i, out: setattr(self, "_pooled", out))
         return model
 
     def set_maps(self, batch: Any, device: Any = None) -> None:
-        """Hand the batch's maps and augmentation records to the fusion module (train and eval batches)."""
-        assert self.fusion is not None and self.table is not None
-        cols = batch.columns
-        sizes = list(zip(cols["width"], cols["height"])) if "width" in cols else None
-        boxes, sizes_t, flips = aug_params(batch.extras, sizes)
-        maps = self.table.maps(cols["sample_id"])
-        if device is not None:
-            maps = maps.to(device)
-        self.fusion.set_batch(maps, boxes, sizes_t, flips)
+        """Hand the batch's maps and augmentation records (``{"box", "flip", "size"}``) to the fusion module;
+        called for train batches (``make_batch``) and evaluation / export batches (``before_forward``)."""
+        if self.fusion is None or self.table is None:
+            raise RuntimeError("sam-fusion: set_maps before wrap_model")
+        boxes, sizes, flips = aug_params(batch.extras)
+        maps = self.table.maps(list(batch.sample_ids if hasattr(batch, "sample_ids") else batch.columns["sample_id"]))
+        self.fusion.set_batch(maps.to(device) if device is not None else maps, boxes, sizes, flips)
 
     def make_batch(self, images: Tensor, targets: Tensor, batch: Any, ctx: Any) -> tuple[Tensor, Tensor]:
         self.set_maps(batch, images.device)
         return images, targets
 
-    def loss(self, outputs: Any, targets: Tensor, batch: Any, ctx: Any) -> Tensor | None:
+    def before_forward(self, images: Tensor, batch: Any, ctx: Any) -> None:
+        self.set_maps(batch, images.device)
+
+    def loss(self, outputs: Tensor, targets: Tensor, batch: Any, ctx: Any) -> Tensor | None:
         if self.proto_loss is None:
             return None
-        logits, feats = outputs if isinstance(outputs, tuple) else (outputs, None)
-        if feats is None:
-            raise ValueError("sam-fusion --proto needs the pooled backbone feature beside the logits")
-        base = ctx.loss_fn(logits, targets)
-        self.proto_loss.to(feats.device)
-        return base + self.proto_loss(feats.float(), targets)
+        if self._pooled is None:
+            raise RuntimeError("sam-fusion --proto: the pooled backbone feature of the batch was not seen")
+        if targets.dim() != 1:
+            raise ValueError("sam-fusion --proto needs hard labels (no mixup sampler)")
+        base = ctx.loss_fn(outputs, targets)
+        self.proto_loss.to(self._pooled.device)
+        return base + self.proto_loss(self._pooled.float(), targets)
