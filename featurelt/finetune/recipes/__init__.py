@@ -84,4 +84,24 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES.get(name)
 
 
-__all__ = ["RECIPES", "Recipe", "get_recipe"]
+def resolve(name: str, base: Any, overrides: dict[str, Any], *, opts: dict[str, Any] | None = None,
+            store: Any = None) -> tuple[Any, FinetuneHooks]:
+    """(config, hooks) of ``--recipe name``: ``base`` (defaults or --config) < the recipe's defaults <
+    ``overrides`` (command-line flags); ``opts`` (``--recipe-opt``) build the hooks and are kept in the
+    config (``recipe_opts``) so that a resumed or distributed run rebuilds the same hooks (:func:`hooks_for`)."""
+    from featurelt.finetune.config import merge
+
+    opts = dict(opts or {})
+    hooks = get_recipe(name).build_hooks(store=store, **opts)
+    cfg = merge(hooks.apply_defaults(base), overrides)  # type: ignore[attr-defined]
+    return cfg.replace(recipe=name, recipe_opts=opts), hooks
+
+
+def hooks_for(cfg: Any, store: Any) -> FinetuneHooks | None:
+    """The hooks of a resolved config's recipe (``cfg.recipe``, ``cfg.recipe_opts``), or None without one."""
+    if not getattr(cfg, "recipe", None):
+        return None
+    return get_recipe(cfg.recipe).build_hooks(store=store, **dict(cfg.recipe_opts))
+
+
+__all__ = ["RECIPES", "Recipe", "get_recipe", "resolve", "hooks_for"]

@@ -29,11 +29,6 @@ class AuxiliaryHooks(RecipeHooks):
     name = "auxiliary"
     defaults = DEFAULTS
 
-    def __init__(self, *, lambda_s: float = 0.1, aux_cap: int = 50) -> None:
-        if lambda_s <= 0 or aux_cap < 0:
-            raise ValueError(f"auxiliary needs lambda_s > 0 and aux_cap >= 0, got {lambda_s}, {aux_cap}")
-        self.defaults = {**DEFAULTS, "loss_opts": {"lambda_s": float(lambda_s)}, "aux_cap": int(aux_cap)}
-
     def wrap_model(self, model: Any, ctx: Any) -> Any:
         k = len(ctx.class_counts)
         if ctx.num_target == k or not (ctx.train.source == "auxiliary").any():

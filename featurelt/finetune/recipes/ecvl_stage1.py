@@ -145,36 +145,36 @@ class MomentumState:
 class ECVLStage1Hooks(RecipeHooks):
     """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step.
 
-    beta: momentum of ``Lm`` in [0, 1) (default 0.9; the paper gives none). k: RandAugment operations per
-    image (default 2). seed: seed of the augmentation draws (epoch e reseeds with (seed, e)).
+    Recipe options: beta, momentum of ``Lm`` in [0, 1) (default 0.9; the paper gives none); k, RandAugment
+    operations per image (default 2). The augmentation draws of epoch e are seeded by (config seed, e).
     """
 
     name = "ecvl-stage1"
     defaults = DEFAULTS
 
-    def __init__(self, *, beta: float = 0.9, k: int = 2, seed: int = 0, tau: float = 0.07) -> None:
-        if tau <= 0:
-            raise ValueError(f"ecvl-stage1 needs tau > 0, got {tau}")
-        self.defaults = {**DEFAULTS, "head_scale": 1.0 / float(tau)}
+    def __init__(self, *, beta: float = 0.9, k: int = 2) -> None:
+        if not 0 < int(k) <= len(OPS):
+            raise ValueError(f"ecvl-stage1 k must be in 1..{len(OPS)}, got {k}")
         self.state = MomentumState(beta)
-        self.k, self.seed = int(k), int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.k = int(k)
+        self.generator = torch.Generator()
         self._epoch: int | None = None
 
-    def configure(self, cfg: Any) -> Any:
+    def check(self, cfg: Any) -> None:
         if not cfg.text_set:
             raise ValueError("recipe 'ecvl-stage1' needs class text embeddings 'A photo of a {class}': --text-set NAME")
-        return super().configure(cfg)
+        if cfg.head != "text":
+            raise ValueError(f"recipe 'ecvl-stage1' scores images against the class texts: --head text, got {cfg.head!r}")
 
     def train_plan(self, epoch: int, ctx: Any) -> None:
         if epoch != self._epoch:
-            self.start_epoch(epoch)
+            self.start_epoch(epoch, seed=ctx.cfg.seed)
         return None  # the configured sampler's plan
 
-    def start_epoch(self, epoch: int) -> None:
-        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws."""
+    def start_epoch(self, epoch: int, *, seed: int = 0) -> None:
+        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws with (seed, epoch)."""
         self.state.fold()
-        self.generator.manual_seed(self.seed * 1_000_003 + int(epoch))
+        self.generator.manual_seed(int(seed) * 1_000_003 + int(epoch))
         self._epoch = epoch
 
     def augment(self, images: Tensor, sample_ids: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:

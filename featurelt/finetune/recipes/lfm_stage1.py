@@ -42,14 +42,7 @@ class LFMStage1Hooks(RecipeHooks):
     name = "lfm-stage1"
     defaults = DEFAULTS
 
-    def __init__(self, *, tau: float = 0.05, alpha: float = 1.0, a: float = 0.2) -> None:
-        if tau <= 0 or alpha < 0 or a <= 0:
-            raise ValueError(f"lfm-stage1 needs tau > 0, alpha >= 0, a > 0, got tau={tau}, alpha={alpha}, a={a}")
-        self.defaults = {**DEFAULTS, "sampler_opts": {"tau": float(tau), "alpha": float(alpha), "a": float(a),
-                                                      "per_sample": False}}
-
-    def configure(self, cfg: Any) -> Any:
+    def check(self, cfg: Any) -> None:
         if not cfg.text_set:
             raise ValueError("recipe 'lfm-stage1' needs class text embeddings: --text-set NAME "
                              "(a text_embeddings set of the backbone's text tower, 'a photo of a {class}')")
-        return super().configure(cfg)

@@ -30,15 +30,9 @@ class LTGCLoraHooks(RecipeHooks):
     name = "ltgc-lora"
     defaults = DEFAULTS
 
-    def __init__(self, *, a: float = 1.0) -> None:
-        if a <= 0:
-            raise ValueError(f"ltgc-lora needs a > 0 (lambda ~ Beta(a, a)), got {a}")
-        self.defaults = {**DEFAULTS, "sampler_opts": {"a": float(a)}}
-
-    def configure(self, cfg: Any) -> Any:
+    def check(self, cfg: Any) -> None:
         if not str(cfg.backbone).startswith("clip:"):
             raise ValueError(f"recipe 'ltgc-lora' fine-tunes a CLIP image tower: --backbone clip:<model>, got {cfg.backbone!r}")
-        return super().configure(cfg)
 
     def wrap_model(self, model: Any, ctx: Any) -> Any:
         if not (ctx.train.source == "generated").any():

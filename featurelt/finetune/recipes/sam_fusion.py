@@ -236,11 +236,13 @@ class SamFusionHooks(RecipeHooks):
         self.proto_loss: nn.Module | None = None
         self._pooled: Tensor | None = None
 
-    def configure(self, cfg: Any) -> Any:
+    def check(self, cfg: Any) -> None:
         if not str(cfg.backbone).startswith("timm:"):
             raise ValueError(f"recipe 'sam-fusion' fuses into a timm ResNet stage: --backbone timm:<resnet>, "
                              f"got {cfg.backbone!r}")
-        return super().configure(cfg)
+        if cfg.sampler in ("lfm", "balancemix"):
+            raise ValueError(f"recipe 'sam-fusion' needs one SAM map per image: a mixup sampler ({cfg.sampler}) "
+                             f"mixes two images")
 
     def wrap_model(self, model: nn.Module, ctx: Any) -> nn.Module:
         from featurelt.store import Store
