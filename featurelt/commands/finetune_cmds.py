@@ -69,6 +69,19 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--sampler-opt", dest="sampler_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="sampler option, repeatable")
     g.add_argument("--aux-cap", dest="aux_cap", type=non_negative_int, help="max rows per auxiliary class per epoch (default 50)")
+    g = p.add_argument_group("recipe (a seed's backbone stage; `featurelt recipes NAME` shows what it fixes)")
+    g.add_argument("--recipe", help="sam-fusion (000: SAM map fused into a ResNet stage), auxiliary (001: + neighbor "
+                   "classes, ns-ce), ltgc-lora (002: CLIP LoRA + BalanceMix with generated images), ecvl-stage1 (003: "
+                   "image-text InfoNCE + momentum RandAugment), lfm-stage1 (004: LFM pixel mixup, cosine to text). "
+                   "Its settings apply over the defaults and --config; flags still override them")
+    g.add_argument("--recipe-opt", dest="recipe_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="the recipe's own option, repeatable (sam-fusion: fuse_stage, map_set, proto, proto_beta; "
+                   "ecvl-stage1: beta, k)")
+    g.add_argument("--fuse-stage", dest="fuse_stage", type=int, choices=[1, 2, 3, 4],
+                   help="sam-fusion: ResNet stage fused with the SAM map (= --recipe-opt fuse_stage=N; default 3)")
+    g.add_argument("--proto", action="store_true", default=None,
+                   help="sam-fusion: add the prototype losses of METHODS.md section 2 on the pooled feature "
+                   "(= --recipe-opt proto=true)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, help="epochs (default 10)")
     g.add_argument("--batch-size", dest="batch_size", type=positive_int,
@@ -132,11 +145,32 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--recipe-opt pairs plus the --fuse-stage / --proto shorthands."""
+    from featurelt.config import parse_value
+
+    opts = {k: parse_value(v) for k, v in (getattr(args, "recipe_opt", None) or [])}
+    if getattr(args, "fuse_stage", None) is not None:
+        opts["fuse_stage"] = args.fuse_stage
+    if getattr(args, "proto", None):
+        opts["proto"] = True
+    return opts
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from featurelt.finetune.config import FinetuneCfg, from_yaml, merge
     from featurelt.finetune.launch import launch
 
-    cfg = merge(from_yaml(args.config) if args.config else FinetuneCfg(), overrides_from_args(args))
+    base = from_yaml(args.config) if args.config else FinetuneCfg()
+    recipe_opts = recipe_options(args)
+    if args.recipe:
+        from featurelt.finetune.recipes import resolve
+
+        cfg, _ = resolve(args.recipe, base, overrides_from_args(args), opts=recipe_opts, store=args.store)
+    elif recipe_opts:
+        raise ValueError("--recipe-opt / --fuse-stage / --proto need --recipe NAME")
+    else:
+        cfg = merge(base, overrides_from_args(args))
     try:
         res = launch(args.store, cfg, resume=args.resume, progress=True,
                      log=lambda line: print(f"note: {line}", file=sys.stderr))

@@ -82,6 +82,9 @@ class FinetuneCfg:
     use_gpu: bool = False                   # ray: one GPU per worker
     device: Device = "auto"                 # local / torchrun: auto = cuda when available, else cpu
     sync_bn: bool = False                   # DDP: convert BatchNorm to SyncBatchNorm
+    # --- recipe (featurelt.finetune.recipes; `featurelt recipes` lists them)
+    recipe: str | None = None               # a seed's backbone stage: sam-fusion | auxiliary | ltgc-lora | ecvl-stage1 | lfm-stage1
+    recipe_opts: dict[str, Any] = field(default_factory=dict)  # the recipe's own options, e.g. {fuse_stage: 3}
     # --- outputs
     export: bool = False                    # write emb_ft_<run_id> (the fine-tuned backbone's features of every sample)
     out_dir: str | None = None              # run directory root (default <store>/checkpoints/<run_id>)

@@ -127,12 +127,16 @@ def forward_rows(model: Any, store: Store, rows: TrainRows, make_image: Any, nor
     kept, outs = [], []
     was = model.training
     model.eval()
+    # modules that read per-image data beside the pixels (sam-fusion's SAM maps) get each loader batch first
+    batch_readers = [m for m in model.modules() if hasattr(m, "set_loader_batch")]
     try:
         for b in loader:
             _loader_failed(b.failed, skip_bad=skip_bad, rejects=rejects, stage=stage)
             if b.images is None:
                 continue
             x = norm(b.images, device)
+            for m in batch_readers:
+                m.set_loader_batch(x, b)
             with _autocast(device, amp):
                 out = fn(x)
             outs.append(out.float().cpu())
@@ -171,7 +175,6 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     def note(line: str) -> None:
         (log or logger.info)(line)
 
-    hooks = hooks or FinetuneHooks()
     root = store.root if isinstance(store, Store) else str(store)
     storage_options = store.storage_options if isinstance(store, Store) else None
     rank, world = dist_env()
@@ -181,7 +184,11 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         state = ckpt.load(state_path)
         note(f"resuming run {run_id} from {state_path} (epoch {state['position']['epoch']}, "
              f"step {state['position']['step']})")
-    else:
+    if hooks is None:  # the config's recipe (also on resume and on every rank), else none
+        from featurelt.finetune.recipes import hooks_for
+
+        hooks = hooks_for(cfg, Store(root, storage_options=storage_options)) or FinetuneHooks()
+    if not resume:
         cfg = hooks.configure(cfg)
         run_id = new_run_id()
     if not cfg.backbone:
@@ -277,6 +284,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                          sampler=sampler, path=str(state.get("_path")))
             position, history = dict(state["position"]), list(state["history"])
         norm = _Normalize(backbone.mean, backbone.std)
+        ctx.state["normalize"] = (tuple(backbone.mean), tuple(backbone.std))  # for hooks that undo it (ECVL)
         eval_image = EvalImage(backbone.transform, backbone.image_size)
         columns = ("label", *hooks.extra_columns)
         rejects: list[dict[str, Any]] = []

@@ -89,12 +89,10 @@ def resolve(name: str, base: Any, overrides: dict[str, Any], *, opts: dict[str, 
     """(config, hooks) of ``--recipe name``: ``base`` (defaults or --config) < the recipe's defaults <
     ``overrides`` (command-line flags); ``opts`` (``--recipe-opt``) build the hooks and are kept in the
     config (``recipe_opts``) so that a resumed or distributed run rebuilds the same hooks (:func:`hooks_for`)."""
-    from featurelt.finetune.config import merge
-
     opts = dict(opts or {})
     hooks = get_recipe(name).build_hooks(store=store, **opts)
-    cfg = merge(hooks.apply_defaults(base), overrides)  # type: ignore[attr-defined]
-    return cfg.replace(recipe=name, recipe_opts=opts), hooks
+    cfg = hooks.apply_defaults(base, {**overrides, "recipe_opts": opts})  # type: ignore[attr-defined]
+    return cfg, hooks
 
 
 def hooks_for(cfg: Any, store: Any) -> FinetuneHooks | None:

@@ -1,4 +1,4 @@
-"""RecipeHooks: FinetuneHooks plus the recipe's option defaults, its checks, and a hook before evaluation forwards."""
+"""RecipeHooks: FinetuneHooks plus the recipe's option defaults and its checks of the resolved config."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,11 +17,18 @@ class RecipeHooks(FinetuneHooks):
     name: str = ""
     defaults: dict[str, Any] = {}
 
-    def apply_defaults(self, cfg: Any) -> Any:
-        """``cfg`` with the recipe's defaults (``*_opts`` dicts merged key by key) and ``recipe`` = the name."""
+    def apply_defaults(self, cfg: Any, overrides: dict[str, Any] | None = None) -> Any:
+        """``cfg`` < the recipe's defaults < ``overrides`` (``*_opts`` dicts merged key by key), in one step
+        (a default such as ``head: text`` may need a flag such as ``--text-set`` to be a valid config)."""
         from featurelt.finetune.config import merge
 
-        return merge(cfg, {**self.defaults, "recipe": self.name}, source=f"recipe '{self.name}'")
+        changes = {**self.defaults, "recipe": self.name}
+        for k, v in (overrides or {}).items():
+            k = k.replace("-", "_")
+            if k.endswith("_opts") and isinstance(v, dict) and isinstance(changes.get(k), dict):
+                v = {**changes[k], **v}
+            changes[k] = v
+        return merge(cfg, changes, source=f"recipe '{self.name}'")
 
     def check(self, cfg: Any) -> None:
         """Refuse a resolved config the recipe cannot run (one line naming the option); none by default."""
@@ -30,7 +37,3 @@ class RecipeHooks(FinetuneHooks):
     def configure(self, cfg: Any) -> Any:
         self.check(cfg)
         return cfg
-
-    def before_forward(self, images: Any, batch: Any, ctx: Any) -> None:
-        """Called before each evaluation / export forward (``batch``: the loader batch; no-op by default)."""
-        return None

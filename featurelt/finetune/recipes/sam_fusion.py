@@ -92,16 +92,28 @@ class MapFusion(nn.Module):
     """``F_fused = Conv1x1(F_norm) * F_res + F_res`` (METHODS.md section 2) for one stage of ``channels``.
 
     The conv (1 -> C_i, with bias) starts at zero: the fused stage equals the plain one until it learns.
-    The batch's raw maps and crop parameters are set with :meth:`set_batch` before the forward; the
-    hook crops them to the stage's spatial size (known only there).
+    The batch's raw maps and crop parameters are set before the forward, with :meth:`set_batch` or, from a
+    loader batch and the ``table`` of maps, :meth:`set_loader_batch` (the engine calls it before evaluation
+    and export forwards, the recipe's ``make_batch`` before training ones); the hook crops them to the
+    stage's spatial size (known only there).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, table: "MapTable | None" = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, int(channels), kernel_size=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
+        self.table = table
         self._batch: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def set_loader_batch(self, images: Tensor, batch: Any) -> None:
+        """The maps of a loader batch (``sample_ids`` or ``columns["sample_id"]``, ``extras`` = per-image
+        ``{"box", "flip", "size"}``) from ``table``, on ``images``' device."""
+        if self.table is None:
+            raise RuntimeError("MapFusion: no map table to look the batch's maps up in")
+        ids = batch.sample_ids if hasattr(batch, "sample_ids") else batch.columns["sample_id"]
+        boxes, sizes, flips = aug_params(batch.extras)
+        self.set_batch(self.table.maps(list(ids)).to(images.device), boxes, sizes, flips)
 
     def set_batch(self, maps: Tensor, boxes: Tensor, sizes: Tensor, flips: Tensor) -> None:
         """maps [B, m*m] (or [B, 1, m, m]), boxes [B, 4] original px, sizes [B, 2] (W, H), flips [B] bool."""
@@ -142,11 +154,11 @@ def stage_channels(stage: nn.Module) -> int:
     raise ValueError("cannot tell the stage's output channels (no Conv2d / BatchNorm2d inside)")
 
 
-def attach_map_fusion(model: nn.Module, stage: int) -> MapFusion:
+def attach_map_fusion(model: nn.Module, stage: int, table: "MapTable | None" = None) -> MapFusion:
     """Register ``MapFusion`` on ``layer{stage}`` of ``model`` by a forward hook; it becomes the submodule
     ``model.sam_fusion`` (so its conv trains and checkpoints with the model). Returns the fusion module."""
     _, mod = stage_module(model, stage)
-    fusion = MapFusion(stage_channels(mod))
+    fusion = MapFusion(stage_channels(mod), table)
     p = next(model.parameters(), None)
     if p is not None:
         fusion.to(p.device)
@@ -249,9 +261,10 @@ class SamFusionHooks(RecipeHooks):
 
         if self.store is None:
             raise ValueError("recipe 'sam-fusion' needs the store (its sam_*_pca_map set): build_hooks(store=...)")
-        store = self.store if isinstance(self.store, Store) else Store(self.store, as_of=ctx.cfg.as_of)
+        store = (Store(self.store.root, as_of=ctx.cfg.as_of, storage_options=self.store.storage_options)
+                 if isinstance(self.store, Store) else Store(self.store, as_of=ctx.cfg.as_of))
         self.table = MapTable.from_store(store, self.map_set)
-        self.fusion = attach_map_fusion(model, self.fuse_stage)
+        self.fusion = attach_map_fusion(model, self.fuse_stage, self.table)
         if self.proto:
             from featurelt.losses import LossContext
             from featurelt.losses.prototype import ProtoLoss
@@ -262,21 +275,10 @@ class SamFusionHooks(RecipeHooks):
             backbone.register_forward_hook(lambda _m, _i, out: setattr(self, "_pooled", out))
         return model
 
-    def set_maps(self, batch: Any, device: Any = None) -> None:
-        """Hand the batch's maps and augmentation records (``{"box", "flip", "size"}``) to the fusion module;
-        called for train batches (``make_batch``) and evaluation / export batches (``before_forward``)."""
-        if self.fusion is None or self.table is None:
-            raise RuntimeError("sam-fusion: set_maps before wrap_model")
-        boxes, sizes, flips = aug_params(batch.extras)
-        maps = self.table.maps(list(batch.sample_ids if hasattr(batch, "sample_ids") else batch.columns["sample_id"]))
-        self.fusion.set_batch(maps.to(device) if device is not None else maps, boxes, sizes, flips)
-
     def make_batch(self, images: Tensor, targets: Tensor, batch: Any, ctx: Any) -> tuple[Tensor, Tensor]:
-        self.set_maps(batch, images.device)
+        assert self.fusion is not None
+        self.fusion.set_loader_batch(images, batch)
         return images, targets
-
-    def before_forward(self, images: Tensor, batch: Any, ctx: Any) -> None:
-        self.set_maps(batch, images.device)
 
     def loss(self, outputs: Tensor, targets: Tensor, batch: Any, ctx: Any) -> Tensor | None:
         if self.proto_loss is None:
