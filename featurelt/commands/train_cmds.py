@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "  featurelt train-head --features pixels --sweep loss=ce,balanced-softmax sampler=instance,sqrt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--features", help="embedding sets to join on sample_id, comma-separated (tables emb_<name>)")
+    g.add_argument("--features", help="embedding sets to join on sample_id, comma-separated (tables emb_<name>); "
+                   "ft_latest = the newest `featurelt finetune --export` set")
     g.add_argument("--text-set", dest="text_set", help="text_embeddings set_name for heads/samplers that use class "
                    "text embeddings (adapter, lfm-projection, cosine init=text, lfm sampler)")
     g.add_argument("--train-split", dest="train_split", help="samples.split to train on (default train)")
@@ -208,7 +209,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     print(f"run {res.run_id}: head {cfg.head}, loss {cfg.loss}, sampler {cfg.sampler}, features "
-          f"{','.join(cfg.features)} (store version {res.pinned_versions['store_version']}, device {res.device}, "
+          f"{','.join(res.config.features)} (store version {res.pinned_versions['store_version']}, device {res.device}, "
           f"features in {res.features_in})")
     print_rows([{k: _fmt(m[k]) for k in METRIC_COLUMNS}], columns=METRIC_COLUMNS)
     print(f"trained {cfg.epochs} epochs in {res.train_seconds:.2f} s ({m['num_train']} train rows), evaluated "

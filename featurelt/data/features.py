@@ -179,6 +179,24 @@ def _check_set(store: "Store", name: str) -> str:
     return table
 
 
+LATEST_FINETUNED = "ft_latest"
+
+
+def resolve_set_names(store: "Store", names: list[str] | tuple[str, ...]) -> list[str]:
+    """Embedding set names with ``ft_latest`` replaced by the newest ``featurelt finetune --export`` set
+    (``ft_<run_id>``, newest ``embedding_sets.time``) at the store's pinned version; other names unchanged.
+    Job files chain a fine-tune and its head this way (stage 1 -> export -> ``train-head --features ft_latest``)."""
+    if LATEST_FINETUNED not in names:
+        return list(names)
+    sets = store.read("embedding_sets", columns=["name", "time"]) if store.has_table("embedding_sets") else None
+    ft = [] if sets is None else sorted((t, n) for n, t in zip(sets.column("name").to_pylist(), sets.column("time").to_pylist())
+                                        if n.startswith("ft_") and n != LATEST_FINETUNED)
+    if not ft:
+        raise ValueError(f"--features {LATEST_FINETUNED}: the store has no fine-tuned embedding set at version "
+                         f"{store.version} (run `featurelt finetune ... --export` first)")
+    return [ft[-1][1] if n == LATEST_FINETUNED else n for n in names]
+
+
 def load_samples(store: "Store", *, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sample_ids [N] str sorted, labels [N] int64, source [N] str)`` of the samples in ``split``."""
     if not store.has_table("samples"):

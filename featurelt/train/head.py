@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurelt.config import TrainCfg
-from featurelt.data.features import MEMORY_FRACTION, FeatureSet, StoreRows, load_features, load_text_embeddings
+from featurelt.data.features import (MEMORY_FRACTION, FeatureSet, StoreRows, load_features, load_text_embeddings,
+                                     resolve_set_names)
 from featurelt.heads import HEADS, HeadContext
 from featurelt.losses import LOSSES, LossContext, post_hoc_logit_adjust
 from featurelt.losses.prototype import ProtoLoss
@@ -566,6 +567,7 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
     pinned = Store(root, as_of=cfg.as_of, storage_options=storage_options)
     if pinned.version == 0:
         raise ValueError(f"store {root} is empty: ingest data and extract features first")
+    cfg = cfg.replace(features=tuple(resolve_set_names(pinned, cfg.features)))  # ft_latest -> ft_<run_id>
     device = resolve_device(cfg.device)
     run_id = new_run_id()
     resolved = cfg.replace(as_of=str(pinned.version), lr=cfg.effective_lr)
