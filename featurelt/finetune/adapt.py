@@ -52,7 +52,7 @@ def apply_adapt(backbone: Backbone, mode: str, *, last_n: int = 1, lora_rank: in
                               if o and isinstance(om, nn.MultiheadAttention) and o != n)]
         missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in chosen)]
         if missing:
-            raise ValueError(f"--lora-targets {",".join(missing)}: no Linear / Conv / MultiheadAttention module of "
+            raise ValueError(f"--lora-targets {','.join(missing)}: no Linear / Conv / MultiheadAttention module of "
                              f"{backbone.name} is called so (default for this backbone: {','.join(backbone.lora_targets)})")
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=chosen)
         inject_adapter_in_model(config, module)
