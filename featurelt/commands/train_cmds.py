@@ -225,7 +225,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- runs / eval
 def cmd_runs(args: argparse.Namespace) -> int:
     store = open_store(args)
-    if not store.has_table("runs"):
+    if not store.has_table("runs") and not store.has_table("finetune_runs"):
         print_rows([], as_json=args.json)
         return 0
     limit = f" LIMIT {int(args.limit)}" if args.limit and args.limit > 0 else ""
@@ -235,7 +235,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
         where = f" WHERE run_id = {sql_literal(resolve_run_id(store, args.run_id))}"
     rows = store.sql(f"SELECT * FROM (SELECT {', '.join(RUN_COLUMNS)} FROM runs{where} ORDER BY time DESC{limit}) "
-                     "ORDER BY time").to_pylist()
+                     "ORDER BY time").to_pylist() if store.has_table("runs") else []
     columns = RUN_COLUMNS
     if store.has_table("finetune_runs") and not args.run_id:  # fine-tune runs not finished yet, marked
         columns = [*RUN_COLUMNS, "status"]
