@@ -144,13 +144,27 @@ class OffsetImage:
         return self.inner(decoded, row, index + self.offset)
 
 
-def train_image(augment: str, *, transform: Any, image_size: int, seed: int) -> Callable[..., Any]:
-    """The train ``make_image``: EvalImage for ``none``, else ``featurelt.images.augment.TrainTransform``."""
+def train_image(augment: str, *, transform: Any, image_size: int, seed: int, epoch: int) -> Callable[..., Any]:
+    """The train ``make_image`` of ``epoch``: EvalImage for ``none`` (the backbone's evaluation transform), else
+    ``featurelt.images.augment.TrainTransform`` (random resized crop + flip, + RandAugment), seeded by
+    ``(seed, epoch, plan position)``, resizing with the backbone's interpolation."""
     if augment == "none":
         return EvalImage(transform, image_size)
     from featurelt.images.augment import TrainTransform
 
-    return TrainTransform(image_size, augment=augment, seed=seed)
+    t = TrainTransform(image_size, augment=augment, seed=seed, interpolation=_interpolation(transform))  # type: ignore[arg-type]
+    t.set_epoch(epoch)
+    return t
+
+
+def _interpolation(transform: Any) -> str:
+    """bilinear | bicubic: the resampling of the backbone's evaluation transform (bilinear when it is another)."""
+    from featurelt.images.transforms import Preprocess
+
+    mode = transform.interpolation if isinstance(transform, Preprocess) else next(
+        (getattr(t.interpolation, "value", t.interpolation) for t in getattr(transform, "transforms", [])
+         if type(t).__name__ == "Resize"), "bilinear")
+    return mode if mode in ("bilinear", "bicubic") else "bilinear"
 
 
 def make_loader(store: Store, plan: list[np.ndarray], make_image: Callable[..., Any], *, columns: Sequence[str],

@@ -310,7 +310,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                                                                           if s.partner is not None else []))
                                for s in shares]
                 make_image = train_image(cfg.augment, transform=backbone.transform, image_size=backbone.image_size,
-                                         seed=cfg.seed * 100_003 + epoch)
+                                         seed=cfg.seed, epoch=epoch)
                 skipped = int(sum(len(p) for p in loader_plan[:start_batch]))
                 bases = np.concatenate([[0], np.cumsum([len(p) for p in loader_plan[start_batch:]])])
                 if skipped:
