@@ -302,8 +302,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
             for epoch in range(position["epoch"], cfg.epochs):
                 ctx.epoch = epoch
                 custom = hooks.train_plan(epoch, ctx)
-                plan = [GlobalBatch(np.asarray(a, dtype=np.int64)) for a in custom] if custom is not None \
-                    else epoch_plan(sampler, epoch)
+                plan = [a if isinstance(a, GlobalBatch) else GlobalBatch(np.asarray(a, dtype=np.int64)) for a in custom] \
+                    if custom is not None else epoch_plan(sampler, epoch)
                 start_batch = position["batch"] if epoch == position["epoch"] else 0
                 shares = [rank_share(b, rank, world) for b in plan]
                 loader_plan = [np.concatenate([train.offsets[s.index]] + ([train.offsets[s.partner]]
