@@ -138,3 +138,24 @@ def test_unknown_backbone_names() -> None:
         build_backbone("timm:nope", pretrained="none")
     with pytest.raises(KeyError, match="use FAMILY:MODEL"):
         build_backbone("resnet50")
+
+
+@pytest.mark.parametrize("name, product", [("clip:tiny", "embedding"), ("dinov2:tiny", "cls"), ("sam:tiny", "latent")])
+def test_project_encoders_as_backbones(name: str, product: str) -> None:
+    """A backbone built from an encoder's weights gives that encoder's product (clip: before its unit norm);
+    its layer groups follow the blocks and last-n trains the last one."""
+    from featurelt.encoders import build_encoder
+
+    bb = build_backbone(name, seed=0)
+    enc = build_encoder(name, seed=0)
+    x = torch.randn(2, 3, bb.image_size, bb.image_size)
+    bb.module.eval()
+    with torch.no_grad():
+        got = bb.module(x)
+    want = enc.encode(x, products=[product])[product]
+    if name.startswith("clip"):
+        got = torch.nn.functional.normalize(got, dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(bb.layers) >= 3 and bb.feature_dim == want.shape[1]
+    names = apply_adapt(bb, "last-n", last_n=1)
+    assert set(names) == set(bb.layers[-1])
