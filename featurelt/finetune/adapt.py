@@ -2,10 +2,14 @@
 
 * ``full``   -- every backbone parameter;
 * ``lora``   -- peft LoRA adapters (``peft.inject_adapter_in_model``, in place: parameter names keep their
-  paths, adapted layers gain ``base_layer`` / ``lora_A`` / ``lora_B``) on the ``targets`` modules (default
-  :data:`featurelt.finetune.backbones.LORA_TARGETS`: timm ViTs ``qkv``, ``proj``, ``fc1``, ``fc2``; open_clip
-  ``attn`` -- its ``nn.MultiheadAttention``, whose packed in-projection and ``out_proj`` peft adapts, since
-  ``out_proj`` alone is never called as a module -- and the MLP ``c_fc`` / ``c_proj``); only ``lora_`` parameters train;
+  paths, adapted layers gain ``base_layer`` / ``lora_A`` / ``lora_B``) on the Linear / Conv / MultiheadAttention
+  modules named by ``targets`` (default :data:`featurelt.finetune.backbones.LORA_TARGETS`: timm ViTs ``qkv``,
+  ``proj``, ``fc1``, ``fc2``; ResNets the block convolutions; open_clip the MLP ``c_fc`` / ``c_proj``); only
+  ``lora_`` parameters train. open_clip's attention is ``nn.MultiheadAttention``, whose ``out_proj`` is never
+  called as a module (a LoRA on it alone would do nothing); ``--lora-targets attn,c_fc,c_proj`` adapts it with
+  peft's (experimental) MultiheadAttention LoRA, which adapts the packed in-projection and ``out_proj`` but
+  merges the update into the frozen weights for each forward and takes it out again: the frozen weights then
+  drift by float rounding (~1e-8 per step, tests/test_finetune_adapt.py), which is why it is not the default;
 * ``last-n`` -- the parameters of the last ``n`` layer groups (``Backbone.layers``);
 * ``ln``     -- the affine parameters of normalisation layers (LayerNorm, BatchNorm, GroupNorm, SAM's LayerNorm2d);
 * ``bias``   -- every parameter named ``bias``;
@@ -40,12 +44,17 @@ def apply_adapt(backbone: Backbone, mode: str, *, last_n: int = 1, lora_rank: in
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = list(lora_targets or backbone.lora_targets)
-        names = {n.rsplit(".", 1)[-1] for n, _ in module.named_modules()}
-        missing = [t for t in targets if t not in names]
+        kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, nn.Embedding)  # what peft's LoRA adapts
+        # the full names of the modules that LoRA adapts: a target name may also name a container (timm's stem
+        # ``conv1`` Sequential), which is left out
+        chosen = [n for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in targets and isinstance(m, kinds)
+                  and not any(n.startswith(o + ".") for o, om in module.named_modules()
+                              if o and isinstance(om, nn.MultiheadAttention) and o != n)]
+        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in chosen)]
         if missing:
-            raise ValueError(f"--lora-targets {','.join(missing)}: no module of {backbone.name} is called so "
-                             f"(default for this backbone: {','.join(backbone.lora_targets)})")
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+            raise ValueError(f"--lora-targets {','.join(missing)}: no Linear / Conv / MultiheadAttention module of "
+                             f"{backbone.name} is called so (default for this backbone: {','.join(backbone.lora_targets)})")
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=chosen)
         inject_adapter_in_model(config, module)
         for name, p in module.named_parameters():
             p.requires_grad_("lora_" in name)

@@ -34,7 +34,7 @@ FAMILIES = ("timm", "clip", "dinov2", "sam")
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "timm-vit": ("qkv", "proj", "fc1", "fc2"),      # timm ViTs: attention qkv / proj, MLP fc1 / fc2
     "timm-cnn": ("conv1", "conv2", "conv3"),         # timm ResNets: the block convolutions (and the stem conv1)
-    "clip": ("attn", "c_fc", "c_proj"),              # open_clip: nn.MultiheadAttention (peft's MHA LoRA) + MLP
+    "clip": ("c_fc", "c_proj"),                      # open_clip: the MLP Linears (``attn`` opt-in: see adapt.py)
     "dinov2": ("query", "key", "value", "dense", "fc1", "fc2"),
     "sam": ("qkv", "proj", "lin1", "lin2"),
 }

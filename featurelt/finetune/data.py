@@ -133,24 +133,52 @@ def _resize_to(transform: Any, size: int) -> int:
     return size
 
 
-class OffsetImage:
-    """``make_image`` whose plan positions are shifted by ``offset`` (resume mid-epoch: the same per-position
-    augmentation as the uninterrupted run)."""
+class MappedImage:
+    """``make_image`` that sees each entry's position in the epoch's *global* plan instead of its position in this
+    loader's plan: a rank's share, or the rest of an epoch after a resume, gets the same per-position augmentation
+    as one uninterrupted process. ``positions[i]``: global position of loader entry i."""
 
-    def __init__(self, inner: Callable[..., Any], offset: int) -> None:
-        self.inner, self.offset = inner, int(offset)
+    def __init__(self, inner: Callable[..., Any], positions: np.ndarray) -> None:
+        self.inner, self.positions = inner, np.asarray(positions, dtype=np.int64)
 
     def __call__(self, decoded: Any, row: dict[str, Any], index: int) -> Any:
-        return self.inner(decoded, row, index + self.offset)
+        return self.inner(decoded, row, int(self.positions[index]))
 
 
-def train_image(augment: str, *, transform: Any, image_size: int, seed: int) -> Callable[..., Any]:
-    """The train ``make_image``: EvalImage for ``none``, else ``featurelt.images.augment.TrainTransform``."""
+def global_positions(plan: list[GlobalBatch], rank: int, world: int) -> list[np.ndarray]:
+    """Per global batch, the global plan position of each entry of rank ``rank``'s loader batch: one process
+    loads batch b as ``[index, partner]`` from position ``start_b``; rank r loads ``[index[r::N], partner[r::N]]``."""
+    out, start = [], 0
+    for b in plan:
+        n = len(b.index)
+        own = np.arange(rank, n, world, dtype=np.int64)
+        parts = [start + own] + ([start + n + own] if b.partner is not None else [])
+        out.append(np.concatenate(parts))
+        start += n * (2 if b.partner is not None else 1)
+    return out
+
+
+def train_image(augment: str, *, transform: Any, image_size: int, seed: int, epoch: int) -> Callable[..., Any]:
+    """The train ``make_image`` of ``epoch``: EvalImage for ``none`` (the backbone's evaluation transform), else
+    ``featurelt.images.augment.TrainTransform`` (random resized crop + flip, + RandAugment), seeded by
+    ``(seed, epoch, plan position)``, resizing with the backbone's interpolation."""
     if augment == "none":
         return EvalImage(transform, image_size)
     from featurelt.images.augment import TrainTransform
 
-    return TrainTransform(image_size, augment=augment, seed=seed)
+    t = TrainTransform(image_size, augment=augment, seed=seed, interpolation=_interpolation(transform))  # type: ignore[arg-type]
+    t.set_epoch(epoch)
+    return t
+
+
+def _interpolation(transform: Any) -> str:
+    """bilinear | bicubic: the resampling of the backbone's evaluation transform (bilinear when it is another)."""
+    from featurelt.images.transforms import Preprocess
+
+    mode = transform.interpolation if isinstance(transform, Preprocess) else next(
+        (getattr(t.interpolation, "value", t.interpolation) for t in getattr(transform, "transforms", [])
+         if type(t).__name__ == "Resize"), "bilinear")
+    return mode if mode in ("bilinear", "bicubic") else "bilinear"
 
 
 def make_loader(store: Store, plan: list[np.ndarray], make_image: Callable[..., Any], *, columns: Sequence[str],
@@ -164,5 +192,6 @@ def make_loader(store: Store, plan: list[np.ndarray], make_image: Callable[..., 
 
 
 
-__all__ = ["TrainRows", "split_rows", "GlobalBatch", "epoch_plan", "rank_share", "EvalImage", "OffsetImage",
+__all__ = ["TrainRows", "split_rows", "GlobalBatch", "epoch_plan", "rank_share", "EvalImage", "MappedImage",
+           "global_positions",
            "train_image", "make_loader", "center_crop_box"]

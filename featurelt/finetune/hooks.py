@@ -57,7 +57,9 @@ class FinetuneHooks:
 
     def train_plan(self, epoch: int, ctx: HookContext) -> "list[np.ndarray] | None":
         """The epoch's plan as a list of int64 arrays of train-row indices (``ctx.train``), one per
-        global batch; None: the sampler's plan."""
+        global batch; None: the sampler's plan. An entry may also be a
+        :class:`featurelt.finetune.data.GlobalBatch` (rows + ``partner`` rows and ``lam_x`` / ``lam_y``: the
+        engine loads both images and mixes them in pixel space, with soft targets, before ``make_batch``)."""
         return None
 
     def make_batch(self, images: "Tensor", targets: "Tensor", batch: "LoaderBatch",

@@ -37,8 +37,8 @@ from torch import Tensor
 from featurelt.finetune import checkpoint as ckpt
 from featurelt.finetune import runs as runrows
 from featurelt.finetune.config import FinetuneCfg
-from featurelt.finetune.data import (EvalImage, GlobalBatch, OffsetImage, TrainRows, epoch_plan, make_loader,
-                                     rank_share, split_rows, train_image)
+from featurelt.finetune.data import (EvalImage, GlobalBatch, MappedImage, TrainRows, epoch_plan, global_positions,
+                                     make_loader, rank_share, split_rows, train_image)
 from featurelt.finetune.hooks import FinetuneHooks, HookContext
 from featurelt.store import Store, command_line, utcnow
 
@@ -310,19 +310,19 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
             for epoch in range(position["epoch"], cfg.epochs):
                 ctx.epoch = epoch
                 custom = hooks.train_plan(epoch, ctx)
-                plan = [GlobalBatch(np.asarray(a, dtype=np.int64)) for a in custom] if custom is not None \
-                    else epoch_plan(sampler, epoch)
+                plan = [a if isinstance(a, GlobalBatch) else GlobalBatch(np.asarray(a, dtype=np.int64)) for a in custom] \
+                    if custom is not None else epoch_plan(sampler, epoch)
                 start_batch = position["batch"] if epoch == position["epoch"] else 0
                 shares = [rank_share(b, rank, world) for b in plan]
                 loader_plan = [np.concatenate([train.offsets[s.index]] + ([train.offsets[s.partner]]
                                                                           if s.partner is not None else []))
                                for s in shares]
                 make_image = train_image(cfg.augment, transform=backbone.transform, image_size=backbone.image_size,
-                                         seed=cfg.seed * 100_003 + epoch)
-                skipped = int(sum(len(p) for p in loader_plan[:start_batch]))
+                                         seed=cfg.seed, epoch=epoch)
                 bases = np.concatenate([[0], np.cumsum([len(p) for p in loader_plan[start_batch:]])])
-                if skipped:
-                    make_image = OffsetImage(make_image, skipped)
+                if start_batch or world > 1:  # augmentation seeded by the global plan position
+                    make_image = MappedImage(make_image, np.concatenate(
+                        global_positions(plan, rank, world)[start_batch:] or [np.zeros(0, np.int64)]))
                 loader = make_loader(pinned, loader_plan[start_batch:], make_image, columns=columns,
                                      num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
                 if progress and rank == 0:
@@ -347,7 +347,12 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                         custom_loss = hooks.loss(logits, target, batch, ctx)
                         per = loss_fn.per_sample(logits, target, epoch=epoch)
                         loss = custom_loss if custom_loss is not None else loss_fn.reduce(per, target, epoch=epoch)
-                        scaler.scale(loss / cfg.accum).backward()
+                        backward = loss
+                        if world > 1 and custom_loss is None and not loss_fn.weighted_mean:
+                            # DDP averages the ranks' gradients: weight each rank's mean by its share of the global
+                            # batch, so that unequal shares still give the global batch mean of one process
+                            backward = loss * (len(per) * world / len(plan[bi].index))
+                        scaler.scale(backward / cfg.accum).backward()
                         hooks.after_step(per.detach(), batch, ctx)
                         if wants_feedback and batch.partner is None:
                             sampler.feedback(batch.rows, per.detach().cpu(), None)
@@ -410,6 +415,11 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                 continue
             evaluated[split] = res
         eval_seconds = time.perf_counter() - t_eval
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # every rank has finished before rank 0 writes
     metrics = dict(evaluated[cfg.eval_split]["metrics"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
     perf = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "images_per_second":
