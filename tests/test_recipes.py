@@ -113,6 +113,28 @@ def test_map_follows_crop_and_flip_of_the_image():
     torch.testing.assert_close(whole, m[:4])
 
 
+def test_map_follows_the_train_transform_crop_and_flip():
+    """With the loader's own augmentation (TrainTransform flip-crop), the map cut by the image's extras matches
+    the augmented image itself, pooled to the map's cell size, within 4 grey levels; the unflipped map does not."""
+    from featurelt.images.augment import TrainTransform
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    f = 110 + 70 * torch.sin(xx / 7) + 60 * (yy / 64)                 # smooth, not symmetric
+    image = f.round().to(torch.uint8).expand(3, 64, 64).contiguous()
+    m = F.avg_pool2d(f[None, None], 4)[0, 0]                           # 16x16 map, 4 px per cell
+    t = TrainTransform(32, "flip-crop", seed=0, scale=(0.3, 1.0))
+    flips = []
+    for index in range(8):
+        out, extra = t.apply(image, index)
+        ref = F.avg_pool2d(out.float().mean(0)[None, None], 4)[0, 0]   # the augmented image at 8x8
+        args = (m.view(1, -1), torch.tensor([extra["box"]]), torch.tensor([extra["size"]], dtype=torch.float32))
+        got = crop_maps(*args, torch.tensor([extra["flip"]]), (8, 8))[0, 0]
+        wrong = crop_maps(*args, torch.tensor([not extra["flip"]]), (8, 8))[0, 0]
+        assert (got - ref).abs().max() < 4.0 < 8.0 < (wrong - ref).abs().max()
+        flips.append(extra["flip"])
+    assert any(flips) and not all(flips)
+
+
 def test_normalise_maps_is_per_image_standardisation():
     x = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])
     out = normalise_maps(x)
