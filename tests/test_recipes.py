@@ -39,6 +39,27 @@ def test_every_recipe_builds_its_hooks(name):
         recipe.build_hooks(no_such_option=1)
 
 
+def test_resolve_orders_config_recipe_flags_and_keeps_the_recipe_in_the_config():
+    from featurelt.finetune.config import FinetuneCfg
+    from featurelt.finetune.recipes import hooks_for, resolve
+
+    base = FinetuneCfg(lr=0.5, epochs=3, sampler_opts={"a": 0.7})        # as from --config
+    cfg, hooks = resolve("lfm-stage1", base, {"text_set": "t", "epochs": 2, "sampler_opts": {"tau": 0.1}})
+    assert (cfg.lr, cfg.min_lr_ratio, cfg.optimizer, cfg.batch_size) == (1e-6, 1e-3, "adam", 32)  # recipe > config
+    assert cfg.epochs == 2 and cfg.sampler == "lfm" and cfg.head == "text"                         # flags > recipe
+    assert cfg.sampler_opts == {"tau": 0.1, "alpha": 1.0, "a": 0.2, "per_sample": False}          # merged key by key
+    assert cfg.recipe == "lfm-stage1" and cfg.recipe_opts == {}
+    cfg2, _ = resolve("sam-fusion", FinetuneCfg(), {"backbone": "timm:test_resnet"}, opts={"fuse_stage": 2})
+    assert cfg2.recipe_opts == {"fuse_stage": 2} and cfg2.optimizer == "sgd" and cfg2.lr == 0.1
+    again = hooks_for(cfg2.replace(), store=None)                    # resume / other ranks: the same hooks back
+    assert type(again).__name__ == "SamFusionHooks" and again.fuse_stage == 2
+    assert hooks_for(FinetuneCfg(), store=None) is None
+    with pytest.raises(ValueError, match="needs class text embeddings"):
+        hooks.configure(FinetuneCfg(sampler="lfm"))
+    with pytest.raises(KeyError, match="unknown recipe 'nope'; available: auxiliary"):
+        resolve("nope", FinetuneCfg(), {})
+
+
 # ----------------------------------------------------------------------------------------- sam-fusion
 
 def _resnet():

@@ -11,7 +11,7 @@ from featurelt.commands.train_cmds import _kv
 
 FIELDS = ("backbone", "pretrained", "checkpoint", "image_size", "adapt", "lora_rank", "lora_alpha", "lora_dropout",
           "lora_targets", "last_n", "head", "head_scale", "text_set", "loss", "sampler", "aux_cap", "epochs",
-          "batch_size", "accum", "lr", "optimizer", "momentum", "weight_decay", "layer_decay", "warmup", "amp",
+          "batch_size", "accum", "lr", "min_lr_ratio", "optimizer", "momentum", "weight_decay", "layer_decay", "warmup", "amp",
           "ema", "ema_decay", "seed", "augment", "train_split", "eval_split", "val_split", "as_of", "loader_workers",
           "skip_bad", "eval_every", "checkpoint_every", "launcher", "num_workers", "use_gpu", "device", "sync_bn",
           "export", "out_dir")
@@ -88,6 +88,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="global batch size, all ranks together (default 64)")
     g.add_argument("--accum", type=positive_int, help="loader batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3): linear warmup, then cosine to 0 per step")
+    g.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, metavar="R",
+                   help="the cosine schedule ends at lr * R (default 0; lfm-stage1: 0.001, as in LFM's code)")
     g.add_argument("--optimizer", help="timm optimizer name (default adamw; sgd, adam, lamb, ...)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float,

@@ -55,7 +55,8 @@ class FinetuneCfg:
     epochs: int = 10                        # passes of the sampler, >= 1
     batch_size: int = 64                    # global batch (all ranks together, before accumulation), >= 1
     accum: int = 1                          # loader batches per optimizer step (gradient accumulation), >= 1
-    lr: float = 1e-3                        # peak learning rate, > 0 (warmup, then cosine to 0 per optimizer step)
+    lr: float = 1e-3                        # peak learning rate, > 0 (warmup, then cosine to lr * min_lr_ratio per optimizer step)
+    min_lr_ratio: float = 0.0               # the cosine schedule's floor as a fraction of lr, in [0, 1) (LFM's code: 1e-3)
     optimizer: str = "adamw"                # timm optimizer name: adamw | sgd | adam | lamb | ...
     momentum: float = 0.9                   # SGD momentum in [0, 1)
     weight_decay: float = 0.05              # weight decay, >= 0 (none on norms, biases and 1-d parameters)
@@ -123,6 +124,8 @@ def check(cfg: FinetuneCfg) -> None:
     for name in ("lr", "lora_alpha", "head_scale"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be > 0")
+    if not 0 <= cfg.min_lr_ratio < 1:
+        raise bad("min_lr_ratio", "must be in [0, 1)")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise bad("layer_decay", "must be in (0, 1]")
     if not 0 < cfg.ema_decay < 1:

@@ -266,7 +266,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
             len(hooks.train_plan(0, ctx))  # type: ignore[arg-type]
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.accum)
         total_steps = max(1, steps_per_epoch * cfg.epochs)
-        sched = timm.scheduler.CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=0.0, warmup_t=cfg.warmup,
+        sched = timm.scheduler.CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.lr * cfg.min_lr_ratio,
+                                                 warmup_t=cfg.warmup,
                                                  warmup_lr_init=0.0 if cfg.warmup else cfg.lr, warmup_prefix=True,
                                                  t_in_epochs=False)
         ema = timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None

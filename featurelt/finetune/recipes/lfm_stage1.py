@@ -10,11 +10,12 @@ embeddings (``W_I`` is the identity and frozen in stage 1, so it is left out); `
 Stage 2: ``train-head --head lfm-projection`` on the exported set (Adam lr 0.01, 10 epochs in their code).
 
 Settings follow the authors' code (``rsamf/text-guided-mixup``: ``mixups.py``, ``train/decoupled_trainer.py``,
-``models/lfm_model.py``) where the paper is silent: Adam, lr 1e-6, batch 32, 50 epochs, ``Beta(0.2, 0.2)``
-drawn once per batch, tau 0.05, alpha 1. Two differences from that code: (1) its logits are the unit image
-feature times the *unnormalised* CLIP text features (no temperature); featurelt stores unit text embeddings,
-so the text head's ``head_scale`` stands in for the text-feature norm; (2) its cosine schedule ends at
-``eta_min`` (lr/1000 with lr 1e-4 in the released config); the engine's cosine ends at 0.
+``models/lfm_model.py``) where the paper is silent: Adam, lr 1e-6 with a cosine schedule to lr/1000 (the code's
+``CosineAnnealingLR(eta_min=1e-7)`` at its config's lr 1e-4; the recipe keeps the ratio), batch 32,
+50 epochs, ``Beta(0.2, 0.2)`` drawn once per batch, tau 0.05, alpha 1. One difference from that code: its
+logits are the unit image feature times the *unnormalised* CLIP text features (no temperature); featurelt
+stores unit text embeddings, so the text head's ``head_scale`` stands in for the text-feature norm. The
+code steps its cosine per epoch, the engine per optimizer step.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "weight_decay": 0.0,
     "lr": 1e-6,
+    "min_lr_ratio": 1e-3,      # cosine schedule to lr / 1000
     "batch_size": 32,
     "epochs": 50,
 }
