@@ -340,3 +340,19 @@ def test_ecvl_stage1_augments_from_the_second_epoch_by_momentum(tiny_root):
     assert any(rec.changed[n1:])                                    # epoch 2: M_i > 0 for the harder samples
     m = rec.inner.state.m
     assert m.size == len(set(s for ids in rec.ids for s in ids)) and 0 <= m.min() and m.max() <= 1
+
+
+@pytest.mark.slow
+def test_auxiliary_recipe_with_lambda_one_trains_as_balanced_softmax(tiny_root):
+    """The recipe end to end (target + auxiliary rows, caps, ns-ce): with lambda_s = 1 the fine-tuned weights
+    equal those of the same run with balanced softmax, bit for bit (section 3: NS-CE with all lambda = 1)."""
+    flags = {"backbone": "timm:test_resnet", "pretrained": "none", "epochs": 1, "batch_size": 128}
+    rec_ns, res_ns = _library_run(tiny_root, "auxiliary", {**flags, "loss_opts": {"lambda_s": 1.0}})
+    assert res_ns.config.loss == "ns-ce" and res_ns.config.aux_cap == 50
+    seen = {s for ids in rec_ns.ids for s in ids}
+    assert any(s.startswith("aux-") for s in seen)                 # auxiliary rows were trained on
+    rec_bs, res_bs = _library_run(tiny_root, "auxiliary", {**flags, "loss": "balanced-softmax"})
+    assert rec_ns.ids == rec_bs.ids                                 # the same plan
+    end_ns, end_bs = dict(res_ns.model.named_parameters()), dict(res_bs.model.named_parameters())
+    for k, v in end_ns.items():
+        assert torch.equal(v, end_bs[k]), k

@@ -22,9 +22,12 @@ class RecipeHooks(FinetuneHooks):
         (a default such as ``head: text`` may need a flag such as ``--text-set`` to be a valid config)."""
         from featurelt.finetune.config import merge
 
+        overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
         changes = {**self.defaults, "recipe": self.name}
-        for k, v in (overrides or {}).items():
-            k = k.replace("-", "_")
+        for part in ("loss", "sampler"):  # a flag picking another loss / sampler drops the recipe's options of it
+            if part in overrides and overrides[part] != self.defaults.get(part):
+                changes.pop(f"{part}_opts", None)
+        for k, v in overrides.items():
             if k.endswith("_opts") and isinstance(v, dict) and isinstance(changes.get(k), dict):
                 v = {**changes[k], **v}
             changes[k] = v
