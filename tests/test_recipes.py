@@ -1,19 +1,16 @@
 """The seed recipes of ``featurelt finetune --recipe`` (featurelt/finetune/recipes): each one's defining property.
 
 sam-fusion (METHODS.md section 2): zero-initialised fusion = plain ResNet exactly; the map follows the
-crop and the flip of the image (checked against a map computed from the image itself); the fused stage
-is ``Conv1x1(F_norm) * F + F``. auxiliary (section 3): ns-ce with lambda_s = 1 makes the same SGD step as
-balanced softmax; the plan keeps the auxiliary caps and never reads split ``filtered``. ltgc-lora (section
-4): BalanceMix pairs original x passed generated rows only, one lambda per pair on pixels and labels.
-lfm-stage1 (section 6): pixel mixup with the label shift. ecvl-stage1 (section 5): M_i = 0 leaves images
-alone, the momentum state follows the formulas.
+crop and the flip of the image (against a map computed from the image itself, and through TrainTransform);
+the fused stage is ``Conv1x1(F_norm) * F + F``. auxiliary (section 3): ns-ce with lambda_s = 1 makes the same
+step as balanced softmax (loss level and a whole recipe run). ltgc-lora (section 4): only LoRA and head
+parameters change, rejected generated images never appear in a batch. ecvl-stage1 (section 5): M_i = 0 leaves
+images alone, the momentum state follows the formulas, augmentation starts in epoch 2. Config resolution
+order, and every recipe's tiny job end to end (stage 1 -> ft_<run> -> stage 2 -> runs rows).
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +21,6 @@ from featurelt.finetune.recipes.sam_fusion import MapFusion, attach_map_fusion, 
 from featurelt.losses import BalancedSoftmax, LossContext, NeighborSilencedCE
 from featurelt.samplers import momentum_strength
 from featurelt.store import Store
-
-from test_train import build_digits_store
 
 
 @pytest.mark.parametrize("name", RECIPES.names())

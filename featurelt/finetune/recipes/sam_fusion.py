@@ -24,7 +24,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurelt.finetune.recipes.base import RecipeHooks
