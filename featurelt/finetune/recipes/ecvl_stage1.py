@@ -44,7 +44,8 @@ def _signed(v: float, sign: bool) -> float:
 
 
 # op(image [C,H,W] float in [0, 1], strength s in [0, 1], sign) -> image; magnitudes at s = 1 are
-# torchvision RandAugment's largest bin (shear 0.3, translate 45% of 331/150..., rotate 30 deg, enhance 0.9).
+# torchvision RandAugment's largest bin (shear 0.3, translate 150/331 = 0.45 of the side, rotate 30 deg, enhance
+# factors 1 +- 0.9, posterize to 4 bits, solarize threshold 0); autocontrast has no strength.
 OPS: dict[str, Callable[[Tensor, float, bool], Tensor]] = {
     "shear_x": lambda x, s, n: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
                                          shear=[math.degrees(math.atan(_signed(0.3 * s, n))), 0.0]),
