@@ -72,3 +72,21 @@ def test_torchrun_launcher_needs_torchrun(ft_store: Path, tmp_path: Path, capsys
     shutil.copytree(ft_store, root)
     assert main(["--store", str(root), "finetune", *ARGS, "--launcher", "torchrun"]) == 1
     assert "RANK / WORLD_SIZE are not set" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_two_workers_equal_one_process(ft_store: Path, tmp_path: Path) -> None:
+    """Ray Train (local, 2 CPU workers) ends with the weights of the single-process run (1e-5)."""
+    pytest.importorskip("ray.train.torch")
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(ft_store, one)
+    shutil.copytree(ft_store, two)
+    assert main(["--store", str(one), "finetune", *ARGS]) == 0
+    assert main(["--store", str(two), "finetune", *ARGS, "--launcher", "ray", "--num-workers", "2"]) == 0
+    a, b = _model_state(one), _model_state(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    from featurelt.store import Store
+
+    assert Store(two).sql("SELECT status FROM finetune_runs").to_pylist() == [{"status": "finished"}]

@@ -154,11 +154,12 @@ def _autocast(device: torch.device, amp: str) -> Any:
 
 def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: FinetuneHooks | None = None,
              resume: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
-             write: bool = True) -> FinetuneResult:
+             write: bool = True, run_id: str | None = None) -> FinetuneResult:
     """Fine-tune, evaluate, record (module docstring). ``store``: a Store or its root path.
 
     resume: a fine-tune run id or ``latest`` (the newest unfinished run): continue it from its last
     checkpoint with its saved config (``cfg`` is then ignored). write: write the store rows (False: compute only).
+    run_id: the new run's id (launchers pass one to every rank; default a fresh one).
     """
     from featurelt.finetune.adapt import apply_adapt
     from featurelt.finetune.backbones import build_backbone
@@ -183,7 +184,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
              f"step {state['position']['step']})")
     else:
         cfg = hooks.configure(cfg)
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
     if not cfg.backbone:
         raise ValueError("no backbone given: --backbone NAME (timm:<name>, clip:<model>, dinov2:<size>, sam:<variant>)")
     LOSSES.get(cfg.loss)
