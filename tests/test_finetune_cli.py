@@ -59,6 +59,7 @@ def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.Cap
     assert main(["--store", str(store_path), "runs"]) == 0
     listing = capsys.readouterr().out
     assert run_id in listing and "finetune" in listing
+    assert main(["--store", str(store_path), "report", "--run", run_id, "--out", str(store_path.parent / "report")]) == 0
 
 
 def test_export_equals_model_forward_on_the_image(store_path: Path) -> None:

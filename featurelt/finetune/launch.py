@@ -38,7 +38,11 @@ def launch(store: Any, cfg: FinetuneCfg, *, resume: str | None = None, progress:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         try:
-            res = finetune(store, cfg, hooks=hooks, resume=resume, progress=progress, log=log)
+            from featurelt.finetune.train import finetune_run_id
+
+            ids = [finetune_run_id() if rank == 0 else None]
+            dist.broadcast_object_list(ids, src=0)  # one run id for every rank
+            res = finetune(store, cfg, hooks=hooks, resume=resume, progress=progress, log=log, run_id=ids[0])
             dist.barrier()
         finally:
             dist.destroy_process_group()
@@ -70,7 +74,7 @@ def _launch_ray(store: Any, cfg: FinetuneCfg, *, resume: str | None, hooks: Any)
     from ray.train.torch import TorchTrainer
 
     from featurelt.store import Store
-    from featurelt.train.head import new_run_id
+    from featurelt.finetune.train import finetune_run_id
 
     root = store.root if isinstance(store, Store) else str(store)
     if "://" not in root:
@@ -79,7 +83,7 @@ def _launch_ray(store: Any, cfg: FinetuneCfg, *, resume: str | None, hooks: Any)
         ray.init(num_cpus=max(cfg.num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     device = "cuda" if cfg.use_gpu else "cpu"
     worker_cfg = cfg.replace(device=device)
-    run_id = new_run_id()
+    run_id = finetune_run_id()
     import tempfile
 
     trainer = TorchTrainer(_ray_loop, train_loop_config={"store": root, "cfg": worker_cfg.to_dict(), "hooks": hooks,

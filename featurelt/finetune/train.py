@@ -76,6 +76,14 @@ class FinetuneResult:
     interrupted: bool = False
 
 
+def finetune_run_id() -> str:
+    """A new run id, ``YYYYMMDD_HHMMSS_xxxxxx``: train-head's form with underscores, so that ``emb_ft_<run_id>``
+    is a plain SQL identifier."""
+    from featurelt.train.head import new_run_id
+
+    return new_run_id().replace("-", "_")
+
+
 def dist_env() -> tuple[int, int]:
     """(rank, world size) from ``RANK`` / ``WORLD_SIZE`` (torchrun, Ray Train), (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,7 +175,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     from featurelt.losses import LOSSES, LossContext
     from featurelt.samplers import SAMPLERS, Sampler, SamplerContext
     from featurelt.train.head import (_accepts, _classes, build, class_counts_of, deterministic, neighbor_of_head,
-                                      new_run_id, resolve_device, seed_everything)
+                                      resolve_device, seed_everything)
 
     def note(line: str) -> None:
         (log or logger.info)(line)
@@ -184,7 +192,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
              f"step {state['position']['step']})")
     else:
         cfg = hooks.configure(cfg)
-        run_id = run_id or new_run_id()
+        run_id = run_id or finetune_run_id()
     if not cfg.backbone:
         raise ValueError("no backbone given: --backbone NAME (timm:<name>, clip:<model>, dinov2:<size>, sam:<variant>)")
     LOSSES.get(cfg.loss)
