@@ -173,7 +173,7 @@ def _register_all() -> None:
     _register(EncoderSpec(TIMM_FAMILY, "image",
                           "any timm model (timm.list_models()), e.g. timm:resnet50: pooled `embedding`, timm's "
                           "pretrained_cfg preprocessing; --checkpoint FILE, timm's cached weights, or --untrained",
-                          False, "file", _timm_family_build, None, lambda m: {}))
+                          True, "file", _timm_family_build, None, lambda m: {}))
     for family in ("sam", "dinov2", "text"):
         for spec in importlib.import_module(f"featurelt.encoders.{family}").specs():
             _register(spec)

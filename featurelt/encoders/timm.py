@@ -217,7 +217,7 @@ def timm_spec(model: str):
         return {"embedding": int(net.num_features)}
 
     return EncoderSpec(f"timm:{model}", "image", f"timm {model}: pooled embedding; pretrained_cfg preprocessing; "
-                       "--checkpoint FILE or timm's cached weights", False, "file",
+                       "--checkpoint FILE or timm's cached weights", True, "file",
                        lambda **kw: build_timm(model, **kw), None, products)
 
 
