@@ -35,9 +35,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -213,6 +214,24 @@ def _safe_alternatives(fn: str) -> list[str]:
     return [fn[:-4] + ".safetensors"] if fn.endswith((".bin", ".pth")) else []
 
 
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" log line while a model is
+    created to be loaded right after (it would tell the user the opposite of what happens)."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("No pretrained weights loaded")
+
+    drop, root = _Drop(), logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _hub_clip(repo: str, *, checkpoint: str | os.PathLike | None, image_size: int | None, seed: int,
               untrained: bool) -> LoadedClip:
     """``clip:hf-hub:ORG/NAME``: open_clip_config.json (+ weights) from the cache or the hub, or
@@ -240,7 +259,7 @@ def _hub_clip(repo: str, *, checkpoint: str | os.PathLike | None, image_size: in
         elif not untrained:
             weights = hub.hub_file(name, repo, [HF_SAFE, HF_BIN], how=HOW_CLIP)
     local = f"local-dir:{config.parent}"
-    with seeded(seed):  # random init first (seeded for untrained), then the weights, strictly
+    with seeded(seed), _quiet_random_init():  # random init (seeded for untrained), then the weights, strictly
         net, _, transform = oc.create_model_and_transforms(local, load_weights=False, pretrained_text=False,
                                                            force_image_size=image_size)
     if not untrained:

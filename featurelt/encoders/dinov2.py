@@ -82,15 +82,11 @@ def specs() -> list[Any]:
 HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors"]  # what a hub id fetches
 
 
-def _hub_size(repo: str, config: dict[str, Any]) -> str:
-    """The dinov2:<size> whose hidden size a hub config has (products / dims)."""
+def _hub_hidden(repo: str, config: dict[str, Any]) -> int:
+    """The hidden size (dim of both products) of a hub repo's DINOv2 config."""
     if config.get("model_type") != "dinov2":
         raise ValueError(f"dinov2:{repo}: config.json has model_type {config.get('model_type')!r}, not 'dinov2'")
-    hidden = int(config["hidden_size"])
-    for size, c in DINOV2_CONFIGS.items():
-        if c["hidden_size"] == hidden and size != "tiny":
-            return size
-    raise ValueError(f"dinov2:{repo}: hidden_size {hidden} is none of the released DINOv2 sizes")
+    return int(config["hidden_size"])
 
 
 def hub_spec(repo: str) -> Any:
@@ -105,7 +101,8 @@ def hub_spec(repo: str) -> Any:
         from featurelt.encoders import hub
 
         cfg = json.loads(Path(hub.hub_file(f"dinov2:{repo}", repo, ["config.json"], how=_how_hub(repo))).read_text())
-        return dinov2_products(_hub_size(repo, cfg))
+        d = _hub_hidden(repo, cfg)
+        return {"cls": d, "mean_patch": d}
 
     return EncoderSpec(f"dinov2:{repo}", "image", f"DINOv2 {repo} from the Hugging Face cache or hub: cls + mean_patch",
                        True, "dir", partial(build_dinov2, repo), None, products)
@@ -165,10 +162,11 @@ class Dinov2Encoder(Encoder):
                 checkpoint = hub.hub_snapshot(name, repo, allow_patterns=["config.json", "preprocessor_config.json"]
                                               if untrained else HUB_FILES, how=_how_hub(repo))
             cfg_file = Path(checkpoint) / "config.json"
-            size = _hub_size(repo, json.loads(cfg_file.read_text())) if cfg_file.is_file() else "base"
+            if cfg_file.is_file():
+                _hub_hidden(repo, json.loads(cfg_file.read_text()))
             if untrained:
                 folder_cfg, checkpoint = Path(checkpoint), None
-        if size == "tiny" and checkpoint is None or untrained:
+        if repo is None and size == "tiny" and checkpoint is None or untrained:
             if untrained and checkpoint is not None:
                 raise ValueError(f"{name}: pass either checkpoint= or untrained=True, not both")
             config = (Dinov2Config.from_pretrained(str(folder_cfg)) if repo is not None else
@@ -183,7 +181,7 @@ class Dinov2Encoder(Encoder):
             net = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
             config = net.config
         hidden = int(config.hidden_size)
-        expected = DINOV2_CONFIGS[size]["hidden_size"]
+        expected = hidden if repo is not None else DINOV2_CONFIGS[size]["hidden_size"]
         if hidden != expected:
             raise ValueError(f"{name}: checkpoint {checkpoint} has hidden_size {hidden}, expected {expected} "
                              f"for dinov2:{size}")
@@ -192,9 +190,10 @@ class Dinov2Encoder(Encoder):
                         if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size",
                                  "patch_size", "mlp_ratio", "use_swiglu_ffn", "layer_norm_eps", "model_type",
                                  "hidden_act", "num_channels", "layerscale_value")}
-        transform = _preprocess(folder or folder_cfg, image_size
-                                if image_size is not None else (config.image_size if size == "tiny" else None),
-                                int(config.patch_size))
+        pp_folder = folder or folder_cfg  # its preprocessor_config.json, when present, is the preprocessing
+        has_pp = pp_folder is not None and (pp_folder / "preprocessor_config.json").is_file()
+        transform = _preprocess(pp_folder, image_size if image_size is not None else
+                                (config.image_size if size == "tiny" and not has_pp else None), int(config.patch_size))
         super().__init__(name, products={"cls": hidden, "mean_patch": hidden}, transform=transform,
                          image_size=transform.size, checkpoint=folder, trained=folder is not None, seed=seed,
                          device=device)
