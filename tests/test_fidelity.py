@@ -262,3 +262,29 @@ def test_sam_official_checksums_listed_and_other_file_warned(tmp_path):
     assert checksum_note("vit_b", SAM_SHA256["vit_b"]) is None
     assert "not the official sam_vit_b_01ec64.pth" in checksum_note("vit_b", "0" * 64)
     assert checksum_note("tiny", "0" * 64) is None
+
+
+def test_pretrained_reaches_text_tower_neighbors_filters_and_jobs(tiny_clip_tags, tmp_path):
+    """--pretrained is plumbed: extract's text tower, filter-generated (from the set's provenance), neighbors,
+    jobs. Without it each of them would meet the refused bare file (the tiny model's tags disagree)."""
+    from featurelt.data.filters import filter_generated
+    from featurelt.jobs import step_argv
+
+    weights = tmp_path / "w.pt"
+    _save_clip_weights(weights, quick_gelu=False)
+    _image_folder(tmp_path / "imgs")
+    store = _ingest_extract(tmp_path, tmp_path / "imgs", f"clip:{TINY_ARCH}", "--pretrained", "laion2b_s32b_b82k",
+                            "--checkpoint", str(weights), "--name", "c")
+    s = Store(store)
+    text = s.read("text_embeddings").to_pylist()
+    assert len(text) == 2 and {r["class_name"] for r in text} == {"a", "b"}  # the text tower was built
+    with pytest.raises(ValueError, match="no generated rows"):  # got past the text tower and the sha256 check
+        filter_generated(s, "c", mu=0.0, checkpoint=str(weights))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\nbird\n")
+    base = ["--store", str(store), "neighbors", "--vocab", str(vocab), "--classes", "a", "--k", "2",
+            "--encoder", f"clip:{TINY_ARCH}", "--checkpoint", str(weights)]
+    assert main(base) == 1  # bare file: refused, one error line
+    assert main(base + ["--pretrained", "laion2b_s32b_b82k", "--json"]) == 0
+    assert step_argv("extract", {"encoder": "clip:ViT-B-32", "pretrained": "openai"}) == [
+        "extract", "clip:ViT-B-32", "--pretrained", "openai"]
