@@ -288,3 +288,33 @@ def test_pretrained_reaches_text_tower_neighbors_filters_and_jobs(tiny_clip_tags
     assert main(base + ["--pretrained", "laion2b_s32b_b82k", "--json"]) == 0
     assert step_argv("extract", {"encoder": "clip:ViT-B-32", "pretrained": "openai"}) == [
         "extract", "clip:ViT-B-32", "--pretrained", "openai"]
+
+
+def test_pretrained_tag_weights_from_the_hub_cache_offline(tiny_clip_tags, tmp_path, monkeypatch):
+    """--pretrained TAG without --checkpoint: the tag's hub file from the local cache, no network; the
+    same vectors as the same file passed with --checkpoint."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from featurelt.encoders import build_encoder, hub
+
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "hub_reachable", lambda url=None: "offline (test)")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("network used"))
+    tiny_clip_tags["laion2b_s32b_b82k"]["hf_hub"] = "testorg/tiny-laion/"
+    weights = tmp_path / "w.pt"
+    _save_clip_weights(weights, quick_gelu=False)
+    rev = "0" * 40
+    repo = cache / "models--testorg--tiny-laion"
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev / "open_clip_pytorch_model.bin").write_bytes(weights.read_bytes())
+    a = build_encoder(f"clip:{TINY_ARCH}", pretrained="laion2b_s32b_b82k")
+    b = build_encoder(f"clip:{TINY_ARCH}", pretrained="laion2b_s32b_b82k", checkpoint=weights)
+    assert a.checkpoint_sha256 == b.checkpoint_sha256 and a.fingerprint("embedding") == b.fingerprint("embedding")
+    x = torch.rand(2, 3, 32, 32)
+    np.testing.assert_array_equal(a.encode(x)["embedding"].numpy(), b.encode(x)["embedding"].numpy())
+    with pytest.raises(FileNotFoundError, match="is not cached .*run once with network, or pass --checkpoint"):
+        build_encoder(f"clip:{TINY_ARCH}", pretrained="datacomp1b")  # its hub repo is not in this cache

@@ -195,13 +195,23 @@ def _tag_weights(model: str, tag: str, cfg: dict[str, Any]) -> str:
     how = f"(tag {tag}: " + (f"hub {cfg['hf_hub']}" if cfg.get("hf_hub") else f"url {cfg.get('url')}") + ")"
     if cfg.get("file"):
         return str(cfg["file"])
+    hub_names: tuple[str, list[str]] | None = None
     if cfg.get("hf_hub"):
         hf = str(cfg["hf_hub"])  # 'org/name/' (default file names) or 'org/name/file.bin'
         repo, fn = (hf[:-1], "") if hf.endswith("/") else os.path.split(hf)
-        names = [HF_SAFE, HF_BIN] if not fn else _safe_alternatives(fn) + [fn]
-        return hub.hub_file(f"clip:{model}", repo, names, how=how)
-    if cfg.get("url"):
-        return hub.url_file(f"clip:{model}", cfg["url"], how=how)
+        hub_names = (repo, [HF_SAFE, HF_BIN] if not fn else _safe_alternatives(fn) + [fn])
+    url = cfg.get("url") or None
+    # either cache first (a file open_clip once fetched by URL counts), then the network, hub preferred
+    if hub_names is not None:
+        for fn in hub_names[1]:
+            if (path := hub.cached_file(hub_names[0], fn)) is not None:
+                return path
+    if url is not None and (cached := hub.cached_url_file(url)) is not None:
+        return cached
+    if hub_names is not None:
+        return hub.hub_file(f"clip:{model}", hub_names[0], hub_names[1], how=how)
+    if url is not None:
+        return hub.url_file(f"clip:{model}", url, how=how)
     raise ValueError(f"clip:{model}: tag '{tag}' names no hub repo or url; pass --checkpoint FILE")
 
 

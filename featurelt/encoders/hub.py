@@ -130,14 +130,19 @@ def _has_files(folder: str | os.PathLike) -> bool:
     return any(p.is_file() for p in Path(folder).iterdir()) if Path(folder).is_dir() else False
 
 
+def cached_url_file(url: str, *, cache_dir: str | None = None) -> str | None:
+    """The file open_clip downloaded from ``url`` (``~/.cache/clip/<basename>``), or None (no network)."""
+    target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    return str(target) if target.is_file() else None
+
+
 def url_file(name: str, url: str, *, how: str = "", cache_dir: str | None = None) -> str:
     """An open_clip URL download (``pretrained`` tags without a hub repo, e.g. OpenAI's ``.pt``): the
     file in open_clip's cache (``~/.cache/clip/<basename>``) when there, else downloaded by open_clip
     (which checks the sha256 in the URL). Raises :class:`NotCachedError`."""
     root = Path(cache_dir or os.path.expanduser("~/.cache/clip"))
-    target = root / os.path.basename(url)
-    if target.is_file():
-        return str(target)
+    if (cached := cached_url_file(url, cache_dir=str(root))) is not None:
+        return cached
     from open_clip.pretrained import download_pretrained_from_url
 
     if (why := hub_reachable(url)) is not None:
