@@ -147,3 +147,20 @@ def test_clip_hub_id_from_cache(hub_cache, monkeypatch, tmp_path):
     assert text.checkpoint_sha256 == enc.checkpoint_sha256
     with pytest.raises(ValueError, match="applies to clip:<model> encoders, not to 'clip:hf-hub"):
         build_encoder("clip:hf-hub:testorg/clip-mini", pretrained="openai")
+
+
+def test_encoders_command_lists_tags_hub_ids_and_checksums(capsys):
+    from featurelt.cli import main
+    from featurelt.encoders.sam import SAM_SHA256
+
+    assert main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    for sha in SAM_SHA256.values():  # in full, not truncated
+        assert sha in out
+    assert "dinov2:facebook/dinov2-base" in out and "--pretrained" in out
+    assert main(["encoders", "--all", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    b32 = rows["clip:ViT-B-32"]
+    assert b32["tags"][:2] == ["openai", "laion400m_e31"] and "laion2b_s34b_b79k" in b32["tags"]
+    assert "needs --pretrained TAG" in b32["notes"]
+    assert "needs --pretrained" not in rows["clip:ViT-L-14-CLIPA"]["notes"]  # its tags agree

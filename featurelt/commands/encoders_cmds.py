@@ -44,6 +44,11 @@ def cmd_encoders(args: argparse.Namespace) -> int:
               "products": ", ".join(f"{p} ({d})" for p, d in r["products"].items()) or "(per model)",
               "checkpoint": ("required: " if r["needs_checkpoint"] else "optional: " if r["checkpoint"] in
                              ("file", "dir") else "") + r["checkpoint"],
-              "help": r["help"], "notes": r["notes"]} for r in rows]
-    print_rows(table, columns=["name", "kind", "products", "checkpoint", "help", "notes"])
+              "help": r["help"]} for r in rows]
+    print_rows(table, columns=["name", "kind", "products", "checkpoint", "help"])
+    noted = [r for r in rows if r["notes"]]
+    if noted:  # in full (tags, hub ids, sha256 are no use truncated)
+        print("\nnotes (pretrained tags, hub ids, official checkpoints):")
+        for r in noted:
+            print(f"  {r['name']}: {r['notes']}")
     return 0

@@ -243,10 +243,10 @@ def list_encoders(*, expand_clip: bool = False, map_size: int = 16) -> list[dict
         spec = ENCODERS._entries[n] if n in ENCODERS._entries else ENCODERS.get(n)
         notes, tags = spec.notes, []
         if n.startswith("clip:") and n not in ENCODERS._entries:
-            from featurelt.encoders.clip import tag_variants
+            from featurelt.encoders.clip import open_clip_tags, tag_variants
 
             variants = tag_variants(n[len("clip:"):])
-            tags = [t for ts in variants.values() for t in ts]
+            tags = open_clip_tags(n[len("clip:"):])
             notes = ("tags: " + ", ".join(tags) + ("; the tags differ in activation or preprocessing: a "
                                                   "--checkpoint file needs --pretrained TAG" if len(variants) > 1
                                                   else "")) if tags else "no pretrained tags: --checkpoint FILE"

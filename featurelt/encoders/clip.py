@@ -153,6 +153,11 @@ def _describe_variant(v: tuple[Any, ...]) -> str:
             f"resize {mode}")
 
 
+def open_clip_tags(model: str) -> list[str]:
+    """open_clip's pretrained tags of ``model``, in open_clip's order."""
+    return list(_open_clip().list_pretrained_tags_by_model(model))
+
+
 def tag_variants(model: str) -> dict[tuple[Any, ...], list[str]]:
     """variant (see :func:`_tag_variant`) -> open_clip pretrained tags of ``model`` that use it."""
     from open_clip.pretrained import get_pretrained_cfg
