@@ -60,19 +60,24 @@ def test_cached_file_is_used_without_network(hub_cache, monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda url=None: pytest.fail("cached: no network check"))
     snap = _fake_cache(hub_cache, "org/model", {"open_clip_config.json": b"{}"})
     assert hub.hub_file("clip:x", "org/model", ["open_clip_config.json"]) == str(snap / "open_clip_config.json")
-    assert hub.hub_snapshot("dinov2:x", "org/model") == snap
+    assert hub.hub_snapshot("dinov2:x", "org/model", required=["open_clip_config.json"]) == snap
+    # a cached snapshot that lacks a required file is not "cached": the network is tried (here: unreachable)
+    monkeypatch.setattr(hub, "hub_reachable", lambda url=None: "offline (test)")
+    with pytest.raises(hub.NotCachedError, match="offline"):
+        hub.hub_snapshot("dinov2:x", "org/model", required=["model.safetensors"])
 
 
 def test_not_cached_and_offline_is_one_clear_error(hub_cache, monkeypatch):
     from featurelt.encoders import hub
 
     monkeypatch.setattr(hub, "hub_reachable", lambda url=None: "huggingface.co unreachable: test")
+    env = dict(os.environ)
     with pytest.raises(hub.NotCachedError, match=r"'org/absent' is not cached .*run once with network, or pass "
                                                  r"--checkpoint"):
         hub.hub_file("clip:hf-hub:org/absent", "org/absent", ["open_clip_config.json"])
     with pytest.raises(FileNotFoundError, match="not cached"):  # a MissingWeightsError: CLI exit 1
         hub.hub_snapshot("dinov2:org/absent", "org/absent")
-    assert "HF_HUB_OFFLINE" not in os.environ or os.environ["HF_HUB_OFFLINE"] == os.environ.get("HF_HUB_OFFLINE")
+    assert dict(os.environ) == env  # offline was decided for these calls only
 
 
 def test_not_cached_and_online_downloads(hub_cache, monkeypatch, tmp_path):

@@ -408,8 +408,11 @@ class ClipEncoder(Encoder):
 
     def provenance(self) -> dict[str, Any]:
         """The base provenance plus ``pretrained``: the open_clip tag whose config and preprocessing
-        were used (None: a bare file of a model whose tags all agree, a hub id, or random weights)."""
-        return {**super().provenance(), "pretrained": self.pretrained}
+        were used; absent when none was (a bare file of a model whose tags all agree, a hub id, random weights)."""
+        prov = super().provenance()
+        if self.pretrained is not None:  # absent otherwise: fingerprints of earlier sets stay valid
+            prov["pretrained"] = self.pretrained
+        return prov
 
     @torch.inference_mode()
     def encode(self, x: Tensor, *, products: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -458,7 +461,10 @@ class ClipTextEncoder(TextEncoder):
 
     def provenance(self) -> dict[str, Any]:
         """The base text provenance plus ``pretrained`` (the open_clip tag, as for the image tower)."""
-        return {**super().provenance(), "pretrained": self.pretrained}
+        prov = super().provenance()
+        if self.pretrained is not None:  # absent otherwise: fingerprints of earlier sets stay valid
+            prov["pretrained"] = self.pretrained
+        return prov
 
     def _encode(self, texts: list[str]) -> Tensor:
         tokens = self._tokenizer(texts).to(self.device)

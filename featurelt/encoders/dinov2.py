@@ -160,7 +160,9 @@ class Dinov2Encoder(Encoder):
                 raise ValueError(f"{name}: pass either checkpoint= or untrained=True, not both")
             if checkpoint is None:
                 checkpoint = hub.hub_snapshot(name, repo, allow_patterns=["config.json", "preprocessor_config.json"]
-                                              if untrained else HUB_FILES, how=_how_hub(repo))
+                                              if untrained else HUB_FILES, how=_how_hub(repo),
+                                              required=["config.json"] if untrained else
+                                              ["config.json", "model.safetensors"])
             cfg_file = Path(checkpoint) / "config.json"
             if cfg_file.is_file():
                 _hub_hidden(repo, json.loads(cfg_file.read_text()))

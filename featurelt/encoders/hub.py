@@ -94,16 +94,16 @@ def hub_file(name: str, repo: str, filenames: Sequence[str], *, how: str = "",
     raise NotCachedError(name, repo, "; ".join(errors), how)
 
 
-def hub_snapshot(name: str, repo: str, *, allow_patterns: Sequence[str] | None = None, how: str = "",
-                 revision: str | None = None) -> Path:
+def hub_snapshot(name: str, repo: str, *, allow_patterns: Sequence[str] | None = None,
+                 required: Sequence[str] = (), how: str = "", revision: str | None = None) -> Path:
     """Local folder of ``repo`` (the files matching ``allow_patterns``): the cached snapshot when it
-    is complete (``local_files_only=True``), else downloaded. Raises :class:`NotCachedError`."""
+    has every ``required`` file (``local_files_only=True``), else downloaded. Raises :class:`NotCachedError`."""
     from huggingface_hub import snapshot_download
 
     pats = list(allow_patterns) if allow_patterns else None
     try:
         folder = snapshot_download(repo, revision=revision, allow_patterns=pats, local_files_only=True)
-        if _has_files(folder):
+        if _has_files(folder) and all((Path(folder) / f).is_file() for f in required):
             return Path(folder)
     except Exception:  # not in the cache: go to the network below
         pass
