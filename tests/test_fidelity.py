@@ -318,3 +318,14 @@ def test_pretrained_tag_weights_from_the_hub_cache_offline(tiny_clip_tags, tmp_p
     np.testing.assert_array_equal(a.encode(x)["embedding"].numpy(), b.encode(x)["embedding"].numpy())
     with pytest.raises(FileNotFoundError, match="is not cached .*run once with network, or pass --checkpoint"):
         build_encoder(f"clip:{TINY_ARCH}", pretrained="datacomp1b")  # its hub repo is not in this cache
+
+
+def test_torchscript_archives_are_told_from_state_dicts(tmp_path):
+    """OpenAI's original .pt files are TorchScript: only they get torch.load(weights_only=False)."""
+    from featurelt.encoders.clip import is_torchscript
+
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "jit.pt"))
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "x.bin").write_bytes(b"not a zip")
+    assert is_torchscript(tmp_path / "jit.pt")
+    assert not is_torchscript(tmp_path / "sd.pt") and not is_torchscript(tmp_path / "x.bin")

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "to decode go to the rejects table (or stop the run with --strict). Text encoders (text:minilm) "
         "and the text tower of clip:* write class-name embeddings into text_embeddings.",
         epilog="examples: featurelt extract clip:tiny --split train;  featurelt extract clip:ViT-B-32 --pretrained "
-        "laion2b_s34b_b79k;  featurelt extract clip:ViT-B-32 --pretrained openai --checkpoint ViT-B-32.pt;  "
+        "laion2b_s34b_b79k;  featurelt extract clip:ViT-B-32 --pretrained openai --checkpoint open_clip_model.safetensors;  "
         "featurelt extract dinov2:facebook/dinov2-base;  featurelt extract sam:vit_b --checkpoint "
         "sam_vit_b_01ec64.pth --products latent pca_map --map-size 16;  featurelt extract text:minilm;  "
         "featurelt extract pixels --views 4 --augment randaugment")

@@ -115,6 +115,18 @@ def tiny_spec():
 
 
 # -- model construction ------------------------------------------------------------------------------
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """True for a TorchScript archive (OpenAI's original CLIP ``.pt`` files): torch.load refuses them
+    with ``weights_only=True`` and hands them to ``torch.jit.load``; every other file keeps the safe
+    weights-only load."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
 def _tiny_config(image_size: int | None) -> dict[str, Any]:
     cfg = copy.deepcopy(TINY_CONFIG)
     if image_size is not None:
@@ -339,6 +351,8 @@ def _load_clip(model: str, *, checkpoint: str | os.PathLike | None, image_size: 
         qg, mean, std, interp, mode, _fill = variant
         kw = dict(force_quick_gelu=qg, image_mean=mean, image_std=std, image_interpolation=interp,
                   image_resize_mode=mode)
+    if path is not None and is_torchscript(path):  # OpenAI's original .pt files: torch.jit.load, not pickle
+        kw["weights_only"] = False
     with seeded(seed):
         net, _, transform = oc.create_model_and_transforms(model, pretrained=path, force_image_size=image_size,
                                                            **kw)
