@@ -32,7 +32,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["--store", str(store_path), "finetune", *BASE, "--export", "--loss", "balanced-softmax",
-               "--sampler", "class-balanced", "--json"])
+               "--sampler", "class-balanced", "--eval-every", "1", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out[out.index("{"):])
@@ -41,7 +41,8 @@ def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.Cap
     ft = store.sql(f"SELECT * FROM finetune_runs WHERE run_id = '{run_id}'").to_pylist()
     assert len(ft) == 1 and ft[0]["status"] == "finished" and ft[0]["adapt"] == "full"
     assert ft[0]["trainable_params"] == ft[0]["total_params"] > 0
-    assert json.loads(ft[0]["history"])[0]["epoch"] == 1
+    history = json.loads(ft[0]["history"])
+    assert [h["epoch"] for h in history] == [1] and history[0]["acc"] == pytest.approx(ft[0]["acc_all"])
     assert ft[0]["checkpoint_sha256"] and ft[0]["export_set"] == f"ft_{run_id}"
     prov = json.loads(ft[0]["backbone_provenance"])
     assert prov["trained"] is False and prov["preprocessing"]["input_size"] == [3, 32, 32]

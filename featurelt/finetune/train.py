@@ -422,6 +422,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         if dist.is_initialized():
             dist.barrier()  # every rank has finished before rank 0 writes
     metrics = dict(evaluated[cfg.eval_split]["metrics"])
+    if history and cfg.eval_every and "acc" not in history[-1]:  # the last epoch's accuracy is the final evaluation's
+        history[-1]["acc"] = float(metrics["acc_all"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
     perf = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "images_per_second":
             images_seen / max(train_seconds, 1e-9), "data_stall_fraction": wait_s / max(wait_s + step_s, 1e-9),
