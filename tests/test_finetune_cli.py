@@ -194,3 +194,46 @@ def test_timm_encoder_matches_timm(store_path: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(torch.tensor(r["vector"]), want, atol=1e-5, rtol=1e-5)
     prov = json.loads(store.read("embedding_sets").to_pylist()[-1]["provenance"])
     assert prov["preprocessing"]["crop_pct"] == config["crop_pct"] and prov["trained"] is True
+
+
+def test_pixel_mixup_of_a_planned_pair(store_path: Path) -> None:
+    """A plan entry with partners (GlobalBatch) mixes the two normalised images and the one-hot labels with lam."""
+    from PIL import Image
+
+    from featurelt.encoders.timm import timm_transform
+    from featurelt.finetune import FinetuneCfg, FinetuneHooks, finetune
+    from featurelt.finetune.data import GlobalBatch
+
+    lam = np.array([0.25, 0.5, 0.75, 1.0], dtype=np.float32)
+    seen: dict[str, object] = {}
+
+    class Pairs(FinetuneHooks):
+        def train_plan(self, epoch, ctx):
+            seen["train"] = ctx.train
+            return [GlobalBatch(np.arange(4), np.arange(4, 8), lam, lam)]
+
+        def make_batch(self, images, targets, batch, ctx):
+            seen.update(images=images.clone(), targets=targets.clone(), rows=batch.rows, partner=batch.partner)
+            return images, targets
+
+    cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=8,
+                      augment="none", loader_workers=0, eval_every=0)
+    res = finetune(store_path, cfg, hooks=Pairs(), write=False)
+    train = seen["train"]
+    store = Store(store_path)
+    images = {r["sample_id"]: r["image"] for r in store.read("samples", columns=["sample_id", "image"]).to_pylist()}
+    import timm.data
+
+    transform = timm_transform(timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=res.model.backbone))
+
+    def pixels(row: int) -> torch.Tensor:
+        return transform(Image.open(io.BytesIO(images[train.sample_ids[row]])).convert("RGB"))
+
+    assert seen["rows"].tolist() == [0, 1, 2, 3] and seen["partner"].tolist() == [4, 5, 6, 7]
+    want = torch.stack([float(l) * pixels(i) + (1 - float(l)) * pixels(i + 4) for i, l in enumerate(lam)])
+    torch.testing.assert_close(seen["images"], want, atol=1e-5, rtol=1e-5)
+    k = len(Store(store_path).read("classes"))
+    eye = torch.eye(k)
+    y = torch.from_numpy(train.labels)
+    want_t = torch.stack([float(l) * eye[y[i]] + (1 - float(l)) * eye[y[i + 4]] for i, l in enumerate(lam)])
+    torch.testing.assert_close(seen["targets"], want_t)
