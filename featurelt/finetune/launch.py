@@ -2,6 +2,11 @@
 
 Every launcher runs :func:`featurelt.finetune.train.finetune` once per rank; each rank takes its
 ``[rank::world]`` share of every global batch of the one epoch plan, and only rank 0 writes to the store.
+Each rank's batch loss is weighted by its share of the global batch, so DDP's gradient average is the
+global batch mean of one process (exact for losses that are plain means; ``ldam`` after its DRW start takes a
+class-weighted mean per rank, which differs from the global one by the ranks' weight sums). The momentum
+sampler's per-sample losses are gathered from every rank, so that every rank plans the same next epoch.
+BatchNorm statistics are per rank unless ``--sync-bn``.
 
 ``ray``: Ray Train's ``TorchTrainer`` with ``ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu)``;
 Ray sets up the process group (gloo on CPU, NCCL on GPUs), each worker opens the store by its path (local or

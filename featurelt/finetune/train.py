@@ -356,7 +356,15 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                         scaler.scale(backward / cfg.accum).backward()
                         hooks.after_step(per.detach(), batch, ctx)
                         if wants_feedback and batch.partner is None:
-                            sampler.feedback(batch.rows, per.detach().cpu(), None)
+                            rows_fb, loss_fb = batch.rows, per.detach().float().cpu()
+                            if world > 1:  # every rank's sampler sees every rank's losses: the plans stay equal
+                                import torch.distributed as dist
+
+                                parts: list[Any] = [None] * world
+                                dist.all_gather_object(parts, (rows_fb, loss_fb))
+                                rows_fb = torch.cat([p[0] for p in parts])
+                                loss_fb = torch.cat([p[1] for p in parts])
+                            sampler.feedback(rows_fb, loss_fb, None)
                         losses.append(float(loss.detach()))
                         images_seen += len(batch.rows)
                     bi += 1
