@@ -17,10 +17,11 @@ from featurelt.cli import main
 from featurelt.finetune.data import GlobalBatch, global_positions, rank_share
 
 # timm:test_vit: LayerNorm only (BatchNorm statistics of a rank's share differ from the global batch's without
-# --sync-bn); flip-crop augmentation seeded by the global plan position; momentum SGD, warmup, EMA
-ARGS = ["--backbone", "timm:test_vit", "--pretrained", "none", "--image-size", "32", "--epochs", "1",
+# --sync-bn); flip-crop augmentation seeded by the global plan position; SGD with warmup; the momentum sampler
+# (its second epoch is planned from the losses of every rank)
+ARGS = ["--backbone", "timm:test_vit", "--pretrained", "none", "--image-size", "32", "--epochs", "2",
         "--batch-size", "16", "--augment", "flip-crop", "--loader-workers", "0", "--eval-every", "0", "--device", "cpu",
-        "--optimizer", "sgd", "--lr", "0.05", "--warmup", "1", "--sampler", "class-balanced", "--val-split", "none"]
+        "--optimizer", "sgd", "--lr", "0.05", "--warmup", "1", "--sampler", "momentum", "--val-split", "none"]
 REPO = Path(__file__).resolve().parent.parent
 
 
