@@ -334,7 +334,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                 losses: list[float] = []
                 t_wait = time.perf_counter()
                 bi = start_batch
-                for lb in loader:
+                for lb in _iterate(loader):
                     t_got = time.perf_counter()
                     wait_s += t_got - t_wait
                     share = shares[bi]
@@ -455,6 +455,18 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     return FinetuneResult(run_id=run_id, config=cfg, run_dir=str(run_dir), checkpoint=checkpoint_path, metrics=metrics,
                           history=history, export_set=export_set, trainable_params=trainable, total_params=total,
                           model=final_cpu, interrupted=interrupted)
+
+
+def _iterate(loader: Any) -> Any:
+    """The loader's batches; its DataLoader iterator is made with torch's RNG state put back afterwards (it draws
+    the workers' base seed from it), so a resumed epoch leaves the RNG where the uninterrupted run does."""
+    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
 
 
 def _peak_rss() -> int:
