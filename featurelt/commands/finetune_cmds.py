@@ -136,7 +136,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from featurelt.finetune.config import FinetuneCfg, from_yaml, merge
     from featurelt.finetune.launch import launch
 
-    cfg = merge(from_yaml(args.config) if args.config else FinetuneCfg(), overrides_from_args(args))
+    overrides = overrides_from_args(args)
+    if args.resume and (overrides or args.config):
+        ignored = sorted({*overrides, *(["config"] if args.config else [])})
+        print(f"note: --resume continues the run with its saved config; ignored: {', '.join(ignored)}", file=sys.stderr)
+        cfg = FinetuneCfg()
+    else:
+        cfg = merge(from_yaml(args.config) if args.config else FinetuneCfg(), overrides)
     try:
         res = launch(args.store, cfg, resume=args.resume, progress=True,
                      log=lambda line: print(f"note: {line}", file=sys.stderr))
