@@ -121,11 +121,21 @@ def test_hooks_are_called(store_path: Path) -> None:
             calls["after"] += 1
             assert per_sample_loss.shape == (len(batch.rows),)
 
+    store = Store(store_path)
+    val_ids = store.sql("SELECT sample_id FROM samples WHERE split = 'test' ORDER BY sample_id LIMIT 12").column(0)
+    ids = ", ".join(f"'{v}'" for v in val_ids.to_pylist())
+    with store.transaction("a val split") as tx:
+        tx.update("samples", {"split": "'val'"}, where=f"sample_id IN ({ids})")
     cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=32,
                       augment="none", loader_workers=0, eval_every=0)
     res = finetune(store_path, cfg, hooks=Recipe())
     assert res.config.lr == 0.01
     assert calls["configure"] == 1 and calls["wrap"] == 1 and calls["batch"] == calls["loss"] == calls["after"] == 2
+    # the val split is evaluated too: its own runs row and predictions
+    store = Store(store_path)
+    splits = {r["run_id"]: r["n"] for r in store.sql("SELECT run_id, count(*) AS n FROM predictions GROUP BY run_id")
+              .to_pylist()}
+    assert splits == {res.run_id: 38, f"{res.run_id}-val": 12}
 
 
 @pytest.mark.parametrize("argv, message", [
