@@ -67,3 +67,11 @@ def test_bench_ingest_formats_runs_at_toy_size() -> None:
         rows = [_row(out, f"| {fmt} | {n} |") for n in (20, 40)]
         assert all(_number(r[5]) > 0 and _number(r[6]) > 0 and _number(r[7]) > 0 for r in rows)
         assert f"- {fmt}: " in out
+
+
+def test_knn_bench_runs_at_toy_size():
+    out = _bench("knn.py", "--queries", "64", "--rows", "2000", "--dim", "16", "--runs", "1", "--cpu-queries", "32")
+    cpu = _row(out, "| faiss-cpu")
+    assert "32 queries, x2" in cpu[0]
+    torch_row = _row(out, "| torch")
+    assert _number(torch_row[5]) == 1.0  # the same neighbours as CPU faiss

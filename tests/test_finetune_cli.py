@@ -32,7 +32,7 @@ def _err(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["--store", str(store_path), "finetune", *BASE, "--export", "--loss", "balanced-softmax",
-               "--sampler", "class-balanced", "--json"])
+               "--sampler", "class-balanced", "--eval-every", "1", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out[out.index("{"):])
@@ -41,7 +41,8 @@ def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.Cap
     ft = store.sql(f"SELECT * FROM finetune_runs WHERE run_id = '{run_id}'").to_pylist()
     assert len(ft) == 1 and ft[0]["status"] == "finished" and ft[0]["adapt"] == "full"
     assert ft[0]["trainable_params"] == ft[0]["total_params"] > 0
-    assert json.loads(ft[0]["history"])[0]["epoch"] == 1
+    history = json.loads(ft[0]["history"])
+    assert [h["epoch"] for h in history] == [1] and history[0]["acc"] == pytest.approx(ft[0]["acc_all"])
     assert ft[0]["checkpoint_sha256"] and ft[0]["export_set"] == f"ft_{run_id}"
     prov = json.loads(ft[0]["backbone_provenance"])
     assert prov["trained"] is False and prov["preprocessing"]["input_size"] == [3, 32, 32]
@@ -59,6 +60,7 @@ def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.Cap
     assert main(["--store", str(store_path), "runs"]) == 0
     listing = capsys.readouterr().out
     assert run_id in listing and "finetune" in listing
+    assert main(["--store", str(store_path), "report", "--run", run_id, "--out", str(store_path.parent / "report")]) == 0
 
 
 def test_export_equals_model_forward_on_the_image(store_path: Path) -> None:
@@ -119,11 +121,21 @@ def test_hooks_are_called(store_path: Path) -> None:
             calls["after"] += 1
             assert per_sample_loss.shape == (len(batch.rows),)
 
+    store = Store(store_path)
+    val_ids = store.sql("SELECT sample_id FROM samples WHERE split = 'test' ORDER BY sample_id LIMIT 12").column(0)
+    ids = ", ".join(f"'{v}'" for v in val_ids.to_pylist())
+    with store.transaction("a val split") as tx:
+        tx.update("samples", {"split": "'val'"}, where=f"sample_id IN ({ids})")
     cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=32,
                       augment="none", loader_workers=0, eval_every=0)
     res = finetune(store_path, cfg, hooks=Recipe())
     assert res.config.lr == 0.01
     assert calls["configure"] == 1 and calls["wrap"] == 1 and calls["batch"] == calls["loss"] == calls["after"] == 2
+    # the val split is evaluated too: its own runs row and predictions
+    store = Store(store_path)
+    splits = {r["run_id"]: r["n"] for r in store.sql("SELECT run_id, count(*) AS n FROM predictions GROUP BY run_id")
+              .to_pylist()}
+    assert splits == {res.run_id: 38, f"{res.run_id}-val": 12}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -192,3 +204,46 @@ def test_timm_encoder_matches_timm(store_path: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(torch.tensor(r["vector"]), want, atol=1e-5, rtol=1e-5)
     prov = json.loads(store.read("embedding_sets").to_pylist()[-1]["provenance"])
     assert prov["preprocessing"]["crop_pct"] == config["crop_pct"] and prov["trained"] is True
+
+
+def test_pixel_mixup_of_a_planned_pair(store_path: Path) -> None:
+    """A plan entry with partners (GlobalBatch) mixes the two normalised images and the one-hot labels with lam."""
+    from PIL import Image
+
+    from featurelt.encoders.timm import timm_transform
+    from featurelt.finetune import FinetuneCfg, FinetuneHooks, finetune
+    from featurelt.finetune.data import GlobalBatch
+
+    lam = np.array([0.25, 0.5, 0.75, 1.0], dtype=np.float32)
+    seen: dict[str, object] = {}
+
+    class Pairs(FinetuneHooks):
+        def train_plan(self, epoch, ctx):
+            seen["train"] = ctx.train
+            return [GlobalBatch(np.arange(4), np.arange(4, 8), lam, lam)]
+
+        def make_batch(self, images, targets, batch, ctx):
+            seen.update(images=images.clone(), targets=targets.clone(), rows=batch.rows, partner=batch.partner)
+            return images, targets
+
+    cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=8,
+                      augment="none", loader_workers=0, eval_every=0)
+    res = finetune(store_path, cfg, hooks=Pairs(), write=False)
+    train = seen["train"]
+    store = Store(store_path)
+    images = {r["sample_id"]: r["image"] for r in store.read("samples", columns=["sample_id", "image"]).to_pylist()}
+    import timm.data
+
+    transform = timm_transform(timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=res.model.backbone))
+
+    def pixels(row: int) -> torch.Tensor:
+        return transform(Image.open(io.BytesIO(images[train.sample_ids[row]])).convert("RGB"))
+
+    assert seen["rows"].tolist() == [0, 1, 2, 3] and seen["partner"].tolist() == [4, 5, 6, 7]
+    want = torch.stack([float(l) * pixels(i) + (1 - float(l)) * pixels(i + 4) for i, l in enumerate(lam)])
+    torch.testing.assert_close(seen["images"], want, atol=1e-5, rtol=1e-5)
+    k = len(Store(store_path).read("classes"))
+    eye = torch.eye(k)
+    y = torch.from_numpy(train.labels)
+    want_t = torch.stack([float(l) * eye[y[i]] + (1 - float(l)) * eye[y[i + 4]] for i, l in enumerate(lam)])
+    torch.testing.assert_close(seen["targets"], want_t)

@@ -17,10 +17,11 @@ from featurelt.cli import main
 from featurelt.finetune.data import GlobalBatch, global_positions, rank_share
 
 # timm:test_vit: LayerNorm only (BatchNorm statistics of a rank's share differ from the global batch's without
-# --sync-bn); flip-crop augmentation seeded by the global plan position; momentum SGD, warmup, EMA
-ARGS = ["--backbone", "timm:test_vit", "--pretrained", "none", "--image-size", "32", "--epochs", "1",
+# --sync-bn); flip-crop augmentation seeded by the global plan position; SGD with warmup; the momentum sampler
+# (its second epoch is planned from the losses of every rank)
+ARGS = ["--backbone", "timm:test_vit", "--pretrained", "none", "--image-size", "32", "--epochs", "2",
         "--batch-size", "16", "--augment", "flip-crop", "--loader-workers", "0", "--eval-every", "0", "--device", "cpu",
-        "--optimizer", "sgd", "--lr", "0.05", "--warmup", "1", "--sampler", "class-balanced", "--val-split", "none"]
+        "--optimizer", "sgd", "--lr", "0.05", "--warmup", "1", "--sampler", "momentum", "--val-split", "none"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -72,3 +73,21 @@ def test_torchrun_launcher_needs_torchrun(ft_store: Path, tmp_path: Path, capsys
     shutil.copytree(ft_store, root)
     assert main(["--store", str(root), "finetune", *ARGS, "--launcher", "torchrun"]) == 1
     assert "RANK / WORLD_SIZE are not set" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_two_workers_equal_one_process(ft_store: Path, tmp_path: Path) -> None:
+    """Ray Train (local, 2 CPU workers) ends with the weights of the single-process run (1e-5)."""
+    pytest.importorskip("ray.train.torch")
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(ft_store, one)
+    shutil.copytree(ft_store, two)
+    assert main(["--store", str(one), "finetune", *ARGS]) == 0
+    assert main(["--store", str(two), "finetune", *ARGS, "--launcher", "ray", "--num-workers", "2"]) == 0
+    a, b = _model_state(one), _model_state(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    from featurelt.store import Store
+
+    assert Store(two).sql("SELECT status FROM finetune_runs").to_pylist() == [{"status": "finished"}]

@@ -18,7 +18,7 @@ from featurelt.cli import main
 from featurelt.store import Store
 
 ARGS = ["--backbone", "timm:test_resnet", "--pretrained", "none", "--image-size", "32", "--epochs", "2",
-        "--batch-size", "16", "--augment", "none", "--loader-workers", "0", "--eval-every", "0",
+        "--batch-size", "16", "--augment", "flip-crop", "--loader-workers", "1", "--eval-every", "0",
         "--checkpoint-every", "1", "--device", "cpu", "--loss", "ldam", "--sampler", "sqrt", "--ema"]
 REPO = Path(__file__).resolve().parent.parent
 

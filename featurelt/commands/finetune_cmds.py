@@ -31,15 +31,15 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "defaults < --config FILE < flags.",
         epilog="examples:\n"
         "  featurelt finetune --backbone timm:resnet18 --pretrained none --image-size 32 --epochs 2 --export\n"
-        "  featurelt finetune --backbone clip:ViT-B-32 --checkpoint vit_b32.bin --adapt lora --head text "
+        "  featurelt finetune --backbone clip:ViT-B-32 --pretrained laion2b_s34b_b79k --adapt lora --head text "
         "--text-set clip_ViT-B-32 --amp bf16\n"
         "  featurelt finetune --resume latest",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("backbone and adaptation")
     g.add_argument("--backbone", help="timm:<name> (any timm model, e.g. timm:resnet50, timm:vit_base_patch16_224), "
                    "clip:<open_clip model>|tiny, dinov2:<size>|tiny, sam:<vit_b|vit_l|vit_h>|tiny")
-    g.add_argument("--pretrained", metavar="TAG|none", help="timm weights tag (e.g. a1_in1k; default: timm's default, "
-                   "from the local cache or downloaded), or none for random init (recorded untrained)")
+    g.add_argument("--pretrained", metavar="TAG|none", help="weights tag: timm (e.g. a1_in1k; default: timm's default) or open_clip "
+                   "(e.g. laion2b_s34b_b79k), from the local cache or downloaded; none: random init (recorded untrained)")
     g.add_argument("--checkpoint", metavar="FILE", help="start from these weights (timm / open_clip / SAM file, DINOv2 "
                    "folder); a file of another architecture is refused")
     g.add_argument("--image-size", dest="image_size", type=positive_int, metavar="PX",
@@ -163,16 +163,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from featurelt.finetune.config import FinetuneCfg, from_yaml, merge
     from featurelt.finetune.launch import launch
 
-    base = from_yaml(args.config) if args.config else FinetuneCfg()
+    overrides = overrides_from_args(args)
     recipe_opts = recipe_options(args)
-    if args.recipe:
+    if args.resume and (overrides or args.config or args.recipe or recipe_opts):
+        ignored = sorted({*overrides, *(["config"] if args.config else []), *(["recipe"] if args.recipe else []),
+                          *(["recipe_opt"] if recipe_opts else [])})
+        print(f"note: --resume continues the run with its saved config; ignored: {', '.join(ignored)}", file=sys.stderr)
+        cfg = FinetuneCfg()
+    elif args.recipe:
         from featurelt.finetune.recipes import resolve
 
-        cfg, _ = resolve(args.recipe, base, overrides_from_args(args), opts=recipe_opts, store=args.store)
+        base = from_yaml(args.config) if args.config else FinetuneCfg()
+        cfg, _ = resolve(args.recipe, base, overrides, opts=recipe_opts, store=args.store)
     elif recipe_opts:
         raise ValueError("--recipe-opt / --fuse-stage / --proto need --recipe NAME")
     else:
-        cfg = merge(base, overrides_from_args(args))
+        cfg = merge(from_yaml(args.config) if args.config else FinetuneCfg(), overrides)
     try:
         res = launch(args.store, cfg, resume=args.resume, progress=True,
                      log=lambda line: print(f"note: {line}", file=sys.stderr))

@@ -199,10 +199,10 @@ class TimmEncoder(Encoder):
 
 def build_timm(model: str, *, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                map_size: int = 16, image_size: int | None = None, seed: int = 0,
-               untrained: bool = False) -> TimmEncoder:
-    """Factory of ``timm:<model>`` (``map_size`` unused)."""
+               untrained: bool = False, pretrained: str | None = None) -> TimmEncoder:
+    """Factory of ``timm:<model>`` (``map_size`` unused; ``pretrained``: timm's weights tag)."""
     return TimmEncoder(model, checkpoint=checkpoint, device=device, image_size=image_size, seed=seed,
-                       untrained=untrained)
+                       untrained=untrained, pretrained=pretrained)
 
 
 def timm_spec(model: str):
@@ -217,8 +217,8 @@ def timm_spec(model: str):
         return {"embedding": int(net.num_features)}
 
     return EncoderSpec(f"timm:{model}", "image", f"timm {model}: pooled embedding; pretrained_cfg preprocessing; "
-                       "--checkpoint FILE or timm's cached weights", False, "file",
-                       lambda **kw: build_timm(model, **kw), None, products)
+                       "--checkpoint FILE or timm's cached weights", True, "file",
+                       lambda **kw: build_timm(model, **kw), None, products, takes_pretrained=True)
 
 
 __all__ = ["create_timm_model", "TimmModel", "TimmEncoder", "build_timm", "timm_spec", "timm_transform", "HOW_TIMM"]

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 FAMILIES = ("timm", "clip", "dinov2", "sam")
@@ -152,11 +151,9 @@ def build_backbone(name: str, *, pretrained: str | None = None, checkpoint: str 
     from featurelt.encoders import build_encoder
     from featurelt.images.transforms import split_transform
 
-    if pretrained is not None and not untrained:
-        raise ValueError(f"--pretrained {pretrained}: pretrained tags are for timm backbones; {name} takes "
-                         f"--checkpoint (or --pretrained none for random init)")
     enc = build_encoder(name, checkpoint=checkpoint, image_size=image_size, seed=seed,
-                        untrained=untrained and not model == "tiny")
+                        untrained=untrained and not model == "tiny",
+                        pretrained=None if untrained or pretrained is None else pretrained)
     net = enc.model
     assert net is not None
     if family == "clip":

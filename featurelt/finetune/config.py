@@ -30,7 +30,7 @@ class FinetuneCfg:
 
     # --- backbone
     backbone: str = ""                      # timm:<name> | clip:<model>|tiny | dinov2:<size>|tiny | sam:<variant>|tiny
-    pretrained: str = "default"             # default: timm's default weights / the --checkpoint; a timm tag (a1_in1k);
+    pretrained: str = "default"             # default: timm's default weights / the --checkpoint; a timm or open_clip tag;
                                             # none: random init (recorded untrained)
     checkpoint: str | None = None           # weights file (timm / clip / sam) or folder (dinov2) to start from
     image_size: int | None = None           # input side in pixels; None = the backbone's own (timm pretrained_cfg)

@@ -76,6 +76,14 @@ class FinetuneResult:
     interrupted: bool = False
 
 
+def finetune_run_id() -> str:
+    """A new run id, ``YYYYMMDD_HHMMSS_xxxxxx``: train-head's form with underscores, so that ``emb_ft_<run_id>``
+    is a plain SQL identifier."""
+    from featurelt.train.head import new_run_id
+
+    return new_run_id().replace("-", "_")
+
+
 def dist_env() -> tuple[int, int]:
     """(rank, world size) from ``RANK`` / ``WORLD_SIZE`` (torchrun, Ray Train), (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -158,11 +166,12 @@ def _autocast(device: torch.device, amp: str) -> Any:
 
 def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: FinetuneHooks | None = None,
              resume: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
-             write: bool = True) -> FinetuneResult:
+             write: bool = True, run_id: str | None = None) -> FinetuneResult:
     """Fine-tune, evaluate, record (module docstring). ``store``: a Store or its root path.
 
     resume: a fine-tune run id or ``latest`` (the newest unfinished run): continue it from its last
     checkpoint with its saved config (``cfg`` is then ignored). write: write the store rows (False: compute only).
+    run_id: the new run's id (launchers pass one to every rank; default a fresh one).
     """
     from featurelt.finetune.adapt import apply_adapt
     from featurelt.finetune.backbones import build_backbone
@@ -170,7 +179,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     from featurelt.losses import LOSSES, LossContext
     from featurelt.samplers import SAMPLERS, Sampler, SamplerContext
     from featurelt.train.head import (_accepts, _classes, build, class_counts_of, deterministic, neighbor_of_head,
-                                      new_run_id, resolve_device, seed_everything)
+                                      resolve_device, seed_everything)
 
     def note(line: str) -> None:
         (log or logger.info)(line)
@@ -190,7 +199,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         hooks = hooks_for(cfg, Store(root, storage_options=storage_options)) or FinetuneHooks()
     if not resume:
         cfg = hooks.configure(cfg)
-        run_id = new_run_id()
+        run_id = run_id or finetune_run_id()
     if not cfg.backbone:
         raise ValueError("no backbone given: --backbone NAME (timm:<name>, clip:<model>, dinov2:<size>, sam:<variant>)")
     LOSSES.get(cfg.loss)
@@ -334,7 +343,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                 losses: list[float] = []
                 t_wait = time.perf_counter()
                 bi = start_batch
-                for lb in loader:
+                for lb in _iterate(loader):
                     t_got = time.perf_counter()
                     wait_s += t_got - t_wait
                     share = shares[bi]
@@ -356,7 +365,15 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                         scaler.scale(backward / cfg.accum).backward()
                         hooks.after_step(per.detach(), batch, ctx)
                         if wants_feedback and batch.partner is None:
-                            sampler.feedback(batch.rows, per.detach().cpu(), None)
+                            rows_fb, loss_fb = batch.rows, per.detach().float().cpu()
+                            if world > 1:  # every rank's sampler sees every rank's losses: the plans stay equal
+                                import torch.distributed as dist
+
+                                parts: list[Any] = [None] * world
+                                dist.all_gather_object(parts, (rows_fb, loss_fb))
+                                rows_fb = torch.cat([p[0] for p in parts])
+                                loss_fb = torch.cat([p[1] for p in parts])
+                            sampler.feedback(rows_fb, loss_fb, None)
                         losses.append(float(loss.detach()))
                         images_seen += len(batch.rows)
                     bi += 1
@@ -422,6 +439,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         if dist.is_initialized():
             dist.barrier()  # every rank has finished before rank 0 writes
     metrics = dict(evaluated[cfg.eval_split]["metrics"])
+    if history and cfg.eval_every and "acc" not in history[-1]:  # the last epoch's accuracy is the final evaluation's
+        history[-1]["acc"] = float(metrics["acc_all"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
     perf = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "images_per_second":
             images_seen / max(train_seconds, 1e-9), "data_stall_fraction": wait_s / max(wait_s + step_s, 1e-9),
@@ -445,6 +464,18 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     return FinetuneResult(run_id=run_id, config=cfg, run_dir=str(run_dir), checkpoint=checkpoint_path, metrics=metrics,
                           history=history, export_set=export_set, trainable_params=trainable, total_params=total,
                           model=final_cpu, interrupted=interrupted)
+
+
+def _iterate(loader: Any) -> Any:
+    """The loader's batches; its DataLoader iterator is made with torch's RNG state put back afterwards (it draws
+    the workers' base seed from it), so a resumed epoch leaves the RNG where the uninterrupted run does."""
+    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
 
 
 def _peak_rss() -> int:
