@@ -351,3 +351,12 @@ def test_auxiliary_recipe_with_lambda_one_trains_as_balanced_softmax(tiny_root):
     end_ns, end_bs = dict(res_ns.model.named_parameters()), dict(res_bs.model.named_parameters())
     for k, v in end_ns.items():
         assert torch.equal(v, end_bs[k]), k
+
+
+def test_ft_latest_needs_a_finetune_export(digits_store):
+    from featurelt.data.features import resolve_set_names
+
+    store = Store(digits_store)
+    assert resolve_set_names(store, ["pixels", "clip_tiny"]) == ["pixels", "clip_tiny"]
+    with pytest.raises(ValueError, match="no fine-tuned embedding set"):
+        resolve_set_names(store, ["ft_latest"])
