@@ -173,7 +173,7 @@ def store_loader(root: Path, *, image_size: int, batch_size: int, workers: int, 
     from featurelt.store import Store
 
     store = Store(root)
-    n = store.count("samples") if limit is None else limit
+    n = store.count("samples") if limit is None else min(limit, store.count("samples"))
     t = TrainTransform(image_size, augment, seed=seed)  # type: ignore[arg-type]
     t.set_epoch(epoch)
     return StoreImageLoader(store.root, store.dataset("samples").version, None, epoch_plan(n, batch_size, seed + epoch),
@@ -200,6 +200,14 @@ def time_epoch(loader, images_of) -> dict:
 
 
 def bench_loader(folder: Path, root: Path, args: argparse.Namespace, label: str) -> dict:
+    # warm-up, not timed: the fork server of the store loader (started once per process), the page cache
+    for i, _ in enumerate(imagefolder_loader(folder, image_size=args.image_size, batch_size=args.batch_size,
+                                             workers=args.workers, seed=0)):
+        if i == 2 * args.workers:
+            break
+    for _ in store_loader(root, image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, seed=0,
+                          limit=2 * args.workers * args.batch_size):
+        pass
     base, ours = [], []
     for r in range(args.runs):
         dl = imagefolder_loader(folder, image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
@@ -222,7 +230,9 @@ def loader_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"One epoch of {rows[0]['images']} JPEG photos ({args.min_size}-{args.max_size} px per side, synthetic: "
              "smooth colour noise at three scales + grain, quality 90), RandomResizedCrop"
              f"({args.image_size}) + flip, uint8 out, batch {args.batch_size}, {args.workers} workers. Median of "
-             f"{args.runs} alternating runs per side; ratio = median of per-run store / ImageFolder.", "",
+             f"{args.runs} alternating runs per side, after a few untimed batches of each (the store loader's "
+             "fork server, imports); ratio = median of per-run store / ImageFolder; whole = the epoch's images / its wall time "
+             "(worker start-up included), steady = after the first batch.", "",
              "| store | ImageFolder img/s (whole / steady) | store loader img/s (whole / steady) | ratio whole | "
              "ratio steady | first batch s (IF / store) | runs whole img/s (IF / store) |",
              "|---|---|---|---|---|---|---|"]
