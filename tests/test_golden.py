@@ -7,10 +7,10 @@ sample ids (sorted) and their view-0 float32 vectors. The test ingests the same 
 (``ingest --builtin digits --limit 64``) and runs the same commands on the CPU.
 
 Comparison: ``pixels`` is exact everywhere (uint8 resampling and one division per value). The
-neural encoders are exact when the machine matches the recording (same CPU capability, same
-number of torch threads, same torch): float32 matmuls then sum in the same order. Elsewhere their
-reduction order may differ (oneDNN picks kernels by CPU and thread count), so they are compared
-within ``atol=1e-5, rtol=1e-4`` -- float32 rounding of 64- to 256-term sums, far below what a moved
+neural encoders are compared within ``atol=1e-5, rtol=1e-4`` everywhere: their float32
+reduction order depends on the kernels oneDNN picks for the CPU model and thread count, and two hosts
+with the same torch, thread count and CPU capability string (AVX512) were measured 1.2e-7 apart
+(clip_tiny). The tolerance is float32 rounding of 64- to 256-term sums, far below what a moved
 transform step (a one-grey-level difference moves values by ~1e-3) would change.
 
 Record again (only when a change of numbers is intended):
@@ -45,7 +45,7 @@ EXACT_EVERYWHERE = {"pixels"}
 
 
 def _machine() -> str:
-    """What must match for the neural encoders' vectors to be bit-identical."""
+    """The recording machine (stored with the golden file for information)."""
     return json.dumps({"machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__}, sort_keys=True)
 
@@ -76,14 +76,13 @@ def test_extract_writes_the_golden_vectors(tmp_path: Path) -> None:
             arrays[f"{set_name}/vector"] = vecs
         np.savez_compressed(GOLDEN, **arrays)
     golden = np.load(GOLDEN)
-    same_machine = str(golden["machine"]) == _machine()
     assert sorted({k.split("/")[0] for k in golden.files if "/" in k}) == sorted(SETS)
     for set_name, (ids, vecs) in got.items():
         want_ids, want = golden[f"{set_name}/sample_id"], golden[f"{set_name}/vector"]
         assert len(want_ids) == N_IMAGES and want.dtype == np.float32
         np.testing.assert_array_equal(ids, want_ids, err_msg=set_name)
         assert vecs.shape == want.shape, set_name
-        if set_name in EXACT_EVERYWHERE or same_machine:
+        if set_name in EXACT_EVERYWHERE:
             np.testing.assert_array_equal(vecs, want, err_msg=f"{set_name} (bit-identical expected)")
         else:
             np.testing.assert_allclose(vecs, want, rtol=1e-4, atol=1e-5, err_msg=set_name)
