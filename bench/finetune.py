@@ -25,7 +25,7 @@ Sections (``--sections``, comma-separated; default ``loader,reference,step,memor
 The photos: ``--images`` synthetic JPEGs (quality 90, 4:2:0) of ``--min-size``..``--max-size`` px
 per side, "photo-like": three octaves of smooth colour noise (random 4x4, 16x16 and 64x64 grids
 upscaled bicubically) over a gradient, plus per-pixel grain, so that they compress like photos
-(~60-110 KB at 400 px) rather than like noise or flat colour. Files are kept in ``--workdir``
+(45 KB on average at 300-500 px) rather than like noise or flat colour. Files are kept in ``--workdir``
 (made once per parameter set).
 
     python bench/finetune.py --images 4000 --runs 5 --workers 2
@@ -260,6 +260,8 @@ def bench_step(root: Path, args: argparse.Namespace, device: str, model_name: st
     import torch
 
     torch.manual_seed(0)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     name, _, adapt = model_name.partition(":")
     model = timm.create_model(name, pretrained=False, num_classes=10)
     if adapt == "lora":  # peft LoRA on the attention and MLP projections, the head trained in full
@@ -353,12 +355,8 @@ def step_markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {r['model']} | {r['device']} | {'bf16' if r['amp'] else 'fp32'} | "
                      f"{'GPU' if r['gpu_decode'] else 'CPU workers'} | {r['image_size']} | {r['loader']:.1f} | "
                      f"{r['memory']:.1f} | **{r['ratio']:.2f}** | {r['stall']:.1%} | {r['first_s']:.2f} | "
-                     f"{'' if r['peak_gib'] is None else f'{r_gib(r)}'} | {r['all'][0]} / {r['all'][1]} |")
+                     f"{'' if r['peak_gib'] is None else round(r['peak_gib'], 1)} | {r['all'][0]} / {r['all'][1]} |")
     return "\n".join(lines) + "\n"
-
-
-def r_gib(r: dict) -> str:
-    return f"{r['peak_gib']:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------- memory
