@@ -31,7 +31,7 @@ upscaled bicubically) over a gradient, plus per-pixel grain, so that they compre
     python bench/finetune.py --images 4000 --runs 5 --workers 2
     python bench/finetune.py --sections step --step-model resnet18 --steps 20
     python bench/finetune.py --sections memory --memory-rows 10000,100000
-    python bench/finetune.py --sections gpu --device cuda --workers 12 --images 8000
+    python bench/finetune.py --sections gpu --device cuda --workers 12 --images 2000 --gpu-decode --steps 20 --runs 3
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def imagefolder_loader(folder: Path, *, image_size: int, batch_size: int, worker
 
 
 def store_loader(root: Path, *, image_size: int, batch_size: int, workers: int, seed: int, epoch: int = 0,
-                 augment: str = "flip-crop", limit: int | None = None, gpu_decode: bool = False):
+                 augment: str = "flip-crop", limit: int | None = None, gpu_decode: bool = False, pin: bool = False):
     """featurelt's read path: StoreImageLoader over a shuffled plan, TrainTransform in the workers
     (``gpu_decode``: EncodedJpeg, the workers only draw the crops; :func:`decode_on_device` decodes)."""
     from featurelt.images.augment import EncodedJpeg, TrainTransform
@@ -177,7 +177,8 @@ def store_loader(root: Path, *, image_size: int, batch_size: int, workers: int, 
     t = TrainTransform(image_size, augment, seed=seed)  # type: ignore[arg-type]
     t.set_epoch(epoch)
     return StoreImageLoader(store.root, store.dataset("samples").version, None, epoch_plan(n, batch_size, seed + epoch),
-                            EncodedJpeg(t) if gpu_decode else t, columns=("label",), num_workers=workers)
+                            EncodedJpeg(t) if gpu_decode else t, columns=("label",), num_workers=workers,
+                            pin_memory=pin)
 
 
 def decode_on_device(batch, loader, size: int, device: str):
@@ -297,7 +298,7 @@ def bench_step(root: Path, args: argparse.Namespace, device: str, model_name: st
     for r in range(args.runs):
         # the real loader: uint8 batches from the workers, normalised here
         loader = store_loader(root, image_size=size, batch_size=args.batch_size, workers=args.workers, seed=r,
-                              limit=n, gpu_decode=gpu_decode)
+                              limit=n, gpu_decode=gpu_decode, pin=device.startswith("cuda") and not gpu_decode)
         t0 = time.perf_counter()
         wait = 0.0
         it = iter(loader)
