@@ -1,6 +1,7 @@
 """Training and evaluation image transforms on uint8 in loader workers: RandomResizedCrop + flip (+ RandAugment), resize + center crop.
 
-Both are ``make_image`` callables of :class:`featurelt.images.loader.StoreImageLoader` (picklable):
+:class:`TrainTransform` and :class:`EvalTransform` are ``make_image`` callables of
+:class:`featurelt.images.loader.StoreImageLoader` (picklable):
 ``(decoded, row, index) -> (uint8 [3, S, S] tensor, {"box", "flip", "size"})``. They work on uint8
 and do not normalise (the device does: :class:`featurelt.images.transforms.DeviceStage`). The extra
 says where the output came from, so that a recipe can cut the same region out of a stored feature
@@ -15,6 +16,7 @@ map (FINETUNE.md "SAM map fusion"):
 its RandAugment ops from the torch RNG seeded by ``(seed, epoch, index)`` (``index``: the position
 in the epoch's plan), saving and restoring the caller's RNG state: the same triple gives the same
 output in any process, worker or order. The crop is cut before the resize, so only the crop is resized.
+:class:`EncodedJpeg` makes the same draws but leaves the decoding to the device (``decode_jpeg`` there).
 """
 from __future__ import annotations
 
