@@ -50,3 +50,28 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rc = main(["--store", str(root), "make-lt", *DIGITS_MAKE_LT])
     assert rc == 0, f"make-lt {' '.join(DIGITS_MAKE_LT)} failed with exit status {rc}"
     return root
+
+
+@pytest.fixture(scope="session")
+def ft_store(digits_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a small long-tailed digits store for fine-tuning tests (copy it before writing): ``digits_store``
+    with train rows cut to ``max(2, round(16 * 0.75**y))`` per class y (16, 12, 9, 7, 5, 4, 3, 2, 2, 2: 62 rows),
+    5 test rows per class (50) and no ``train_unused`` rows (the classes table keeps digits_store's buckets)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ftdigits") / "store"
+    shutil.copytree(digits_store, root)
+    store = Store(root)
+    rows = store.read("samples", columns=["sample_id", "split", "label"]).to_pylist()
+    seen: dict[tuple[str, int], int] = {}
+    drop = []
+    for r in rows:
+        cap = {"train": max(2, round(16 * 0.75 ** r["label"])), "test": 5}.get(r["split"], 0)
+        key = (r["split"], r["label"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > cap:
+            drop.append(r["sample_id"])
+    ids = ", ".join("'" + s.replace("'", "''") + "'" for s in drop)
+    with store.transaction("ft_store: a small long-tailed train split, 5 test rows per class") as tx:
+        tx.delete("samples", f"sample_id IN ({ids})")
+    return root

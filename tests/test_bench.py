@@ -81,3 +81,11 @@ def test_bench_finetune_runs_at_toy_size(tmp_path: Path) -> None:
     assert _number(_row(out, "| test_vit:lora | cpu | bf16 | GPU | 32 |")[5]) > 0  # decode_jpeg path, on the CPU here
     small, large = _row(out, "| 64 |"), _row(out, "| 128 |")
     assert _number(small[3]) > 100 and _number(large[4].strip("*")) > 0  # tree peak MiB (torch alone is more)
+
+
+def test_knn_bench_runs_at_toy_size():
+    out = _bench("knn.py", "--queries", "64", "--rows", "2000", "--dim", "16", "--runs", "1", "--cpu-queries", "32")
+    cpu = _row(out, "| faiss-cpu")
+    assert "32 queries, x2" in cpu[0]
+    torch_row = _row(out, "| torch")
+    assert _number(torch_row[5]) == 1.0  # the same neighbours as CPU faiss

@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Subcommands another branch adds that this one does not have yet: a mention of one is skipped (and only
 # those). Remove an entry once its command is merged.
 ALLOWED_MISSING_COMMANDS = {
-    "finetune",  # featurelt finetune: backbone fine-tuning jobs (FINETUNE.md), added by the finetune branch
 }
 
 # `featurelt` followed by its words, up to what ends a shell command in prose or code
@@ -150,7 +149,9 @@ def test_the_checker_finds_what_was_wrong() -> None:
     assert check_text("see featurelt runs, then featurelt eval --run ID.", "x") == []
     assert check_text("featurelt runs --limit 3, featurelt runs --lmit 3.", "x") == [
         "x: 'featurelt runs --lmit 3': runs has no option --lmit"]
-    assert check_text("featurelt finetune --recipe lora", "x") == []      # allow-listed
+    assert check_text("featurelt finetune --adapt lora --lora-rank 4", "x") == []
+    assert check_text("featurelt finetune --adapt lora --lora-rnak 4", "x") == [
+        "x: 'featurelt finetune --adapt lora --lora-rnak 4': finetune has no option --lora-rnak"]
     assert check_text("featurelt --store s sql --format csv; featurelt COMMAND --help; jobs/*.yaml", "x") == []
     assert check_text("featurelt --stor s sql", "x") == ["x: 'featurelt --stor s sql': unknown global option --stor"]
 

@@ -68,3 +68,82 @@ def test_knn_votes_by_hand():
         knn_votes(sims, labels[:, :2], 3)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         knn_votes(sims, labels, 3, temperature=0)
+
+
+# -- backends (issue 18 point 5) ---------------------------------------------------------------------------
+def test_torch_backend_on_cpu_finds_the_same_neighbours_as_faiss(monkeypatch):
+    import featurelt.index as index_mod
+    from featurelt.index import VectorIndex
+
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(600, 24)).astype(np.float32)
+    queries = rng.normal(size=(70, 24)).astype(np.float32)
+    ref = VectorIndex(24, backend="faiss-cpu")
+    tch = VectorIndex(24, backend="torch", device="cpu")
+    assert (ref.backend, tch.backend) == ("faiss-cpu", "torch")
+    for part in np.array_split(base, 3):  # added in batches, as from Store.scan
+        ref.add(part)
+        tch.add(part)
+    monkeypatch.setattr(index_mod, "TORCH_BLOCK", 600 * 16)  # 16 queries per block: the blocking is exercised
+    s_ref, i_ref = ref.search(queries, 10)
+    s_t, i_t = tch.search(queries, 10)
+    np.testing.assert_array_equal(i_t, i_ref)
+    np.testing.assert_allclose(s_t, s_ref, atol=1e-6)
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    np.testing.assert_allclose(s_t[:, 0], (q @ unit.T).max(1), atol=1e-6)  # the formula, by hand
+    assert len(tch) == 600 and tch.search(queries[:2], 1000)[1].shape == (2, 600)  # k capped
+    back = VectorIndex.from_bytes(tch.to_bytes())  # checkpoints hold a CPU faiss index whatever the backend
+    assert back.backend == "faiss-cpu"
+    np.testing.assert_array_equal(back.search(queries, 10)[1], i_ref)
+    moved = VectorIndex.from_bytes(ref.to_bytes(), backend="torch", device="cpu")
+    np.testing.assert_array_equal(moved.search(queries, 10)[1], i_ref)
+
+
+def test_backend_choice(monkeypatch):
+    import featurelt.index as index_mod
+
+    monkeypatch.setattr(index_mod, "faiss_gpus", lambda: 0)
+    monkeypatch.setattr(index_mod, "_cuda_available", lambda: False)
+    assert index_mod.resolve_backend("auto") == "faiss-cpu"
+    monkeypatch.setattr(index_mod, "_cuda_available", lambda: True)
+    assert index_mod.resolve_backend("auto") == "torch"
+    monkeypatch.setattr(index_mod, "faiss_gpus", lambda: 1)
+    assert index_mod.resolve_backend("auto") == "faiss-gpu"
+    monkeypatch.setattr(index_mod, "faiss_gpus", lambda: 0)
+    with pytest.raises(ValueError, match="faiss built with CUDA"):
+        index_mod.resolve_backend("faiss-gpu")
+    with pytest.raises(ValueError, match="unknown kNN backend 'gpu'"):
+        index_mod.resolve_backend("gpu")
+
+
+def test_index_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, featurelt.index as m; m.VectorIndex(4, backend='faiss-cpu'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "faiss-gpu"])
+def test_gpu_backends_match_cpu_faiss(backend):
+    import torch
+
+    from featurelt.index import VectorIndex, faiss_gpus
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "faiss-gpu" and faiss_gpus() == 0:
+        pytest.skip("the installed faiss has no GPU support (pip install 'featurelt[gpu]')")
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(20000, 64)).astype(np.float32)
+    queries = rng.normal(size=(500, 64)).astype(np.float32)
+    ref, gpu = VectorIndex(64, backend="faiss-cpu"), VectorIndex(64, backend=backend)
+    ref.add(base)
+    gpu.add(base)
+    s_ref, i_ref = ref.search(queries, 10)
+    s_g, i_g = gpu.search(queries, 10)
+    assert (i_g == i_ref).mean() > 0.999  # float32 sums in another order may swap exact near-ties
+    np.testing.assert_allclose(s_g, s_ref, atol=1e-5)

@@ -27,16 +27,25 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "samples (same encoder fingerprint = skipped), including samples ingested later. Images that fail "
         "to decode go to the rejects table (or stop the run with --strict). Text encoders (text:minilm) "
         "and the text tower of clip:* write class-name embeddings into text_embeddings.",
-        epilog="examples: featurelt extract clip:tiny --split train;  featurelt extract sam:vit_b --checkpoint "
+        epilog="examples: featurelt extract clip:tiny --split train;  featurelt extract clip:ViT-B-32 --pretrained "
+        "laion2b_s34b_b79k;  featurelt extract clip:ViT-B-32 --pretrained openai --checkpoint open_clip_model.safetensors;  "
+        "featurelt extract dinov2:facebook/dinov2-base;  featurelt extract sam:vit_b --checkpoint "
         "sam_vit_b_01ec64.pth --products latent pca_map --map-size 16;  featurelt extract text:minilm;  "
         "featurelt extract pixels --views 4 --augment randaugment")
     p.add_argument("encoder", metavar="ENCODER",
-                   help="encoder registry name: clip:<open_clip model> | clip:tiny | sam:vit_b|vit_l|vit_h|tiny | "
-                   "dinov2:<size>|tiny | pixels | text:minilm (see `featurelt encoders`)")
+                   help="encoder registry name: clip:<open_clip model> | clip:hf-hub:ORG/NAME | clip:tiny | "
+                   "sam:vit_b|vit_l|vit_h|tiny | dinov2:<size>|ORG/NAME|tiny | pixels | text:minilm (see `featurelt "
+                   "encoders`)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights: an open_clip checkpoint file, a segment-anything .pth, or a Hugging Face "
                    "DINOv2 / sentence-transformers folder, e.g. from `hf download facebook/dinov2-small --local-dir "
                    "dinov2-small` (required for named models; tiny variants need none)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="open_clip pretrained tag of a clip:<model> (e.g. openai, laion2b_s34b_b79k; `featurelt "
+                   "encoders --all` lists them): the tag's activation (QuickGELU) and preprocessing (mean/std, resize "
+                   "mode, interpolation); weights from --checkpoint, else the local open_clip / Hugging Face cache, "
+                   "else downloaded. Required with --checkpoint for models whose tags disagree (ViT-B-32, ...); "
+                   "recorded in the provenance")
     p.add_argument("--products", nargs="+", metavar="PRODUCT",
                    help="which encoder outputs to store (default: all), e.g. latent pca_map for SAM, cls "
                    "mean_patch for DINOv2")
@@ -126,7 +135,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if ignored:
             raise ValueError(f"{args.encoder} is a text encoder (class names only); {', '.join(ignored)} do not apply")
         text = extract_text(store, args.encoder, name=args.name, checkpoint=args.checkpoint,
-                            templates=args.templates, device=args.device, seed=args.seed, untrained=args.untrained)
+                            templates=args.templates, device=args.device, seed=args.seed, untrained=args.untrained,
+                            pretrained=args.pretrained)
         print(json.dumps(dataclasses.asdict(text), indent=2) if args.json else text.summary())
         return 0
     result = extract(store, args.encoder, products=args.products, name=args.name, split=args.split,
@@ -137,7 +147,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                      ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
                      ray_cpus=args.ray_cpus,
                      chunk_rows=args.chunk_rows, commit_seconds=args.commit_seconds, resize_on=args.resize_on,
-                     progress=args.progress)
+                     progress=args.progress, pretrained=args.pretrained)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -150,8 +160,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def weights_label(prov: dict) -> str:
     """How the table names an encoder's weights: its tag, else the checkpoint sha256 (12 hex digits),
     else ``seed N`` (seeded random weights)."""
-    if prov.get("tag"):
-        return str(prov["tag"])
+    if prov.get("pretrained") or prov.get("tag"):
+        return str(prov.get("pretrained") or prov["tag"])
     if prov.get("checkpoint_sha256"):
         return str(prov["checkpoint_sha256"])[:12]
     if prov.get("family") == "pixels":

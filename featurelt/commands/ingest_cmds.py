@@ -128,7 +128,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "`featurelt ingest DIR --source auxiliary --neighbor-of CLASS`.",
         epilog="examples: featurelt neighbors --vocab names.txt;  featurelt neighbors --vocab names.txt --k 3 "
         "--classes Sandal,Bag --json;  featurelt neighbors --vocab names.txt --encoder clip:ViT-B-32 "
-        "--checkpoint clip.bin")
+        "--pretrained laion2b_s34b_b79k --checkpoint clip.bin")
     p.add_argument("--vocab", required=True, metavar="FILE",
                    help="candidate class names, one per line ('#' comments and blank lines skipped)")
     p.add_argument("--k", type=positive_int, default=5, help="neighbors per class (default 5, the paper's)")
@@ -139,6 +139,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--encoder", default="text:minilm",
                    help="text encoder (default text:minilm, bundled weights; or clip:<model> with --checkpoint)")
     p.add_argument("--checkpoint", help="weights of --encoder (see `featurelt encoders`)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="open_clip pretrained tag of a clip:<model> --encoder: its activation and preprocessing, and "
+                   "without --checkpoint its weights from the local cache or the hub (see `featurelt encoders --all`)")
     p.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} (default 'a photo of a {}.')")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="text encoder device (default cpu)")
     p.set_defaults(func=cmd_neighbors)
@@ -181,7 +184,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--mu", type=float, default=0.2,
                    help="keep images with S >= mu (default 0.2; the paper's 0.8 / 0.6 are on its own scale: read the "
                    "per-class score_min / score_mean / score_max of a --dry-run)")
-    p.add_argument("--checkpoint", help="the CLIP checkpoint the set was extracted with (checked by sha256)")
+    p.add_argument("--checkpoint", help="the CLIP checkpoint the set was extracted with (checked by sha256; "
+                   "without it, a set extracted with --pretrained TAG takes the tag's weights from the cache or the hub)")
     p.add_argument("--templates", metavar="FILE", help="prompt templates for rows without a description")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="text tower device (default cpu)")
     p.add_argument("--dry-run", action="store_true", help="report what would be moved; write nothing")
@@ -234,7 +238,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.class_names.split(",") if n.strip()] if args.class_names else None
     rows = neighbor_search(open_store(args), args.vocab, k=args.k, buckets=[b.strip() for b in args.buckets.split(",")],
                            classes=names, encoder=args.encoder, checkpoint=args.checkpoint, templates=args.templates,
-                           device=resolve_device(args.device))
+                           device=resolve_device(args.device), pretrained=args.pretrained)
     print_rows(rows, as_json=args.json)
     return 0
 

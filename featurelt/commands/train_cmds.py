@@ -103,9 +103,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.set_defaults(func=cmd_train_head)
 
     p = sub.add_parser("runs", parents=[parents.store, parents.as_of, parents.json],
-                       help="list train-head runs with their metrics",
+                       help="list train-head and finetune runs with their metrics",
                        description="List the runs table: run id, head, loss, sampler, features and the metrics "
-                       "(top-1 all / many / medium / few, macro-F1, head-tail gap), newest last.",
+                       "(top-1 all / many / medium / few, macro-F1, head-tail gap), newest last. Fine-tune runs "
+                       "(head finetune-*) are listed beside head runs; with any in the store a status column marks "
+                       "those not finished (running or killed, interrupted: continue with finetune --resume).",
                        epilog="examples: featurelt runs --limit 5;  featurelt runs --run latest --json")
     p.add_argument("--limit", type=int, default=50, help="show the newest N runs (default 50; 0 = all)")
     p.add_argument("--run", dest="run_id", metavar="ID",
@@ -223,7 +225,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- runs / eval
 def cmd_runs(args: argparse.Namespace) -> int:
     store = open_store(args)
-    if not store.has_table("runs"):
+    if not store.has_table("runs") and not store.has_table("finetune_runs"):
         print_rows([], as_json=args.json)
         return 0
     limit = f" LIMIT {int(args.limit)}" if args.limit and args.limit > 0 else ""
@@ -233,12 +235,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
         where = f" WHERE run_id = {sql_literal(resolve_run_id(store, args.run_id))}"
     rows = store.sql(f"SELECT * FROM (SELECT {', '.join(RUN_COLUMNS)} FROM runs{where} ORDER BY time DESC{limit}) "
-                     "ORDER BY time").to_pylist()
+                     "ORDER BY time").to_pylist() if store.has_table("runs") else []
+    columns = RUN_COLUMNS
+    if store.has_table("finetune_runs") and not args.run_id:  # fine-tune runs not finished yet, marked
+        columns = [*RUN_COLUMNS, "status"]
+        for r in rows:
+            r["status"] = "finished"
+        for f in store.sql("SELECT run_id, time, head, loss, sampler, backbone, epochs, status FROM finetune_runs "
+                           "WHERE status <> 'finished'").to_pylist():
+            rows.append({**{c: None for c in RUN_COLUMNS}, "run_id": f["run_id"], "time": f["time"],
+                         "head": f"finetune-{f['head']}", "loss": f["loss"], "sampler": f["sampler"],
+                         "features": f"finetune:{f['backbone']}", "epochs": f["epochs"],
+                         "status": f"unfinished ({f['status']})"})
+        rows.sort(key=lambda r: r["time"])
     if args.run_id and not rows:
         raise ValueError(f"unknown run '{args.run_id}' (see featurelt runs)")
     if not args.json:
         rows = [{k: _fmt(v) for k, v in r.items()} for r in rows]
-    print_rows(rows, as_json=args.json, columns=RUN_COLUMNS)
+    print_rows(rows, as_json=args.json, columns=columns)
     return 0
 
 

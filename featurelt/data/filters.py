@@ -203,7 +203,8 @@ def filter_generated(store: "Store", features: str, *, mu: float, checkpoint: st
     """Filter the generated train rows of ``store`` by their CLIP score (module docstring, section 4).
 
     features: one embedding set made by a ``clip:<model>`` encoder (its image embeddings); the text
-    tower of that model is built with ``checkpoint`` (the same file as the set's, checked by sha256)
+    tower of that model is built with ``checkpoint`` (the same file as the set's, checked by sha256; without
+    one, the set's open_clip tag (provenance ``pretrained``) finds the weights in the cache or on the hub)
     to embed each row's description, or, for rows without one, its class name through ``templates``.
     """
     from featurelt.encoders import ENCODERS, build_text_encoder
@@ -218,7 +219,8 @@ def filter_generated(store: "Store", features: str, *, mu: float, checkpoint: st
                          "filter compares CLIP image and text embeddings (`featurelt extract clip:<model>`)")
     trained = prov["provenance"].get("trained", True)  # a set of random weights: the same seeded random text tower
     text = build_text_encoder(encoder, checkpoint=checkpoint, templates=templates, device=device,
-                              untrained=not trained, seed=int(prov["provenance"].get("seed") or 0))
+                              untrained=not trained, seed=int(prov["provenance"].get("seed") or 0),
+                              pretrained=prov["provenance"].get("pretrained"))
     want, have = prov["provenance"].get("checkpoint_sha256"), text.checkpoint_sha256
     if want != have:
         raise ValueError(f"embedding set '{features}' was made with checkpoint sha256 {want}, the text tower has "

@@ -65,11 +65,12 @@ def neighbor_search(store: "Store", vocabulary: Sequence[str] | str | os.PathLik
                     buckets: Sequence[str] = ("medium", "few"), classes: Sequence[str] | None = None,
                     encoder: str = "text:minilm", checkpoint: str | None = None,
                     templates: list[str] | str | os.PathLike[str] | None = None, device: str = "cpu",
-                    untrained: bool = False) -> list[dict[str, Any]]:
+                    untrained: bool = False, pretrained: str | None = None) -> list[dict[str, Any]]:
     """The ``k`` vocabulary names nearest (cosine of class-name text embeddings) to each target class.
 
     vocabulary: names, or a file with one per line (:func:`read_vocabulary`). buckets / classes: which
-    target classes to extend (default: medium and few, section 3). Names of any class already in the
+    target classes to extend (default: medium and few, section 3). pretrained: open_clip tag of a
+    ``clip:<model>`` text encoder (its config; its weights when no ``checkpoint``). Names of any class already in the
     store (target or auxiliary) are never suggested. Returns rows ``label, class, bucket, rank (1..k),
     neighbor, cosine``, by label then rank.
     """
@@ -95,7 +96,7 @@ def neighbor_search(store: "Store", vocabulary: Sequence[str] | str | os.PathLik
     if not candidates:
         raise ValueError(f"every vocabulary name ({len(vocab)}) is already a class of the store")
     text = build_text_encoder(encoder, checkpoint=checkpoint, templates=templates, device=device,
-                              untrained=untrained)
+                              untrained=untrained, pretrained=pretrained)
     index = VectorIndex(text.dim)
     index.add(text.encode_classes(candidates).float().cpu().numpy())
     sims, ids = index.search(text.encode_classes([c["name"] for c in targets]).float().cpu().numpy(), k)

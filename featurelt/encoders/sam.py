@@ -22,12 +22,17 @@ random ``ImageEncoderViT`` (image 64, patch 16, width 64, depth 2, heads 2, neck
 (``torch.save`` of a state dict with SAM's ``image_encoder.`` key prefix, or bare encoder keys)
 loads strictly with ``torch.load(weights_only=True)``.
 
+The official checkpoints' sha256 are :data:`SAM_SHA256` (listed by ``featurelt encoders``); a file with
+another sha256 loads (fine-tuned weights are legitimate) with a warning, and the provenance says so
+(``checksum_note``).
+
 Preprocessing follows SAM: resize the longer side to the model's image size (bilinear), normalise
 with the ImageNet mean/std, zero-pad bottom/right to a square.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from typing import Any, Iterable, Sequence
 
@@ -60,6 +65,23 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 SAM_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+# sha256 of the official files at https://dl.fbaipublicfiles.com/segment_anything/<file> (the 6 hex digits in
+# the file name are the start of its md5); `featurelt encoders` lists them, a different file gets a warning
+SAM_SHA256 = {
+    "vit_b": "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    "vit_l": "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    "vit_h": "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+}
+
+
+def checksum_note(variant: str, sha256: str | None) -> str | None:
+    """None when ``sha256`` is the official checkpoint's of ``variant`` (or there is none to compare);
+    else the one-line notice printed as a warning and kept in the provenance."""
+    official = SAM_SHA256.get(variant)
+    if official is None or sha256 is None or sha256 == official:
+        return None
+    return (f"sam:{variant}: checkpoint sha256 {sha256[:12]}... is not the official {SAM_CHECKPOINTS[variant]} "
+            f"({official[:12]}...): a fine-tuned or different file; its features are recorded under its own sha256")
 
 
 def _how(variant: str) -> str:
@@ -82,7 +104,8 @@ def specs() -> list[Any]:
                  if tiny else f"SAM {v} image encoder, --checkpoint {SAM_CHECKPOINTS[v]}: latent 256 (avg-pooled "
                  f"neck) + pca_map map_size**2 (1-component PCA over channels, fitted on train)")
         out.append(EncoderSpec(f"sam:{v}", "image", help_, not tiny, "file",
-                               partial(build_sam, v), None, sam_products))
+                               partial(build_sam, v), None, sam_products,
+                               notes="" if tiny else f"official {SAM_CHECKPOINTS[v]} sha256 {SAM_SHA256[v]}"))
     return out
 
 
@@ -207,7 +230,17 @@ class SamEncoder(Encoder):
                                interpolation="bilinear", resize_mode="longest_pad")
         super().__init__(name, products=sam_products(map_size), transform=transform, image_size=cfg["img_size"],
                          checkpoint=path, trained=path is not None, seed=seed, device=device)
+        self.checksum_note = checksum_note(variant, self.checkpoint_sha256)
+        if self.checksum_note is not None:
+            warnings.warn(self.checksum_note, UserWarning, stacklevel=2)
         self._set_model(net)
+
+    def provenance(self) -> dict[str, Any]:
+        """The base provenance; plus ``checksum_note`` when the checkpoint is not the official file."""
+        prov = super().provenance()
+        if self.checksum_note is not None:
+            prov["checksum_note"] = self.checksum_note
+        return prov
 
     def architecture(self) -> dict[str, Any]:
         return {"library": "segment_anything", "module": "ImageEncoderViT", "variant": self.name.split(":")[1],

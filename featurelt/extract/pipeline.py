@@ -69,11 +69,11 @@ class ExtractResult:
 
 
 def build_encoder(encoder_name: str, *, checkpoint: str | None, device: str, map_size: int,
-                   image_size: int | None, seed: int, untrained: bool) -> "Encoder":
+                   image_size: int | None, seed: int, untrained: bool, pretrained: str | None = None) -> "Encoder":
     from featurelt.encoders import build_encoder
 
     return build_encoder(encoder_name, checkpoint=checkpoint, device=device, map_size=map_size,
-                         image_size=image_size, seed=seed, untrained=untrained)
+                         image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained)
 
 
 def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None = None, name: str | None = None,
@@ -84,7 +84,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             seed: int = 0, untrained: bool = False, engine: Engine = "local", ray_address: str | None = None,
             ray_gpus_per_task: float = 1.0, ray_cpus: int | None = None, chunk_rows: int = 16384, commit_seconds: float = 10.0,
             fit_samples: int | None = 4096, resize_on: ResizeOn = "auto", progress: bool = True,
-            message: str | None = None) -> ExtractResult:
+            message: str | None = None, pretrained: str | None = None) -> ExtractResult:
     """Embed the store's samples with ``encoder_name``; one embedding set per product.
 
     ``split`` / ``limit``: which samples (the first ``limit`` rows of the split, in store order).
@@ -104,7 +104,9 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     ``host`` (PIL's own resize, in the workers: the reference transform exactly); ``auto`` (default):
     ``device`` (for SAM the device resizes the longer side, normalises, then pads).
     Encoders with a text tower (``clip:*``) also write class text
-    embeddings when the store has a classes table. Returns an :class:`ExtractResult`.
+    embeddings when the store has a classes table. ``pretrained``: open_clip tag of a ``clip:<model>``
+    (its activation and preprocessing; its weights when no ``checkpoint``), recorded in the provenance
+    and so in the fingerprint. Returns an :class:`ExtractResult`.
     """
     from featurelt.encoders import ENCODERS
 
@@ -158,7 +160,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
         num_workers = default_num_workers(run_device)
     resize_on_device = resize_on in ("auto", "device")
     encoder = build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
-                             image_size=image_size, seed=seed, untrained=untrained)
+                             image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained)
     make_view = ViewMaker(encoder.transform, views=views, augment=augment, seed=seed,
                            resize_on_device=resize_on_device)
     if num_workers and engine == "local":  # its imports overlap the encoder's move, fitting and planning
@@ -203,7 +205,7 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
             from featurelt.encoders import build_text_encoder
 
             tenc = build_text_encoder(encoder_name, checkpoint=checkpoint, templates=templates, device=dev,
-                                      seed=seed, untrained=untrained)
+                                      seed=seed, untrained=untrained, pretrained=pretrained)
             tname = tenc.default_set_name() if name is None else name
             text = text_rows_of(store, tenc, encoder_name, tname) + (tname,)
         else:

@@ -94,13 +94,15 @@ def write_text(tx: Any, table: pa.Table | None, set_name: str, replace: bool) ->
 
 def extract_text(store: Store, encoder_name: str, *, name: str | None = None, checkpoint: str | None = None,
                  templates: list[str] | str | os.PathLike[str] | None = None, device: str = "auto",
-                 seed: int = 0, untrained: bool = False, message: str | None = None) -> TextExtractResult:
+                 seed: int = 0, untrained: bool = False, message: str | None = None,
+                 pretrained: str | None = None) -> TextExtractResult:
     """Class-name text embeddings (METHODS.md sections 1, 3 and 6) into ``text_embeddings``.
 
     One row per class of the ``classes`` table, for a text encoder (``text:minilm``) or the text
     tower of an image-text encoder (``clip:<model>``), averaged over prompt ``templates`` (a list, or
     a file with one template per line). Labels already embedded with the same fingerprint are
-    skipped; a set that exists with another fingerprint is replaced.
+    skipped; a set that exists with another fingerprint is replaced. ``pretrained``: open_clip tag of a
+    ``clip:<model>`` text tower (as for :func:`featurelt.extract.extract`).
     """
     from featurelt.encoders import build_text_encoder
 
@@ -108,7 +110,7 @@ def extract_text(store: Store, encoder_name: str, *, name: str | None = None, ch
         templates = read_templates(templates)
     dev = resolve_device(device)
     enc = build_text_encoder(encoder_name, checkpoint=checkpoint, templates=templates, device=dev, seed=seed,
-                             untrained=untrained)
+                             untrained=untrained, pretrained=pretrained)
     set_name = name or enc.default_set_name()
     table, skipped, replace = text_rows_of(store, enc, encoder_name, set_name)
     added = 0

@@ -487,11 +487,7 @@ def load_train_data(store: Store, cfg: TrainCfg, *, device: torch.device, views:
                           memory_fraction=fraction)
     y = label_map.head(train.labels, f"train split '{cfg.train_split}'")
     counts = class_counts_of(y, train.source, k)
-    parents = [None if v is None else int(v) for v in classes.column("neighbor_of").to_pylist()]
-    neighbor = np.array([-1 if v is None or not 0 <= v < label_map.to_head.size else label_map.to_head[v]
-                         for v in parents], dtype=np.int64)
-    neighbor[:num_target] = -1
-    neighbor[neighbor >= num_target] = -1  # a parent must be a target class
+    neighbor = neighbor_of_head(classes, label_map)
     text = None
     if cfg.text_set:
         rows = load_text_embeddings(store, cfg.text_set, num_classes=int(label_map.to_store.max()) + 1)
@@ -638,31 +634,14 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
                "epoch_seconds": epoch_seconds, "device": str(device), "streamed": data.streamed,
                "features_in": data.features_in, "num_train": int(len(data.y)), "notes": notes,
                "top_class_fraction": top_fraction, "collapsed": top_fraction > COLLAPSE_FRACTION}
-    preds = pa.table({
-        "run_id": pa.array([run_id] * len(labels), pa.string()),
-        "sample_id": pa.array(evalset.sample_ids.tolist(), pa.string()),
-        "split": pa.array([cfg.eval_split] * len(labels), pa.string()),
-        "label": pa.array(labels.astype(np.int32)),
-        "prediction": pa.array(pred.astype(np.int32)),
-        "top5": pa.array(top5.tolist(), pa.list_(pa.int32())),
-        "score": pa.array(score.astype(np.float32)),
-    })
+    preds = predictions_table(run_id, evalset.sample_ids, cfg.eval_split, labels, pred, top5, score)
     checkpoint = None
     if write:
         checkpoint = save_checkpoint(trainer.head, resolved, root=root, run_id=run_id, input_norm=trainer.input_norm)
-        row = pa.table({
-            "run_id": [run_id], "time": pa.array([utcnow()], pa.timestamp("us")), "head": [cfg.head],
-            "loss": ["none" if trainer.fitted else cfg.loss], "sampler": ["none" if trainer.fitted else cfg.sampler],
-            "features": [",".join(cfg.features)],
-            "config": [resolved.to_yaml()], "pinned_versions": [json.dumps(pinned_versions, sort_keys=True)],
-            "metrics": [json.dumps(metrics, sort_keys=True)], "acc_all": [metrics["acc_all"]],
-            "acc_many": pa.array([metrics["acc_many"]], pa.float64()),
-            "acc_medium": pa.array([metrics["acc_medium"]], pa.float64()),
-            "acc_few": pa.array([metrics["acc_few"]], pa.float64()),
-            "macro_f1": [metrics["macro_f1"]], "head_tail_gap": pa.array([metrics["head_tail_gap"]], pa.float64()),
-            "train_seconds": [train_seconds], "epochs": pa.array([len(epoch_seconds)], pa.int32()),
-            "seed": pa.array([cfg.seed], pa.int64()), "checkpoint": [checkpoint],
-        })
+        row = runs_row(run_id, head=cfg.head, loss="none" if trainer.fitted else cfg.loss,
+                       sampler="none" if trainer.fitted else cfg.sampler, features=",".join(cfg.features),
+                       config_yaml=resolved.to_yaml(), pinned_versions=pinned_versions, metrics=metrics,
+                       train_seconds=train_seconds, epochs=len(epoch_seconds), seed=cfg.seed, checkpoint=checkpoint)
         writer = Store(root, storage_options=storage_options)
         with writer.transaction(message or command_line()) as tx:
             tx.append("runs", row)
@@ -671,6 +650,48 @@ def train_head(store: Store | str | os.PathLike[str], cfg: TrainCfg, *, write: b
                      epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, load_seconds=load_seconds,
                      pinned_versions=pinned_versions, checkpoint=checkpoint, device=str(device),
                      streamed=data.streamed, features_in=data.features_in, predictions=preds, notes=notes)
+
+
+def predictions_table(run_id: str, sample_ids: np.ndarray, split: str, labels: np.ndarray, pred: np.ndarray,
+                      top5: np.ndarray, score: np.ndarray) -> pa.Table:
+    """``predictions`` rows of one evaluated split (labels, prediction, top5 in store labels)."""
+    return pa.table({
+        "run_id": pa.array([run_id] * len(labels), pa.string()),
+        "sample_id": pa.array(np.asarray(sample_ids).tolist(), pa.string()),
+        "split": pa.array([split] * len(labels), pa.string()),
+        "label": pa.array(np.asarray(labels).astype(np.int32)),
+        "prediction": pa.array(np.asarray(pred).astype(np.int32)),
+        "top5": pa.array(np.asarray(top5).tolist(), pa.list_(pa.int32())),
+        "score": pa.array(np.asarray(score).astype(np.float32)),
+    })
+
+
+def runs_row(run_id: str, *, head: str, loss: str, sampler: str, features: str, config_yaml: str,
+             pinned_versions: dict[str, Any], metrics: dict[str, Any], train_seconds: float, epochs: int, seed: int,
+             checkpoint: str | None) -> pa.Table:
+    """The ``runs`` row of a run (train-head, and finetune's evaluation); ``metrics`` from compute_metrics + extras."""
+    return pa.table({
+        "run_id": [run_id], "time": pa.array([utcnow()], pa.timestamp("us")), "head": [head],
+        "loss": [loss], "sampler": [sampler], "features": [features],
+        "config": [config_yaml], "pinned_versions": [json.dumps(pinned_versions, sort_keys=True, default=str)],
+        "metrics": [json.dumps(metrics, sort_keys=True, default=str)], "acc_all": [metrics["acc_all"]],
+        "acc_many": pa.array([metrics["acc_many"]], pa.float64()),
+        "acc_medium": pa.array([metrics["acc_medium"]], pa.float64()),
+        "acc_few": pa.array([metrics["acc_few"]], pa.float64()),
+        "macro_f1": [metrics["macro_f1"]], "head_tail_gap": pa.array([metrics["head_tail_gap"]], pa.float64()),
+        "train_seconds": [float(train_seconds)], "epochs": pa.array([int(epochs)], pa.int32()),
+        "seed": pa.array([int(seed)], pa.int64()), "checkpoint": pa.array([checkpoint], pa.string()),
+    })
+
+
+def neighbor_of_head(classes: pa.Table, label_map: LabelMap) -> np.ndarray:
+    """``[K]`` int64 neighbor_of in head order (-1 for target classes and for parents that are not targets)."""
+    parents = [None if v is None else int(v) for v in classes.column("neighbor_of").to_pylist()]
+    neighbor = np.array([-1 if v is None or not 0 <= v < label_map.to_head.size else label_map.to_head[v]
+                         for v in parents], dtype=np.int64)
+    neighbor[:label_map.num_target] = -1
+    neighbor[neighbor >= label_map.num_target] = -1  # a parent must be a target class
+    return neighbor
 
 
 def save_checkpoint(head: nn.Module, cfg: TrainCfg, *, root: str, run_id: str,

@@ -1,0 +1,115 @@
+"""``finetune_runs`` rows (schemas/finetune_runs.json) and the one transaction that ends a fine-tune run.
+
+:func:`write_started` appends the row with status ``running`` when a run starts (its own transaction);
+:func:`mark` changes the status (``interrupted`` on Ctrl-C); :func:`write_finished` replaces the row with the
+finished one and, in the same transaction, appends the ``runs`` + ``predictions`` rows of each evaluated
+split (train-head's row builders), the ``rejects`` rows and the ``--export`` embedding set with its
+``embedding_sets`` row.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from featurelt.store import Store, utcnow
+
+
+def _lit(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def pinned_versions(pinned: Store, cfg: Any) -> dict[str, Any]:
+    versions = pinned.table_versions()
+    read = ["samples", "classes"] + (["text_embeddings"] if cfg.text_set else [])
+    return {"store_version": pinned.version, "as_of": cfg.as_of, "tables": {t: versions[t] for t in read if t in versions}}
+
+
+def _row(*, run_id: str, cfg: Any, backbone: Any, pinned: Store, trainable: int, total: int, run_dir: str,
+         status: str, time: Any, finished: Any = None, history: list[dict[str, Any]] | None = None,
+         acc_all: float | None = None, checkpoint: str | None = None, perf: dict[str, Any] | None = None,
+         export_set: str | None = None) -> pa.Table:
+    from featurelt.encoders.weights import file_sha256
+
+    perf = perf or {}
+    return pa.table({
+        "run_id": [run_id], "time": pa.array([time], pa.timestamp("us")), "status": [status],
+        "finished_time": pa.array([finished], pa.timestamp("us")), "backbone": [cfg.backbone],
+        "pretrained": pa.array([cfg.pretrained], pa.string()), "adapt": [cfg.adapt], "head": [cfg.head],
+        "loss": [cfg.loss], "sampler": [cfg.sampler], "config": [cfg.to_yaml()],
+        "pinned_versions": [json.dumps(pinned_versions(pinned, cfg), sort_keys=True)],
+        "backbone_provenance": [json.dumps(backbone.provenance, sort_keys=True, default=str)],
+        "trainable_params": pa.array([trainable], pa.int64()), "total_params": pa.array([total], pa.int64()),
+        "epochs": pa.array([len(history or [])], pa.int32()),
+        "history": [json.dumps(history or [], default=float)],
+        "acc_all": pa.array([acc_all], pa.float64()), "checkpoint": pa.array([checkpoint], pa.string()),
+        "checkpoint_sha256": pa.array([file_sha256(checkpoint) if checkpoint else None], pa.string()),
+        "run_dir": [run_dir], "wall_seconds": pa.array([perf.get("train_seconds")], pa.float64()),
+        "images_per_second": pa.array([perf.get("images_per_second")], pa.float64()),
+        "data_stall_fraction": pa.array([perf.get("data_stall_fraction")], pa.float64()),
+        "peak_memory_bytes": pa.array([perf.get("peak_memory_bytes")], pa.int64()),
+        "export_set": pa.array([export_set], pa.string()),
+    })
+
+
+def write_started(root: str, storage_options: Any, *, run_id: str, cfg: Any, backbone: Any, trainable: int,
+                  total: int, pinned: Store, run_dir: str) -> None:
+    row = _row(run_id=run_id, cfg=cfg, backbone=backbone, pinned=pinned, trainable=trainable, total=total,
+               run_dir=run_dir, status="running", time=utcnow())
+    with Store(root, storage_options=storage_options).transaction(f"finetune {run_id}: started") as tx:
+        tx.append("finetune_runs", row)
+
+
+def mark(root: str, storage_options: Any, run_id: str, *, status: str, checkpoint: str | None) -> None:
+    from featurelt.encoders.weights import file_sha256
+
+    values = {"status": _lit(status)}
+    if checkpoint:
+        values.update(checkpoint=_lit(checkpoint), checkpoint_sha256=_lit(file_sha256(checkpoint)))
+    with Store(root, storage_options=storage_options).transaction(f"finetune {run_id}: {status}") as tx:
+        tx.update("finetune_runs", values, where=f"run_id = {_lit(run_id)}")
+
+
+def write_finished(root: str, storage_options: Any, *, run_id: str, cfg: Any, backbone: Any, pinned: Store,
+                   trainable: int, total: int, evaluated: dict[str, dict[str, Any]], metrics: dict[str, Any],
+                   checkpoint: str | None, run_dir: str, export: Any, export_set: str | None,
+                   rejects: list[dict[str, Any]], message: str) -> None:
+    """The finishing transaction (module docstring)."""
+    from featurelt.train.head import predictions_table, runs_row
+
+    store = Store(root, storage_options=storage_options)
+    started = None
+    if store.has_table("finetune_runs"):
+        old = store.read("finetune_runs", columns=["time"], filter=f"run_id = {_lit(run_id)}")
+        started = old.column("time")[0].as_py() if old.num_rows else None
+    history = metrics.get("history", [])
+    pv = pinned_versions(pinned, cfg)
+    row = _row(run_id=run_id, cfg=cfg, backbone=backbone, pinned=pinned, trainable=trainable, total=total,
+               run_dir=run_dir, status="finished", time=started or utcnow(), finished=utcnow(), history=history,
+               acc_all=metrics["acc_all"], checkpoint=checkpoint, perf=metrics, export_set=export_set)
+    with store.transaction(message or f"finetune {run_id}") as tx:
+        if store.has_table("finetune_runs"):
+            tx.delete("finetune_runs", f"run_id = {_lit(run_id)}")
+        tx.append("finetune_runs", row)
+        for split, res in evaluated.items():
+            rid = run_id if split == cfg.eval_split else f"{run_id}-{split}"
+            m = {**res["metrics"], **{k: v for k, v in metrics.items() if k not in res["metrics"]}, "split": split,
+                 "finetune_run": run_id}
+            tx.append("runs", runs_row(rid, head=f"finetune-{cfg.head}", loss=cfg.loss, sampler=cfg.sampler,
+                                       features=f"finetune:{cfg.backbone}", config_yaml=cfg.to_yaml(), pinned_versions=pv,
+                                       metrics=m, train_seconds=float(metrics.get("train_seconds", 0.0)),
+                                       epochs=len(history), seed=cfg.seed, checkpoint=checkpoint))
+            tx.append("predictions", predictions_table(rid, res["sample_ids"], split, res["labels"], res["pred"],
+                                                       res["top5"], res["score"]))
+        if rejects:
+            tx.append("rejects", pa.Table.from_pylist(rejects, schema=pa.schema([
+                ("command", pa.string()), ("stage", pa.string()), ("location", pa.string()), ("row", pa.int64()),
+                ("sample_id", pa.string()), ("reason", pa.string()), ("time", pa.timestamp("us"))])))
+        if export is not None:
+            vectors, prov_row = export
+            tx.append(f"emb_{export_set}", vectors)
+            tx.append("embedding_sets", prov_row)
+
+
+__all__ = ["write_started", "mark", "write_finished", "pinned_versions"]
