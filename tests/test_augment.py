@@ -170,3 +170,19 @@ def test_encoded_jpeg_decoded_on_the_device_matches_the_worker_transform(augment
         enc(DecodedImage(encode_png(photos[0]), "sample p"), {}, 0)
     with pytest.raises(ValueError, match="RandAugment"):
         EncodedJpeg(TrainTransform(24, "randaugment"))
+
+
+def test_the_box_is_torchvisions_get_params_under_the_sample_seed() -> None:
+    from torchvision.transforms import RandomResizedCrop
+
+    from featurelt.images.augment import sample_seed
+
+    t = TrainTransform(16, "flip-crop", seed=4, scale=(0.2, 0.9))
+    t.set_epoch(3)
+    x = torch.from_numpy(_photo(50, 70)).permute(2, 0, 1)
+    for index in (0, 7, 123):
+        torch.manual_seed(sample_seed(4, 3, index))
+        i, j, h, w = RandomResizedCrop.get_params(x, [0.2, 0.9], [3 / 4, 4 / 3])
+        flip = bool(torch.rand(1).item() < 0.5)
+        assert t.apply(x, index)[1] == {"box": (float(j), float(i), float(j + w), float(i + h)), "flip": flip,
+                                        "size": (70, 50)}
