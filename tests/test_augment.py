@@ -139,3 +139,50 @@ def test_train_transform_through_the_store_loader_workers(tmp_path: Path) -> Non
             want, want_extra = t.apply(torch.from_numpy(a).permute(2, 0, 1), int(pos))  # epoch 2 in the workers
             assert torch.equal(img, want) and extra == want_extra
     assert batches[0].extras[0]["box"] != batches[0].extras[2]["box"]  # the same row at two positions
+
+
+@pytest.mark.parametrize("augment", ["flip-crop", "none"])
+def test_encoded_jpeg_decoded_on_the_device_matches_the_worker_transform(augment: str) -> None:
+    """EncodedJpeg draws the same boxes and flips in the workers; finish() (decode_jpeg + float resize, the
+    GPU path, run here on the CPU) gives TrainTransform's pixels within rounding."""
+    import io
+
+    from featurelt.images.augment import EncodedJpeg
+    from featurelt.images.packing import collate
+
+    t = TrainTransform(24, augment, seed=5)  # type: ignore[arg-type]
+    enc = EncodedJpeg(t)
+    photos = [_photo(40 + 6 * i, 60 - 4 * i, seed=i) for i in range(4)]
+    jpegs = []
+    for a in photos:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    outs = [enc(DecodedImage(d, f"sample j{i}"), {}, 10 + i) for i, d in enumerate(jpegs)]
+    assert all(tuple(x.shape[:2]) == (1, 1) and x.dtype == torch.uint8 for x, _ in outs)
+    got = enc.finish(collate([x for x, _ in outs]), [e for _, e in outs], device="cpu")
+    assert tuple(got.shape) == (4, 3, 24, 24) and got.dtype == torch.uint8
+    for i, d in enumerate(jpegs):
+        want, want_extra = t(DecodedImage(d, "x"), {}, 10 + i)
+        assert outs[i][1] == want_extra  # same box, flip and size
+        assert (got[i].to(torch.int16) - want.to(torch.int16)).abs().max() <= 2
+    with pytest.raises(Exception, match="sample p: not an 8-bit grey or RGB JPEG"):
+        enc(DecodedImage(encode_png(photos[0]), "sample p"), {}, 0)
+    with pytest.raises(ValueError, match="RandAugment"):
+        EncodedJpeg(TrainTransform(24, "randaugment"))
+
+
+def test_the_box_is_torchvisions_get_params_under_the_sample_seed() -> None:
+    from torchvision.transforms import RandomResizedCrop
+
+    from featurelt.images.augment import sample_seed
+
+    t = TrainTransform(16, "flip-crop", seed=4, scale=(0.2, 0.9))
+    t.set_epoch(3)
+    x = torch.from_numpy(_photo(50, 70)).permute(2, 0, 1)
+    for index in (0, 7, 123):
+        torch.manual_seed(sample_seed(4, 3, index))
+        i, j, h, w = RandomResizedCrop.get_params(x, [0.2, 0.9], [3 / 4, 4 / 3])
+        flip = bool(torch.rand(1).item() < 0.5)
+        assert t.apply(x, index)[1] == {"box": (float(j), float(i), float(j + w), float(i + h)), "flip": flip,
+                                        "size": (70, 50)}

@@ -69,6 +69,20 @@ def test_bench_ingest_formats_runs_at_toy_size() -> None:
         assert f"- {fmt}: " in out
 
 
+@pytest.mark.slow
+def test_bench_finetune_runs_at_toy_size(tmp_path: Path) -> None:
+    out = _bench("finetune.py", "--workdir", str(tmp_path), "--images", "48", "--min-size", "40", "--max-size", "56",
+                 "--image-size", "32", "--batch-size", "16", "--runs", "1", "--steps", "1", "--step-model",
+                 "test_resnet", "--step-image-size", "32", "--sections", "loader,step,gpu,memory", "--device", "cpu",
+                 "--gpu-models", "test_vit:lora", "--gpu-decode", "--memory-rows", "64,128", "--memory-runs", "1")
+    row = _row(out, "| JPEG bytes in the store |")
+    assert _number(row[1]) > 0 and _number(row[2]) > 0 and _number(row[3].strip("*")) > 0
+    assert _number(_row(out, "| test_resnet | cpu | fp32 | CPU workers | 32 |")[7].strip("*")) > 0
+    assert _number(_row(out, "| test_vit:lora | cpu | bf16 | GPU | 32 |")[5]) > 0  # decode_jpeg path, on the CPU here
+    small, large = _row(out, "| 64 |"), _row(out, "| 128 |")
+    assert _number(small[3]) > 100 and _number(large[4].strip("*")) > 0  # tree peak MiB (torch alone is more)
+
+
 def test_knn_bench_runs_at_toy_size():
     out = _bench("knn.py", "--queries", "64", "--rows", "2000", "--dim", "16", "--runs", "1", "--cpu-queries", "32")
     cpu = _row(out, "| faiss-cpu")

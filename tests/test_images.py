@@ -67,3 +67,13 @@ def test_loader_gives_plan_order_with_repeats_extras_and_failures(tmp_path: Path
     assert b2.index.tolist() == [5, 6]
     first, second = (t.permute(1, 2, 0).numpy() for t in b2.images.unpack())
     assert np.array_equal(first, arrays[2][:, ::-1]) and np.array_equal(second, arrays[0])  # 5 odd: flipped
+
+
+def test_loader_names_a_plan_offset_out_of_range(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path / "store")
+    loader = StoreImageLoader(store.root, store.dataset("samples").version, None, [np.array([0, 1]), np.array([2, 5])],
+                              FlipEvery2nd(), columns=("sample_id", "label"), num_workers=0)
+    it = iter(loader)
+    assert len(next(it)) == 2
+    with pytest.raises(ValueError, match="plan batch 1: row offset 5 is out of range: samples version 1 has 5 rows"):
+        next(it)

@@ -1,6 +1,7 @@
 """Training and evaluation image transforms on uint8 in loader workers: RandomResizedCrop + flip (+ RandAugment), resize + center crop.
 
-Both are ``make_image`` callables of :class:`featurelt.images.loader.StoreImageLoader` (picklable):
+:class:`TrainTransform` and :class:`EvalTransform` are ``make_image`` callables of
+:class:`featurelt.images.loader.StoreImageLoader` (picklable):
 ``(decoded, row, index) -> (uint8 [3, S, S] tensor, {"box", "flip", "size"})``. They work on uint8
 and do not normalise (the device does: :class:`featurelt.images.transforms.DeviceStage`). The extra
 says where the output came from, so that a recipe can cut the same region out of a stored feature
@@ -15,17 +16,21 @@ map (FINETUNE.md "SAM map fusion"):
 its RandAugment ops from the torch RNG seeded by ``(seed, epoch, index)`` (``index``: the position
 in the epoch's plan), saving and restoring the caller's RNG state: the same triple gives the same
 output in any process, worker or order. The crop is cut before the resize, so only the crop is resized.
+:class:`EncodedJpeg` makes the same draws but leaves the decoding to the device (``decode_jpeg`` there).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, Literal
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 if TYPE_CHECKING:
     import torch
 
     from featurelt.images.decode import DecodedImage
+    from featurelt.images.packing import PackedImages
 
 Augment = Literal["none", "flip-crop", "randaugment"]
 AUGMENTS: tuple[str, ...] = ("none", "flip-crop", "randaugment")
@@ -105,10 +110,8 @@ class EvalTransform:
         top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))  # torchvision center_crop
         if top < 0 or left < 0:
             raise ValueError(f"image of {w}x{h} px resized to {nw}x{nh} is smaller than the crop {s}")
-        out = x[:, top:top + s, left:left + s]
-        sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
-        return out, {"box": box, "flip": False, "size": (int(w), int(h))}
+        return x[:, top:top + s, left:left + s], {"box": _center_box(int(w), int(h), self.resize_to, s), "flip": False,
+                                                   "size": (int(w), int(h))}
 
 
 class TrainTransform:
@@ -168,10 +171,8 @@ class TrainTransform:
         if self.augment == "none":
             return self.eval.apply(x)
         h, w = x.shape[-2:]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            box = self.crop_box(int(w), int(h))
-            flip = bool(torch.rand(1).item() < 0.5)
+        with self._seeded(index):
+            box, flip = self.draw(int(w), int(h))
             out = resize_crop(x, box, self.image_size, self.interpolation)
             if flip:
                 out = out.flip(-1)
@@ -180,3 +181,103 @@ class TrainTransform:
 
                 out = v2.RandAugment(num_ops=RANDAUGMENT_NUM_OPS, magnitude=self.randaugment_magnitude)(out)
         return out, {"box": tuple(float(v) for v in box), "flip": flip, "size": (int(w), int(h))}
+
+    def draw(self, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box and the flip, drawn (in this order) from the current torch RNG."""
+        import torch
+
+        box = self.crop_box(width, height)
+        return box, bool(torch.rand(1).item() < 0.5)
+
+    @contextlib.contextmanager
+    def _seeded(self, index: int) -> Iterator[None]:
+        """torchvision draws from torch's default CPU generator: seed it for plan position ``index`` and
+        put the caller's state back after (3 us; ``torch.manual_seed`` and ``fork_rng`` also touch CUDA's
+        generators: 0.3-0.8 ms an image)."""
+        import torch
+
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(sample_seed(self.seed, self.epoch, index))
+        try:
+            yield
+        finally:
+            gen.set_state(state)
+
+
+class EncodedJpeg:
+    """``make_image`` for decoding on the device: workers only read the JPEG header and draw the crop
+    box and flip of ``train`` (the same draws as :meth:`TrainTransform.apply` at the same position), and
+    hand over the encoded bytes as ``uint8 [1, 1, N]`` (a batch arrives as one
+    :class:`~featurelt.images.packing.PackedImages` buffer); :meth:`finish` decodes them with
+    ``torchvision.io.decode_jpeg(device=...)`` (nvJPEG on CUDA), crops, resizes and flips. For
+    ``augment`` ``none`` or ``flip-crop``; a sample that is not an 8-bit grey / RGB JPEG fails (the
+    loader's ``failed``)."""
+
+    def __init__(self, train: TrainTransform) -> None:
+        if train.augment == "randaugment":
+            raise ValueError("EncodedJpeg: RandAugment runs on decoded images in the workers; use augment "
+                             "'none' or 'flip-crop' with device decoding")
+        self.train = train
+
+    def __call__(self, decoded: "DecodedImage", row: dict[str, Any], index: int) -> tuple["torch.Tensor", dict[str, Any]]:
+        import torch
+
+        from featurelt.images.decode import ImageDecodeError, plain_image_size
+
+        data = decoded.data
+        size = plain_image_size(data) if data[:2] == b"\xff\xd8" else None
+        if size is None:
+            raise ImageDecodeError(f"{decoded.name}: not an 8-bit grey or RGB JPEG (device decoding takes JPEG only)")
+        w, h = size
+        t = self.train
+        if t.augment == "none":
+            box, flip = _center_box(w, h, t.eval.resize_to, t.image_size), False
+        else:
+            with t._seeded(index):
+                box, flip = t.draw(w, h)
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8).view(1, 1, -1),
+                {"box": tuple(float(v) for v in box), "flip": flip, "size": (w, h)})
+
+    def finish(self, images: "PackedImages | torch.Tensor", extras: list[dict[str, Any]], *, device: str) -> "torch.Tensor":
+        """A batch of this ``make_image``'s outputs -> ``uint8 [B, 3, S, S]`` on ``device``: ``decode_jpeg``
+        of the whole batch there, then per image the crop of its ``box`` resized (antialiased, in float32,
+        rounded) and flipped; ``none``: resize, then the center crop (:class:`EvalTransform`'s order).
+        On the CPU the same code runs (tested against :class:`TrainTransform`, within rounding)."""
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from featurelt.images.transforms import resized_size
+
+        t = self.train
+        s, mode = t.image_size, t.interpolation
+        data = [x.reshape(-1) for x in (images.unpack() if hasattr(images, "unpack") else images)]
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec) on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        out = torch.empty((len(data), 3, s, s), dtype=torch.uint8, device=device)
+        for i, (x, extra) in enumerate(zip(decoded, extras)):
+            x0, y0, x1, y1 = extra["box"]
+            if t.augment == "none":
+                h, w = x.shape[-2:]
+                nh, nw = resized_size(h, w, t.eval.resize_to)
+                full = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+                top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+                crop = full[..., top:top + s, left:left + s]
+            else:
+                crop = x[:, int(y0):int(y1), int(x0):int(x1)][None].float()
+                crop = F.interpolate(crop, size=(s, s), mode=mode, antialias=True, align_corners=False)
+            img = crop[0].round_().clamp_(0, 255).to(torch.uint8)
+            out[i] = img.flip(-1) if extra["flip"] else img
+        return out
+
+
+def _center_box(w: int, h: int, resize_to: int, size: int) -> tuple[float, float, float, float]:
+    """:class:`EvalTransform`'s center crop in original pixels."""
+    from featurelt.images.transforms import resized_size
+
+    nh, nw = resized_size(h, w, resize_to)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    sx, sy = w / nw, h / nh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy

@@ -140,9 +140,14 @@ class _Shard:
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ds = lance.dataset(f"{self.root}/samples.lance", version=self.samples_version,
                            storage_options=self.storage_options)
+        rows = ds.count_rows()
         start = 0
         for b, offsets in enumerate(self.plan):
             if b % nw == wid:
+                if len(offsets) and (offsets.min() < 0 or offsets.max() >= rows):
+                    bad = int(offsets.min() if offsets.min() < 0 else offsets.max())
+                    raise ValueError(f"plan batch {b}: row offset {bad} is out of range: samples version "
+                                     f"{self.samples_version} has {rows} rows")
                 yield load_batch(ds, offsets, start, self.make_image, self.columns, b)  # type: ignore[arg-type]
             start += len(offsets)
 
