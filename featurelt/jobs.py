@@ -7,7 +7,7 @@ Large extractions and whole experiments are easier to review, rerun and schedule
       - ingest: {path: /data/ImageNet_LT_train.txt, root: /data/imagenet, format: split-list, split: train}
       - extract: {encoder: "clip:ViT-B-32", pretrained: laion2b_s34b_b79k, checkpoint: /weights/vit_b32.bin,
                   engine: ray, batch-size: 256}
-      - train-head: {features: clip_ViT-B-32, loss: balanced-softmax}
+      - train-head: {features: clip_vit_b_32, loss: balanced-softmax}
 
 Each step is ``{command: {option: value}}``: keys become ``--option value`` (``true`` -> a bare flag,
 a list -> the option repeated), except the command's positional arguments, named in

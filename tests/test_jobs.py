@@ -67,3 +67,23 @@ def test_bad_yaml_is_one_line_naming_the_file(tmp_path, capsys) -> None:
     latin.write_bytes("steps: [caf\xe9]\n".encode("latin-1"))
     assert main(["job", str(latin)]) == 1
     assert f"job file {latin} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_job_set_names_are_names_extract_writes() -> None:
+    """Every embedding / text set a job step reads (--features, --text-set) is written in the form extract names
+    sets (``clip:ViT-B-32`` -> ``clip_vit_b_32``), so a job file never refers to a set that cannot exist."""
+    from featurelt.cli import build_parser
+    from featurelt.encoders.base import sanitize
+
+    parser = build_parser()
+    seen = 0
+    for f in sorted(JOBS.glob("*.yaml")):
+        for argv in load_job(f)[1]:
+            args = parser.parse_args(argv)
+            for attr in ("features", "text_set"):
+                value = getattr(args, attr, None)
+                names = value if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+                for name in (n.strip() for v in names for n in str(v).split(",")):
+                    seen += 1
+                    assert name == sanitize(name), (f.name, argv[0], attr, name, sanitize(name))
+    assert seen > 10
