@@ -475,6 +475,7 @@ def collect(store: "Store", run_id: str, *, compare: list[str] | tuple[str, ...]
     name = embedding_set
     if name is None:
         features = [f for f in (runs[0]["features"] or "").split(",") if f]
+        features.append(f"ft_{runs[0]['run_id']}")  # a fine-tune run: its own --export set
         name = next((f for f in features if store.has_table(f"emb_{f}")), None)
         if name is None and store.embedding_sets():
             name = store.embedding_sets()[0]
@@ -917,7 +918,8 @@ def write_report(store: "Store", run_id: str, *, compare: list[str] | tuple[str,
     """Write ``out_dir/index.html`` (+ PNG figures, ``report.json``) for ``run_id`` compared with ``compare``.
 
     ``embedding_set``: set to project and to search for the nearest train images of the few-shot examples
-    (default: the first feature set of the run that is in the store). ``max_points``: at most this many
+    (default: the first feature set of the run that is in the store; for a fine-tune run its export
+    ``ft_<run_id>``; else the store's first set). ``max_points``: at most this many
     evaluation samples in the projection. ``examples``: few-shot classes shown with an image each (0: none);
     ``neighbors``: nearest train images per example. Returns the HTML path.
     """

@@ -28,11 +28,11 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "finetune_runs, and --export writes the fine-tuned features as embedding set ft_<run_id> for train-head. "
         "Checkpoints (<store>/checkpoints/<run_id>/last.pt) are written at each epoch end and every "
         "--checkpoint-every steps; --resume RUN_ID|latest continues a killed or interrupted run. Settings merge as: "
-        "defaults < --config FILE < flags.",
+        "defaults < --config FILE < --recipe NAME < flags.",
         epilog="examples:\n"
         "  featurelt finetune --backbone timm:resnet18 --pretrained none --image-size 32 --epochs 2 --export\n"
         "  featurelt finetune --backbone clip:ViT-B-32 --pretrained laion2b_s34b_b79k --adapt lora --head text "
-        "--text-set clip_ViT-B-32 --amp bf16\n"
+        "--text-set clip_vit_b_32 --amp bf16\n"
         "  featurelt finetune --resume latest",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("backbone and adaptation")
@@ -181,7 +181,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = merge(from_yaml(args.config) if args.config else FinetuneCfg(), overrides)
     try:
         res = launch(args.store, cfg, resume=args.resume, progress=True,
-                     log=lambda line: print(f"note: {line}", file=sys.stderr))
+                     log=lambda line: print(line if line.startswith("warning:") else f"note: {line}", file=sys.stderr))
     except KeyboardInterrupt:
         print("featurelt finetune: interrupted; the last checkpoint is kept (continue with --resume latest)",
               file=sys.stderr)
@@ -202,7 +202,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"finetune run {res.run_id}: {c.backbone} adapt {c.adapt} ({res.trainable_params:,} of {res.total_params:,} "
           f"parameters train), head {c.head}, loss {c.loss}, sampler {c.sampler}, store version {c.as_of}")
     print_rows([{k: ("" if m.get(k) is None else round(float(m[k]), 4)) for k in cols}], columns=cols)
-    print(f"trained {len(res.history)} epochs in {m['train_seconds']:.1f} s ({m['images_per_second']:.0f} img/s, "
+    print(f"trained {len(res.history)} epoch{'' if len(res.history) == 1 else 's'} in {m['train_seconds']:.1f} s ({m['images_per_second']:.0f} img/s, "
           f"data stall {100 * m['data_stall_fraction']:.0f}%)")
     print(f"checkpoint: {res.checkpoint}")
     if res.export_set:

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--embedding-set", dest="embedding_set", metavar="NAME",
                    help="embedding set to project and to search for the examples' nearest train images, e.g. "
-                   "clip_tiny (default: the run's first feature set)")
+                   "clip_tiny (default: the run's first feature set; a fine-tune run's --export set ft_<run_id>)")
     p.add_argument("--max-points", dest="max_points", type=int, default=3000, metavar="N",
                    help="at most N evaluation samples in the projection (default 3000)")
     p.add_argument("--projection", choices=["auto", "pca", "umap"], default="auto",

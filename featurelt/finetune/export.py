@@ -53,6 +53,8 @@ def export_rows(model: Any, pinned: Store, *, run_id: str, cfg: Any, backbone: A
     now = utcnow()
     prov = {"encoder": f"finetuned:{run_id}", "family": "finetuned", "finetune_run": run_id,
             "backbone": backbone.name, "adapt": cfg.adapt, "ema": cfg.ema, "checkpoint": checkpoint,
+            # trained: pretrained weights, or a backbone that fine-tuning changed (not --adapt frozen on random init)
+            "trained": bool(backbone.provenance.get("trained", True)) or cfg.adapt != "frozen",
             "checkpoint_sha256": sha, "backbone_provenance": backbone.provenance, "preprocessing": preprocessing,
             "product": "embedding", "dim": dim, "dtype": "float32", "featurelt_version": __version__,
             "store_version_read": pinned.version, "views": 0, "time": now.isoformat() + "Z", "command": command_line()}

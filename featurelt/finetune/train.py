@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,7 +72,7 @@ class FinetuneResult:
     export_set: str | None = None       # ft_<run_id> with --export
     trainable_params: int = 0
     total_params: int = 0
-    model: Any = None                   # the trained FinetuneModel (EMA weights when --ema), on CPU
+    model: Any = field(default=None, repr=False)  # the trained FinetuneModel (EMA weights when --ema), on CPU
     interrupted: bool = False
 
 
@@ -311,8 +311,12 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
             if state is None:
                 runrows.write_started(root, storage_options, run_id=run_id, cfg=cfg, backbone=backbone,
                                       trainable=trainable, total=total, pinned=pinned, run_dir=str(run_dir))
+        if rank == 0:  # the run id early: --resume needs it if the run is killed
+            note(f"run {run_id}: {len(train)} '{cfg.train_split}' rows, {batches_per_epoch} batches per epoch, "
+                 f"{cfg.epochs} epochs on {device}; checkpoints in {run_dir}")
         t_run = time.perf_counter()
         images_seen, wait_s, step_s = 0, 0.0, 0.0
+        step_lr = float(optimizer.param_groups[0]["lr"])
         checkpoint_path: str | None = None
         interrupted = False
         bar = None
@@ -385,6 +389,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                         ctx.step = position["step"]
                         if ema is not None:
                             ema.update(model, step=position["step"])
+                        step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this step used (history)
                         sched.step_update(num_updates=position["step"])
                         position["batch"], position["epoch"] = bi, epoch
                         if cfg.checkpoint_every and position["step"] % cfg.checkpoint_every == 0 and rank == 0 and write:
@@ -400,7 +405,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                     bar.close()
                     bar = None
                 entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                                         "lr": float(optimizer.param_groups[0]["lr"])}
+                                         "lr": step_lr}
                 if entry["loss"] is not None and not math.isfinite(entry["loss"]):
                     raise FloatingPointError(f"training loss is {entry['loss']} in epoch {epoch + 1} (lr {cfg.lr} too high?)")
                 if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
@@ -410,6 +415,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
                 position = {"epoch": epoch + 1, "batch": 0, "step": position["step"]}
                 if rank == 0 and write:
                     checkpoint_path = save(dict(position))
+                if rank == 0:  # one line per epoch, also where no progress bar shows (logs, jobs, CI)
+                    note(epoch_line(entry, cfg.epochs, images_seen / max(time.perf_counter() - t_run, 1e-9)))
         except KeyboardInterrupt:
             interrupted = True
             if bar is not None:
@@ -439,6 +446,12 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         if dist.is_initialized():
             dist.barrier()  # every rank has finished before rank 0 writes
     metrics = dict(evaluated[cfg.eval_split]["metrics"])
+    warning = collapse_warning(evaluated[cfg.eval_split]["pred"], classes, cfg)
+    metrics["top_class_fraction"] = float(np.unique(evaluated[cfg.eval_split]["pred"], return_counts=True)[1].max()
+                                          / len(evaluated[cfg.eval_split]["pred"]))
+    metrics["collapsed"] = warning is not None
+    if warning and rank == 0:
+        note(warning)
     if history and cfg.eval_every and "acc" not in history[-1]:  # the last epoch's accuracy is the final evaluation's
         history[-1]["acc"] = float(metrics["acc_all"])
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
@@ -464,6 +477,32 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     return FinetuneResult(run_id=run_id, config=cfg, run_dir=str(run_dir), checkpoint=checkpoint_path, metrics=metrics,
                           history=history, export_set=export_set, trainable_params=trainable, total_params=total,
                           model=final_cpu, interrupted=interrupted)
+
+
+def epoch_line(entry: dict[str, Any], epochs: int, images_per_second: float) -> str:
+    """The line logged after each epoch: ``epoch 2/10: loss 0.8123, lr 9.05e-04, acc 0.7120, 41 img/s``
+    (the history entry: mean train loss, the lr of the epoch's last optimizer step, eval-split accuracy when
+    evaluated; images/s since the run (or its resume) started)."""
+    parts = [f"epoch {entry['epoch']}/{epochs}: loss " + ("-" if entry.get("loss") is None else f"{entry['loss']:.4f}"),
+             f"lr {entry['lr']:.2e}"]
+    if entry.get("acc") is not None:
+        parts.append(f"acc {entry['acc']:.4f}")
+    parts.append(f"{images_per_second:.0f} img/s")
+    return ", ".join(parts)
+
+
+def collapse_warning(pred: np.ndarray, classes: pa.Table, cfg: FinetuneCfg) -> str | None:
+    """train-head's collapse warning for a fine-tune run: the eval-split predictions [N] (store labels) put more
+    than ``COLLAPSE_FRACTION`` of the rows on one class -> the warning line, else None."""
+    from featurelt.train.head import COLLAPSE_FRACTION, dominant_prediction
+
+    top_class, top_fraction = dominant_prediction(pred)
+    if top_fraction <= COLLAPSE_FRACTION:
+        return None
+    names = dict(zip(classes.column("label").to_pylist(), classes.column("name").to_pylist()))
+    return (f"warning: the fine-tuned model predicts class {top_class} ('{names.get(top_class, '?')}') for "
+            f"{100 * top_fraction:.0f}% of the {len(pred)} '{cfg.eval_split}' rows: it has collapsed to one class "
+            f"(lr {cfg.lr:g}, optimizer {cfg.optimizer}, {cfg.epochs} epochs; try another --lr or more --epochs)")
 
 
 def _iterate(loader: Any) -> Any:

@@ -1,0 +1,114 @@
+"""What a new user sees of ``featurelt finetune`` (tests/conftest.py ``ft_store``): the run id and one line per
+epoch on stderr (also without a terminal), the history's lr = the lr the epoch's last step used, train-head's
+collapse warning and metrics, the export listed as trained, ``report`` projecting the run's own export, and a
+``FinetuneResult`` that prints without the whole model."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurelt.cli import main
+from featurelt.store import Store
+
+LR = 0.01
+ARGV = ["finetune", "--backbone", "timm:test_resnet", "--pretrained", "none", "--image-size", "32", "--epochs", "1",
+        "--batch-size", "16", "--lr", str(LR), "--augment", "none", "--loader-workers", "0", "--eval-every", "0",
+        "--export"]
+
+
+@pytest.fixture(scope="module")
+def run(ft_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("ftusage") / "store"
+    shutil.copytree(ft_store, root)
+    # another embedding set, listed before ft_<run_id>: report must still pick the run's own export
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--store", str(root), "extract", "pixels", "--name", "a_pixels", "--no-progress"]) == 0
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["--store", str(root), *ARGV])
+    assert rc == 0, err.getvalue()
+    run_id = Store(root).sql("SELECT run_id FROM finetune_runs").column("run_id")[0].as_py()
+    return {"root": root, "out": out.getvalue(), "err": err.getvalue(), "run_id": run_id}
+
+
+def test_run_id_and_one_line_per_epoch_on_stderr(run: dict) -> None:
+    """No terminal (a job, a log file): the progress bar is off, the notes still say which run and each epoch."""
+    err = run["err"]
+    start = re.search(rf"note: run {run['run_id']}: 62 'train' rows, (\d+) batches per epoch, 1 epochs on cpu; "
+                      rf"checkpoints in (\S+)", err)
+    assert start, err
+    assert Path(start.group(2)).name == run["run_id"]
+    history = json.loads(Store(run["root"]).sql("SELECT history FROM finetune_runs").column("history")[0].as_py())
+    line = re.search(r"note: epoch 1/1: loss ([0-9.]+), lr ([0-9.e+-]+), (\d+) img/s", err)
+    assert line, err
+    assert float(line.group(1)) == pytest.approx(history[0]["loss"], abs=1e-4)
+    assert float(line.group(2)) == pytest.approx(history[0]["lr"], rel=1e-2)
+    assert err.index(start.group(0)) < err.index(line.group(0))
+    assert "trained 1 epoch in" in run["out"]
+
+
+def test_history_lr_is_the_lr_of_the_epochs_last_step(run: dict) -> None:
+    """Cosine per step from LR to 0 over T = n steps (1 epoch, n batches, no warmup): the last step used the lr
+    after n - 1 updates, 0.5 LR (1 + cos(pi (n - 1) / n)) -- not the 0 the schedule reaches after it."""
+    n = int(re.search(r"(\d+) batches per epoch", run["err"]).group(1))
+    assert n == math.ceil(62 / 16)
+    history = json.loads(Store(run["root"]).sql("SELECT history FROM finetune_runs").column("history")[0].as_py())
+    want = 0.5 * LR * (1 + math.cos(math.pi * (n - 1) / n))
+    assert history[0]["lr"] == pytest.approx(want, rel=1e-9) and want > 0
+
+
+def test_collapse_metrics_match_the_predictions(run: dict) -> None:
+    store = Store(run["root"])
+    rid = run["run_id"]
+    metrics = json.loads(store.sql(f"SELECT metrics FROM runs WHERE run_id = '{rid}'").column("metrics")[0].as_py())
+    pred = np.asarray(store.read("predictions", filter=f"run_id = '{rid}'").column("prediction"))
+    top = np.unique(pred, return_counts=True)[1].max() / len(pred)
+    assert metrics["top_class_fraction"] == pytest.approx(top)
+    assert metrics["collapsed"] is bool(top > 0.9)
+    assert ("collapsed to one class" in run["err"]) is bool(top > 0.9)
+
+
+def test_collapse_warning_names_the_class(ft_store: Path) -> None:
+    from featurelt.finetune import FinetuneCfg
+    from featurelt.finetune.train import collapse_warning
+
+    classes = Store(ft_store).read("classes")
+    cfg = FinetuneCfg(backbone="timm:test_resnet", lr=0.5, epochs=3)
+    pred = np.array([5] * 46 + [1, 2, 3, 4])  # 92 % on class 5
+    msg = collapse_warning(pred, classes, cfg)
+    assert msg == ("warning: the fine-tuned model predicts class 5 ('five') for 92% of the 50 'test' rows: it has "
+                   "collapsed to one class (lr 0.5, optimizer adamw, 3 epochs; try another --lr or more --epochs)")
+    assert collapse_warning(np.array([5] * 45 + [1, 2, 3, 4, 6]), classes, cfg) is None  # 90 %: not above
+
+
+def test_export_is_listed_as_trained_and_report_projects_it(run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    root, rid = run["root"], run["run_id"]
+    assert main(["--store", str(root), "embeddings", "--json"]) == 0
+    sets = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    assert sets[f"ft_{rid}"]["trained"] is True
+    assert Store(root).embedding_sets()[0] == "a_pixels"  # the old default (the store's first set)
+    out = root.parent / "report"
+    assert main(["--store", str(root), "report", "--run", "latest", "--out", str(out), "--examples", "0",
+                 "--max-points", "50"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["projection"]["embedding_set"] == f"ft_{rid}"
+
+
+def test_result_repr_leaves_the_model_out() -> None:
+    import torch
+
+    from featurelt.finetune import FinetuneCfg
+    from featurelt.finetune.train import FinetuneResult
+
+    res = FinetuneResult(run_id="r", config=FinetuneCfg(backbone="timm:test_resnet"), run_dir="d", checkpoint=None,
+                         metrics={}, history=[], model=torch.nn.Linear(2, 2))
+    assert "Linear" not in repr(res) and "run_id='r'" in repr(res)
+    assert isinstance(res.model, torch.nn.Linear)
