@@ -112,3 +112,31 @@ def test_result_repr_leaves_the_model_out() -> None:
                          metrics={}, history=[], model=torch.nn.Linear(2, 2))
     assert "Linear" not in repr(res) and "run_id='r'" in repr(res)
     assert isinstance(res.model, torch.nn.Linear)
+
+
+def test_readme_python_line_is_valid() -> None:
+    """README's "Python mirrors the CLI" finetune call: its FinetuneCfg builds, and the result attributes and the
+    ``log=`` keyword it names exist."""
+    import dataclasses
+    import inspect
+
+    import featurelt.finetune
+    from featurelt.finetune.train import FinetuneResult
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    call = re.search(r"`featurelt\.finetune\.finetune\(store, (featurelt\.finetune\.FinetuneCfg\([^`]*\))\)`", readme)
+    assert call, "README lost its finetune Python line"
+    cfg = eval(call.group(1), {"featurelt": featurelt})  # noqa: S307 (our own README)
+    assert cfg.backbone == "timm:test_resnet" and cfg.export
+    fields = {f.name for f in dataclasses.fields(FinetuneResult)}
+    assert {"run_id", "metrics", "history", "export_set", "model"} <= fields
+    assert "log" in inspect.signature(featurelt.finetune.finetune).parameters
+
+
+def test_missing_text_set_says_where_text_sets_are_listed() -> None:
+    """`featurelt embeddings` lists image embedding sets only: the error points at the text_embeddings table."""
+    from featurelt.finetune import FinetuneCfg
+
+    with pytest.raises(ValueError, match=r'--head text needs --text-set NAME .*featurelt sql "SELECT DISTINCT set_name '
+                                         r'FROM text_embeddings"'):
+        FinetuneCfg(backbone="clip:tiny", head="text")

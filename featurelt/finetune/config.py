@@ -141,7 +141,9 @@ def check(cfg: FinetuneCfg) -> None:
         if getattr(cfg, name) not in typing.get_args(tp):
             raise bad(name, f"must be one of {', '.join(typing.get_args(tp))}")
     if cfg.head == "text" and not cfg.text_set:
-        raise ValueError("--head text needs --text-set NAME (a text_embeddings set_name; see `featurelt embeddings`)")
+        raise ValueError("--head text needs --text-set NAME (a text_embeddings set_name, written by `extract "
+                         "text:minilm` or `extract clip:<model>`; list them: featurelt sql \"SELECT DISTINCT set_name "
+                         "FROM text_embeddings\")")
 
 
 def _field_types() -> dict[str, Any]:
