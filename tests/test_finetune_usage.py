@@ -140,3 +140,35 @@ def test_missing_text_set_says_where_text_sets_are_listed() -> None:
     with pytest.raises(ValueError, match=r'--head text needs --text-set NAME .*featurelt sql "SELECT DISTINCT set_name '
                                          r'FROM text_embeddings"'):
         FinetuneCfg(backbone="clip:tiny", head="text")
+
+
+def test_runs_lists_finished_runs_beside_an_unfinished_one(run: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed fine-tune run (finetune_runs status running, no metrics) listed beside finished runs with numbers:
+    the empty cells used to make `featurelt runs` fail ("Could not convert '' with type str")."""
+    import pyarrow as pa
+
+    root = tmp_path / "store"
+    shutil.copytree(run["root"], root)
+    store = Store(root)
+    row = store.read("finetune_runs")
+    for name, value in (("run_id", "20991231_000000_abcdef"), ("status", "running")):
+        row = row.set_column(row.schema.get_field_index(name), name, pa.array([value]))
+    with store.transaction("test: a killed fine-tune run") as tx:
+        tx.append("finetune_runs", row)
+    capsys.readouterr()
+    assert main(["--store", str(root), "runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    finished = next(line for line in lines if line.startswith(run["run_id"]))
+    acc = Store(root).sql(f"SELECT acc_all FROM runs WHERE run_id = '{run['run_id']}'").column(0)[0].as_py()
+    assert f"{round(acc, 4):.4f}" in finished and finished.rstrip().endswith("finished")
+    unfinished = next(line for line in lines if line.startswith("20991231_000000_abcdef"))
+    assert unfinished.rstrip().endswith("unfinished (running)")
+
+
+def test_print_rows_mixes_text_and_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    from featurelt.commands._common import print_rows
+
+    print_rows([{"a": 0.5, "b": 3}, {"a": "", "b": "x"}, {"a": None, "b": 4}])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["0.5000", "3"] and out[3].split() == ["x"] and out[4].split()[1] == "4"

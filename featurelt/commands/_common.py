@@ -82,5 +82,13 @@ def print_rows(rows: list[dict[str, Any]], *, as_json: bool = False, columns: li
         print("(no rows)")
         return
     cols = columns or list(rows[0])
-    table = pa.table({c: [None if r.get(c) is None else str(r.get(c)) if not isinstance(r.get(c), (int, float)) else r.get(c) for r in rows] for c in cols})
+
+    def column(c: str) -> list[Any]:
+        values = [None if r.get(c) is None else str(r.get(c)) if not isinstance(r.get(c), (int, float)) else r.get(c)
+                  for r in rows]
+        if any(isinstance(v, str) for v in values):  # text beside numbers (e.g. '' for an unfinished run): all text
+            values = [f"{v:.4f}" if isinstance(v, float) else v if v is None else str(v) for v in values]
+        return values
+
+    table = pa.table({c: column(c) for c in cols})
     sys.stdout.write(format_table(table, max_rows=10_000))
