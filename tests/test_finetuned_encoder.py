@@ -179,3 +179,37 @@ def test_encoders_lists_the_family(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["encoders", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["finetuned:<run_id>"]["kind"] == "image" and rows["finetuned:<run_id>"]["checkpoint"] == "run"
+
+
+def test_gpu_check_compare_runs_on_cpu(store_run: tuple[Path, str]) -> None:
+    """bench/gpu_check.sh's last finetune_cli command (COMPARE, printed by --dry-run), run here on a CPU store
+    where the set it compares was made on the CPU: it passes and prints the comparison."""
+    import os
+    import subprocess
+    import sys
+
+    root, run_id = store_run
+    assert main(["--store", str(root), "extract", "finetuned:latest", "--name", "ft_cuda_again", *EXTRACT]) == 0
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    dry = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, check=True).stdout
+    compare = dry.split("COMPARE (python, finetune_cli):\n", 1)[1].split("\ntotal budget", 1)[0]
+    env = {**os.environ, "STORE": str(root), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", compare], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"'run_id': '{run_id}'" in out.stdout and "max abs diff 0, min cosine 1.000000" in out.stdout
+
+
+@pytest.mark.gpu
+def test_extract_finetuned_on_cuda_matches_the_cpu_export(store_run: tuple[Path, str]) -> None:
+    """On CUDA (pinned uint8 batches normalised on the GPU, the run's --amp off: extract's bf16 autocast switched
+    off), the vectors equal the CPU export up to TF32 convolutions."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    root, run_id = store_run
+    assert main(["--store", str(root), "extract", f"finetuned:{run_id}", "--name", "gpu", "--device", "cuda",
+                 "--num-workers", "2", "--no-progress"]) == 0
+    store = Store(root)
+    cpu, gpu = _vectors(store, f"emb_ft_{run_id}"), _vectors(store, "gpu")
+    ids = sorted(cpu)
+    x, y = np.stack([cpu[s] for s in ids]), np.stack([gpu[s] for s in ids])
+    assert set(gpu) == set(cpu) and np.abs(x - y).max() <= 2e-3 * np.abs(x).max()
