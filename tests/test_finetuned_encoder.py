@@ -209,7 +209,44 @@ def test_extract_finetuned_on_cuda_matches_the_cpu_export(store_run: tuple[Path,
     assert main(["--store", str(root), "extract", f"finetuned:{run_id}", "--name", "gpu", "--device", "cuda",
                  "--num-workers", "2", "--no-progress"]) == 0
     store = Store(root)
-    cpu, gpu = _vectors(store, f"emb_ft_{run_id}"), _vectors(store, "gpu")
+    cpu, gpu = _vectors(store, f"emb_ft_{run_id}"), _vectors(store, "emb_gpu")
     ids = sorted(cpu)
     x, y = np.stack([cpu[s] for s in ids]), np.stack([gpu[s] for s in ids])
     assert set(gpu) == set(cpu) and np.abs(x - y).max() <= 2e-3 * np.abs(x).max()
+
+
+def test_lora_ema_run_rebuilds_to_the_export(ft_store: Path, tmp_path: Path) -> None:
+    """A LoRA run with --ema: the encoder rebuilds peft's layers and loads the EMA weights (what the export
+    forwards); its vectors equal the export's (1e-5) and the EMA weights differ from the trained ones."""
+    from featurelt.encoders import build_encoder
+
+    root = tmp_path / "store"
+    shutil.copytree(ft_store, root)
+    assert main(["--store", str(root), "finetune", *FT, "--adapt", "lora", "--ema", "--ema-decay", "0.5",
+                 "--lr", "0.05"]) == 0
+    store = Store(root)
+    run_id = store.sql("SELECT run_id FROM finetune_runs").to_pylist()[0]["run_id"]
+    enc = build_encoder("finetuned:latest", store=store)
+    assert enc.name == f"finetuned:{run_id}" and enc.default_set_name("embedding") == f"ft_{run_id}"
+    assert any("lora_A" in n for n, _ in enc.model.named_parameters())
+    from featurelt.finetune import checkpoint as ckpt
+
+    state = ckpt.load(enc.checkpoint)
+    trained = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    own = enc.model.state_dict()
+    assert any(not torch.equal(own[k], trained[k]) for k in own)  # the EMA weights, not the last step's
+    assert main(["--store", str(root), "extract", f"finetuned:{run_id}", "--name", "again", *EXTRACT]) == 0
+    store.refresh()
+    exported, again = _vectors(store, f"emb_ft_{run_id}"), _vectors(store, "emb_again")
+    ids = sorted(exported)
+    assert set(again) == set(exported)
+    np.testing.assert_allclose(np.stack([again[s] for s in ids]), np.stack([exported[s] for s in ids]), atol=1e-5, rtol=0)
+
+
+def test_python_api_needs_the_store() -> None:
+    from featurelt.encoders import build_encoder
+
+    with pytest.raises(ValueError, match=r"reads its run from a store: build_encoder\(\.\.\., store=STORE\)"):
+        build_encoder("finetuned:latest")
+    with pytest.raises(KeyError, match="is a family"):
+        build_encoder("finetuned:<run_id>", store=object())
