@@ -142,6 +142,27 @@ class MomentumState:
         rows = self._rows(sample_ids)  # first: it may grow ``m``
         return torch.from_numpy(self.m[rows].astype(np.float32))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as a checkpoint holds it: sample ids in row order and float64 tensors."""
+        return {"beta": self.beta, "sample_ids": list(self.index),
+                **{k: torch.from_numpy(getattr(self, k).copy()) for k in ("lm", "sum", "cnt", "m")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ids = [str(s) for s in state["sample_ids"]]
+        arrays = {k: state[k].numpy().astype(np.float64).copy() for k in ("lm", "sum", "cnt", "m")}
+        if any(a.shape != (len(ids),) for a in arrays.values()):
+            raise ValueError(f"momentum state: {len(ids)} sample ids but arrays of shapes "
+                             f"{[tuple(a.shape) for a in arrays.values()]}")
+        self.beta = float(state["beta"])
+        self.index = {s: i for i, s in enumerate(ids)}
+        for k, a in arrays.items():
+            setattr(self, k, a)
+
+    def by_sample(self) -> dict[str, tuple[float, float, float, float]]:
+        """sample_id -> (Lm, loss sum, count, M) this epoch: the state independent of row order (tests, DDP checks)."""
+        return {s: (float(self.lm[i]), float(self.sum[i]), float(self.cnt[i]), float(self.m[i]))
+                for s, i in self.index.items()}
+
 
 class ECVLStage1Hooks(RecipeHooks):
     """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step.
@@ -169,14 +190,28 @@ class ECVLStage1Hooks(RecipeHooks):
 
     def train_plan(self, epoch: int, ctx: Any) -> None:
         if epoch != self._epoch:
-            self.start_epoch(epoch, seed=ctx.cfg.seed)
+            self.start_epoch(epoch, seed=ctx.cfg.seed, rank=ctx.rank)
         return None  # the configured sampler's plan
 
-    def start_epoch(self, epoch: int, *, seed: int = 0) -> None:
-        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws with (seed, epoch)."""
+    def start_epoch(self, epoch: int, *, seed: int = 0, rank: int = 0) -> None:
+        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws with (seed, epoch,
+        rank): each rank augments its own share of the batch with its own stream."""
         self.state.fold()
-        self.generator.manual_seed(int(seed) * 1_000_003 + int(epoch))
+        self.generator.manual_seed(int(seed) * 1_000_003 + int(epoch) + 1_000_000_007 * int(rank))
         self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """M_i's state, the augmentation generator and the epoch folded last (checkpointed; see FinetuneHooks)."""
+        return {"momentum": self.state.state_dict(), "generator": self.generator.get_state(),
+                "epoch": -1 if self._epoch is None else int(self._epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            raise ValueError("recipe 'ecvl-stage1': the checkpoint holds no momentum state (written before hook "
+                             "state was checkpointed?); start the run again")
+        self.state.load_state_dict(state["momentum"])
+        self.generator.set_state(state["generator"])
+        self._epoch = None if int(state["epoch"]) < 0 else int(state["epoch"])
 
     def augment(self, images: Tensor, sample_ids: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:
         """Normalised images [B, C, H, W] -> augmented, normalised again (mean / std [C])."""
@@ -195,4 +230,19 @@ class ECVLStage1Hooks(RecipeHooks):
         return self.augment(images, batch.sample_ids, torch.tensor(mean), torch.tensor(std)), targets
 
     def after_step(self, per_sample_loss: Tensor, batch: Any, ctx: Any) -> None:
-        self.state.add(batch.sample_ids, per_sample_loss)
+        """Add the batch's per-sample losses to this epoch's sums. Under DDP every rank gathers every rank's
+        (train rows, losses) and adds them in the global batch's order (rank r held entries r, r + N, ...), so
+        every rank holds the M_i of one process."""
+        ids, loss = list(batch.sample_ids), per_sample_loss.detach().float().cpu()
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                parts: list[Any] = [None] * ctx.world_size
+                dist.all_gather_object(parts, (batch.rows.cpu(), loss))
+                pos = torch.cat([r + ctx.world_size * torch.arange(len(p[0])) for r, p in enumerate(parts)])
+                order = torch.argsort(pos, stable=True)
+                rows = torch.cat([p[0] for p in parts])[order]
+                loss = torch.cat([p[1] for p in parts])[order]
+                ids = ctx.train.sample_ids[rows.numpy()].tolist()
+        self.state.add(ids, loss)

@@ -1,0 +1,118 @@
+"""Recipe hook state across resume and ranks (issue 17 follow-ups), on ``ecvl-stage1`` (METHODS.md section 5).
+
+- ``FinetuneHooks.state_dict`` goes into every checkpoint: ECVL's momentum state M_i round-trips through
+  ``torch.load(weights_only=True)``; a ``--recipe ecvl-stage1`` run killed with SIGKILL after its first
+  checkpoint (real subprocess) and resumed ends with the same weights, bit for bit, as an uninterrupted run.
+- Under DDP (2 gloo ranks) every rank's per-sample losses reach every rank: both ranks hold the same M_i state
+  as one process with the same global batch.
+- ``train_text=true`` fine-tunes the CLIP text tower (logits against its embeddings of the class prompts);
+  without it the class text embeddings stay the stored ones and no text parameter exists.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featurelt.cli import main
+from featurelt.finetune.recipes.ecvl_stage1 import ECVLStage1Hooks, MomentumState
+from featurelt.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--recipe", "ecvl-stage1", "--backbone", "clip:tiny", "--text-set", "clip_tiny", "--image-size", "32",
+        "--epochs", "2", "--batch-size", "16", "--augment", "flip-crop", "--loader-workers", "1", "--eval-every", "0",
+        "--checkpoint-every", "1", "--device", "cpu", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def ecvl_store(ft_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ft_store`` (62 train rows) with clip:tiny class text embeddings ``clip_tiny`` (copy it before writing)."""
+    from featurelt.extract import extract_text
+
+    root = tmp_path_factory.mktemp("ecvl") / "store"
+    shutil.copytree(ft_store, root)
+    extract_text(Store(root), "clip:tiny", name="clip_tiny", templates=["A photo of a {}"], device="cpu")
+    return root
+
+
+def assert_same_momentum(a: dict, b: dict) -> None:
+    """Two ``MomentumState.by_sample()`` maps are equal, bit for bit (NaN = never folded equals NaN)."""
+    assert a.keys() == b.keys()
+    np.testing.assert_array_equal(np.array([a[s] for s in a]), np.array([b[s] for s in a]))
+
+
+def test_momentum_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    hooks = ECVLStage1Hooks(beta=0.5)
+    hooks.start_epoch(0, seed=3)
+    hooks.state.add(["a", "b", "c"], torch.tensor([1.0, 2.0, 6.0]))
+    hooks.start_epoch(1, seed=3)                          # fold: Lm = (1, 2, 6), M = momentum_strength(Lm)
+    hooks.state.add(["c", "d"], torch.tensor([2.0, 4.0]))
+    torch.rand(5, generator=hooks.generator)              # the augmentation stream moved on
+    torch.save({"hooks": hooks.state_dict()}, tmp_path / "s.pt")
+    back = ECVLStage1Hooks(beta=0.9)
+    back.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["hooks"])
+    assert back.state.beta == 0.5 and back._epoch == 1
+    assert_same_momentum(back.state.by_sample(), hooks.state.by_sample())
+    assert torch.equal(torch.rand(4, generator=back.generator), torch.rand(4, generator=hooks.generator))
+    for st in (hooks.state, back.state):                   # both fold epoch 1 the same way: c -> 0.5 * 6 + 0.5 * 2
+        st.fold()
+    np.testing.assert_array_equal(back.state.lm, hooks.state.lm)
+    assert back.state.by_sample()["c"][0] == 4.0 and back.state.by_sample()["d"][0] == 4.0
+    with pytest.raises(ValueError, match="no momentum state"):
+        ECVLStage1Hooks().load_state_dict({})
+
+
+def _start(root: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "featurelt", "--store", str(root), "finetune", *ARGS],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 240.0) -> Path:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        found = list((root / "checkpoints").glob("*/last.pt")) if (root / "checkpoints").exists() else []
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_ecvl_killed_after_first_checkpoint_resumes_bit_identical(ecvl_store: Path, tmp_path: Path) -> None:
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    shutil.copytree(ecvl_store, ref)
+    shutil.copytree(ecvl_store, killed)
+    proc = _start(killed)
+    first = _wait_for_checkpoint(proc, killed)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(first, weights_only=True)
+    assert state["position"]["step"] < 8                   # 62 rows / 16 = 4 steps per epoch, 2 epochs
+    assert state["hooks"]["momentum"]["sample_ids"]         # M_i's sums so far are in the checkpoint
+    assert main(["--store", str(killed), "finetune", "--resume", "latest"]) == 0
+
+    assert main(["--store", str(ref), "finetune", *ARGS]) == 0
+    (ref_ckpt,) = list((ref / "checkpoints").glob("*/last.pt"))
+    a, b = torch.load(ref_ckpt, weights_only=True), torch.load(first, weights_only=True)
+    assert a["position"] == b["position"] == {"epoch": 2, "batch": 0, "step": 8}
+    assert a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, different[:5]
+    ma, mb = MomentumState(), MomentumState()
+    ma.load_state_dict(a["hooks"]["momentum"])
+    mb.load_state_dict(b["hooks"]["momentum"])
+    assert_same_momentum(ma.by_sample(), mb.by_sample())
+    assert len(ma.index) == 62
