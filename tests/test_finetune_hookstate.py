@@ -116,3 +116,63 @@ def test_ecvl_killed_after_first_checkpoint_resumes_bit_identical(ecvl_store: Pa
     mb.load_state_dict(b["hooks"]["momentum"])
     assert_same_momentum(ma.by_sample(), mb.by_sample())
     assert len(ma.index) == 62
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from featurelt.finetune.config import FinetuneCfg
+from featurelt.finetune.launch import launch
+from featurelt.finetune.recipes import resolve
+root, out = sys.argv[1:3]
+cfg, hooks = resolve("ecvl-stage1", FinetuneCfg(), {**json.loads(sys.argv[3]), "launcher": "torchrun"}, store=root)
+launch(root, cfg, hooks=hooks)
+with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump({s: list(v) for s, v in hooks.state.by_sample().items()}, f)
+"""
+# L_v->l only (l2v_weight 0): L_l->v is a batch-level term, computed over each rank's share under DDP, so its
+# per-sample values differ from one process's by construction (launch.py); L_v->l's do not. clip:tiny has
+# LayerNorm only (no per-rank BatchNorm statistics).
+DDP_FLAGS = {"backbone": "clip:tiny", "text_set": "clip_tiny", "image_size": 32, "epochs": 1, "batch_size": 16,
+             "augment": "flip-crop", "loader_workers": 0, "eval_every": 0, "device": "cpu", "lr": 1e-3,
+             "val_split": "none", "loss_opts": {"l2v_weight": 0.0}}
+
+
+def test_ddp_ranks_share_every_ranks_momentum_losses(ecvl_store: Path, tmp_path: Path) -> None:
+    """2 gloo ranks (torchrun): after an epoch both ranks hold the same M_i sums, bit for bit, and they are
+    one process's (same global batch) to float rounding."""
+    import json
+
+    from featurelt.finetune.config import FinetuneCfg
+    from featurelt.finetune.recipes import resolve
+    from featurelt.finetune.train import finetune
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(ecvl_store, two)
+    script = tmp_path / "ddp_ecvl.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), str(script), str(two), str(tmp_path), json.dumps(DDP_FLAGS)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == 62                                   # every train row, also those rank 0 never loaded
+    assert_same_momentum(r0, r1)                           # the ranks agree bit for bit
+
+    cfg, hooks = resolve("ecvl-stage1", FinetuneCfg(), DDP_FLAGS, store=ecvl_store)
+    finetune(ecvl_store, cfg, hooks=hooks, write=False)
+    single = hooks.state.by_sample()
+    assert single.keys() == r0.keys()
+    a = np.array([single[s] for s in single])
+    b = np.array([r0[s] for s in single])
+    np.testing.assert_array_equal(a[:, 2], b[:, 2])        # the same counts: each rank saw every rank's rows
+    np.testing.assert_allclose(b[:, 1], a[:, 1], rtol=1e-5, atol=1e-6)  # the same loss sums (float rounding)
+    st = [MomentumState(), MomentumState()]                # folded: the same M_i
+    for m, d in zip(st, (single, r0)):
+        m.add(list(d), torch.tensor([v[1] / v[2] for v in d.values()]))
+        m.fold()
+    np.testing.assert_allclose(st[1].strength(list(single)).numpy(), st[0].strength(list(single)).numpy(), atol=1e-4)
