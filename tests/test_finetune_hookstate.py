@@ -176,3 +176,42 @@ def test_ddp_ranks_share_every_ranks_momentum_losses(ecvl_store: Path, tmp_path:
         m.add(list(d), torch.tensor([v[1] / v[2] for v in d.values()]))
         m.fold()
     np.testing.assert_allclose(st[1].strength(list(single)).numpy(), st[0].strength(list(single)).numpy(), atol=1e-4)
+
+
+def test_train_text_trains_the_clip_text_tower_only_when_asked(ecvl_store: Path, tmp_path: Path) -> None:
+    """Default: no text parameter, the class texts stay the stored rows bit for bit. train_text=true: the text
+    tower starts as the stored set's tower (same prompt, same weights) and its parameters change."""
+    from featurelt.data.features import load_text_embeddings
+    from featurelt.finetune.config import FinetuneCfg
+    from featurelt.finetune.recipes import resolve
+    from featurelt.finetune.recipes.ecvl_stage1 import clip_text_tower
+    from featurelt.finetune.train import finetune
+
+    flags = {**DDP_FLAGS, "lr": 1e-2}
+    stored = torch.from_numpy(load_text_embeddings(Store(ecvl_store), "clip_tiny"))
+    names = Store(ecvl_store).read("classes").sort_by("label").column("name").to_pylist()
+
+    cfg, hooks = resolve("ecvl-stage1", FinetuneCfg(), flags, store=ecvl_store)
+    frozen = finetune(ecvl_store, cfg, hooks=hooks, write=False).model
+    assert not [k for k, _ in frozen.named_parameters() if "text" in k]
+    assert frozen.text_tower is None
+    torch.testing.assert_close(frozen.text, torch.nn.functional.normalize(stored, dim=1), rtol=0, atol=0)
+
+    cfg, _ = resolve("ecvl-stage1", FinetuneCfg(), flags, opts={"train_text": True}, store=ecvl_store)
+    assert cfg.recipe_opts == {"train_text": True}          # kept for --resume and the other ranks
+    start = clip_text_tower(cfg, names)
+    with torch.no_grad():                                   # the tower of the stored set: same weights, same prompt
+        torch.testing.assert_close(torch.nn.functional.normalize(start(), dim=1), stored, rtol=1e-5, atol=1e-5)
+    root = tmp_path / "store"                               # the command line, end to end
+    shutil.copytree(ecvl_store, root)
+    assert main(["--store", str(root), "finetune", *ARGS[:-2], "--lr", "1e-2", "--epochs", "1",
+                 "--recipe-opt", "train_text=true"]) == 0
+    (path,) = list((root / "checkpoints").glob("*/last.pt"))
+    model = torch.load(path, weights_only=True)["model"]
+    end = {k[len("text_tower."):]: v for k, v in model.items() if k.startswith("text_tower.")}
+    assert end.keys() == dict(start.named_parameters()).keys()
+    moved = [k for k, p in start.named_parameters() if not torch.equal(p, end[k])]
+    assert "net.token_embedding.weight" in moved and "net.text_projection" in moved
+    with pytest.raises(ValueError, match="needs a clip: backbone"):
+        clip_text_tower(cfg.replace(backbone="timm:test_vit"), names)
+    assert main(["--store", str(root), "finetune", *ARGS[:-2], "--recipe-opt", "train_text=maybe"]) == 1
