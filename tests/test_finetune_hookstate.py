@@ -146,7 +146,7 @@ def test_ddp_ranks_share_every_ranks_momentum_losses(ecvl_store: Path, tmp_path:
     from featurelt.finetune.recipes import resolve
     from featurelt.finetune.train import finetune
 
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     shutil.copytree(ecvl_store, two)
     script = tmp_path / "ddp_ecvl.py"
     script.write_text(DDP_SCRIPT)
@@ -157,7 +157,7 @@ def test_ddp_ranks_share_every_ranks_momentum_losses(ecvl_store: Path, tmp_path:
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(port), str(script), str(two), str(tmp_path), json.dumps(DDP_FLAGS)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0) == 62                                   # every train row, also those rank 0 never loaded
