@@ -162,8 +162,10 @@ def test_changed_checkpoint_and_unfinished_run_are_refused(store_run: tuple[Path
     root, run_id = store_run
     store = Store(root)
     path = store.sql(f"SELECT checkpoint FROM finetune_runs WHERE run_id = '{run_id}'").to_pylist()[0]["checkpoint"]
-    with open(path, "ab") as f:
-        f.write(b"\0")
+    changed = root / "changed.pt"  # the row's path is the module fixture's file: change a copy, point the row at it
+    changed.write_bytes(Path(path).read_bytes() + b"\0")
+    with store.transaction("test: the checkpoint file changed") as tx:
+        tx.update("finetune_runs", {"checkpoint": f"'{changed}'"}, where=f"run_id = '{run_id}'")
     capsys.readouterr()
     assert main(["--store", str(root), "extract", f"finetuned:{run_id}", *EXTRACT]) == 1
     assert "the file changed after the run" in capsys.readouterr().err
