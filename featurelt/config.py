@@ -33,8 +33,67 @@ PROTO_TERMS: tuple[str, ...] = ("head", "tail-std", "tail-dist")
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
 
 
+class ConfigRecord:
+    """Conversion shared by the frozen ``*Cfg`` dataclasses (``TrainCfg``, ``FinetuneCfg``).
+
+    Out: :meth:`to_dict` / :meth:`to_yaml`. In: :meth:`from_dict` / :meth:`from_yaml` coerce every value to
+    its field's annotated type (YAML and CLI strings alike) and name the source of an unknown key;
+    :meth:`merged` applies overrides (CLI flags), later wins, ``*_opts`` dicts merged key by key.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) in field order, the form written to YAML."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` applied (values coerced like YAML / CLI values)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> Any:
+        """An instance from a mapping; unknown keys are an error naming ``source`` and the known fields."""
+        types_ = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        norm = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(norm) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; fields are {', '.join(names)}")
+        return cls(**{k: _coerce(k, v, types_[k]) for k, v in norm.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Any:
+        """Read a config written by :meth:`to_yaml` (or by hand; missing fields keep defaults)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = read_yaml(path, "config file") or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def merged(self, overrides: Mapping[str, Any], *, source: str = "command line") -> Any:
+        """A copy with every non-None value of ``overrides`` applied; ``*_opts`` dicts are merged key by key."""
+        data = self.to_dict()
+        for k, v in overrides.items():
+            k = k.replace("-", "_")
+            if v is None:
+                continue
+            if k.endswith("_opts") and isinstance(v, Mapping):
+                data[k] = {**data.get(k, {}), **v}
+            else:
+                data[k] = v
+        return type(self).from_dict(data, source=source)
+
+
 @dataclass(frozen=True)
-class TrainCfg:
+class TrainCfg(ConfigRecord):
     """Everything ``train-head`` needs; one flat record so each CLI flag maps to one field."""
 
     # --- inputs
@@ -89,21 +148,6 @@ class TrainCfg:
         """``lr``, or the optimizer's default (:data:`DEFAULT_LR`) when it is None."""
         return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
 
-    # ------------------------------------------------------------------ conversion
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples as lists) in field order, the form written to YAML."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
-        return out
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def replace(self, **changes: Any) -> "TrainCfg":
-        """A copy with ``changes`` applied (values coerced like YAML / CLI values)."""
-        return from_dict({**self.to_dict(), **changes})
 
 
 def check(cfg: TrainCfg) -> None:
@@ -139,10 +183,6 @@ def check(cfg: TrainCfg) -> None:
 
 
 # ---------------------------------------------------------------------- parsing values
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainCfg)
-
-
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """``value`` (from YAML or a CLI string) as the field's type; ``ValueError`` names the field."""
     origin = typing.get_origin(tp)
@@ -220,37 +260,17 @@ def parse_value(text: str) -> Any:
 
 def from_dict(data: Mapping[str, Any], *, source: str = "config") -> TrainCfg:
     """``TrainCfg`` from a mapping; unknown keys are an error naming ``source`` and the known fields."""
-    types_ = _field_types()
-    norm = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(norm) - set(types_))
-    if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; fields are {', '.join(types_)}")
-    return TrainCfg(**{k: _coerce(k, v, types_[k]) for k, v in norm.items()})
+    return TrainCfg.from_dict(data, source=source)
 
 
 def from_yaml(path: str | Path) -> TrainCfg:
     """Read a config written by :meth:`TrainCfg.to_yaml` (or by hand; missing fields keep defaults)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = read_yaml(path, "config file") or {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
-    return from_dict(data, source=str(path))
+    return TrainCfg.from_yaml(path)
 
 
 def merge(base: TrainCfg, overrides: Mapping[str, Any], *, source: str = "command line") -> TrainCfg:
     """``base`` with every non-None value of ``overrides`` applied; ``*_opts`` dicts are merged key by key."""
-    data = base.to_dict()
-    for k, v in overrides.items():
-        k = k.replace("-", "_")
-        if v is None:
-            continue
-        if k.endswith("_opts") and isinstance(v, Mapping):
-            data[k] = {**data.get(k, {}), **v}
-        else:
-            data[k] = v
-    return from_dict(data, source=source)
+    return base.merged(overrides, source=source)
 
 
 def resolve(*, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainCfg:

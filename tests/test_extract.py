@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pyarrow as pa
 import pytest
 
@@ -210,7 +209,7 @@ def test_resume_after_interrupt_and_new_samples(store_root: Path, monkeypatch: p
     calls = {"n": 0}
 
     def commit_then_die(self, *args, **kwargs):
-        out = real_commit(self, *args, **kwargs)
+        real_commit(self, *args, **kwargs)
         calls["n"] += 1
         raise KeyboardInterrupt("simulated kill after the first chunk commit")
 

@@ -31,11 +31,12 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
         "laion2b_s34b_b79k;  featurelt extract clip:ViT-B-32 --pretrained openai --checkpoint open_clip_model.safetensors;  "
         "featurelt extract dinov2:facebook/dinov2-base;  featurelt extract sam:vit_b --checkpoint "
         "sam_vit_b_01ec64.pth --products latent pca_map --map-size 16;  featurelt extract text:minilm;  "
-        "featurelt extract pixels --views 4 --augment randaugment")
+        "featurelt extract pixels --views 4 --augment randaugment;  featurelt extract finetuned:latest")
     p.add_argument("encoder", metavar="ENCODER",
                    help="encoder registry name: clip:<open_clip model> | clip:hf-hub:ORG/NAME | clip:tiny | "
-                   "sam:vit_b|vit_l|vit_h|tiny | dinov2:<size>|ORG/NAME|tiny | pixels | text:minilm (see `featurelt "
-                   "encoders`)")
+                   "sam:vit_b|vit_l|vit_h|tiny | dinov2:<size>|ORG/NAME|tiny | timm:<model> | pixels | text:minilm | "
+                   "finetuned:<run_id>|latest (a finished `featurelt finetune` run's backbone: writes ft_<run_id>, "
+                   "skipping the samples its --export embedded) (see `featurelt encoders`)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights: an open_clip checkpoint file, a segment-anything .pth, or a Hugging Face "
                    "DINOv2 / sentence-transformers folder, e.g. from `hf download facebook/dinov2-small --local-dir "
@@ -68,7 +69,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    help="where images are resized and cropped: device (in batches on the encoder's device, within "
                    "2 grey levels of PIL; workers only decode, plain PNG and JPEG files without PIL; keeps a GPU "
                    "fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or host (PIL in the "
-                   "workers: the reference transform exactly). Default auto: device")
+                   "workers: the reference transform exactly). Default auto: device, host for finetuned:<run_id> "
+                   "(its vectors equal the run's --export)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored vector type (default float32; float16 halves the table size)")
     p.add_argument("--views", type=non_negative_int, default=0, metavar="N",

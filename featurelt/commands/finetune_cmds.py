@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                    "Its settings apply over the defaults and --config; flags still override them")
     g.add_argument("--recipe-opt", dest="recipe_opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="the recipe's own option, repeatable (sam-fusion: fuse_stage, map_set, proto, proto_beta; "
-                   "ecvl-stage1: beta, k)")
+                   "ecvl-stage1: beta, k, train_text=true to train the CLIP text tower too)")
     g.add_argument("--fuse-stage", dest="fuse_stage", type=int, choices=[1, 2, 3, 4],
                    help="sam-fusion: ResNet stage fused with the SAM map (= --recipe-opt fuse_stage=N; default 3)")
     g.add_argument("--proto", action="store_true", default=None,

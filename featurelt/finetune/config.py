@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 
-from featurelt.config import _coerce, read_yaml
+from featurelt.config import ConfigRecord
 
 Adapt = Literal["full", "lora", "last-n", "ln", "bias", "frozen"]
 HeadKind = Literal["linear", "cosine", "text"]
@@ -25,7 +24,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
-class FinetuneCfg:
+class FinetuneCfg(ConfigRecord):
     """Everything ``featurelt finetune`` needs; one flat record so each CLI flag maps to one field."""
 
     # --- backbone
@@ -93,22 +92,6 @@ class FinetuneCfg:
     def __post_init__(self) -> None:
         check(self)
 
-    # ------------------------------------------------------------------ conversion
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples as lists) in field order, the form written to YAML."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
-        return out
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def replace(self, **changes: Any) -> "FinetuneCfg":
-        """A copy with ``changes`` applied (values coerced like YAML / CLI values)."""
-        return from_dict({**self.to_dict(), **changes})
-
 
 def check(cfg: FinetuneCfg) -> None:
     """Refuse values outside their documented ranges, naming the field and the value."""
@@ -146,43 +129,19 @@ def check(cfg: FinetuneCfg) -> None:
                          "FROM text_embeddings\")")
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(FinetuneCfg)
-
-
 def from_dict(data: Mapping[str, Any], *, source: str = "config") -> FinetuneCfg:
     """``FinetuneCfg`` from a mapping; unknown keys are an error naming ``source`` and the known fields."""
-    types_ = _field_types()
-    norm = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(norm) - set(types_))
-    if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; fields are {', '.join(types_)}")
-    return FinetuneCfg(**{k: _coerce(k, v, types_[k]) for k, v in norm.items()})
+    return FinetuneCfg.from_dict(data, source=source)
 
 
 def from_yaml(path: str | Path) -> FinetuneCfg:
     """Read a config written by :meth:`FinetuneCfg.to_yaml` (or by hand; missing fields keep defaults)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = read_yaml(path, "config file") or {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
-    return from_dict(data, source=str(path))
+    return FinetuneCfg.from_yaml(path)
 
 
 def merge(base: FinetuneCfg, overrides: Mapping[str, Any], *, source: str = "command line") -> FinetuneCfg:
     """``base`` with every non-None value of ``overrides`` applied; ``*_opts`` dicts are merged key by key."""
-    data = base.to_dict()
-    for k, v in overrides.items():
-        k = k.replace("-", "_")
-        if v is None:
-            continue
-        if k.endswith("_opts") and isinstance(v, Mapping):
-            data[k] = {**data.get(k, {}), **v}
-        else:
-            data[k] = v
-    return from_dict(data, source=source)
+    return base.merged(overrides, source=source)
 
 
 def field_names() -> list[str]:

@@ -40,10 +40,8 @@ def export_rows(model: Any, pinned: Store, *, run_id: str, cfg: Any, backbone: A
         raise ValueError(f"--export: no sample image of store version {pinned.version} could be read")
     name = f"ft_{run_id}"
     sha = file_sha256(checkpoint) if checkpoint else None
-    preprocessing = backbone.provenance.get("preprocessing")
-    fingerprint = hashlib.sha256(json.dumps({"finetune_run": run_id, "checkpoint_sha256": sha,
-                                             "preprocessing": preprocessing}, sort_keys=True,
-                                            default=str).encode()).hexdigest()
+    run_prov = run_provenance(run_id, cfg=cfg, backbone=backbone, checkpoint=checkpoint, checkpoint_sha256=sha)
+    fingerprint = export_fingerprint(run_id, sha, run_prov["preprocessing"])
     dim = int(feats.shape[1])
     vectors = pa.table({"sample_id": pa.array(ids[kept].tolist(), pa.string()),
                         "view": pa.array(np.zeros(len(kept), np.int32)),
@@ -51,12 +49,7 @@ def export_rows(model: Any, pinned: Store, *, run_id: str, cfg: Any, backbone: A
                         "fingerprint": pa.array([fingerprint] * len(kept), pa.string()),
                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel(), pa.float32()), dim)})
     now = utcnow()
-    prov = {"encoder": f"finetuned:{run_id}", "family": "finetuned", "finetune_run": run_id,
-            "backbone": backbone.name, "adapt": cfg.adapt, "ema": cfg.ema, "checkpoint": checkpoint,
-            # trained: pretrained weights, or a backbone that fine-tuning changed (not --adapt frozen on random init)
-            "trained": bool(backbone.provenance.get("trained", True)) or cfg.adapt != "frozen",
-            "checkpoint_sha256": sha, "backbone_provenance": backbone.provenance, "preprocessing": preprocessing,
-            "product": "embedding", "dim": dim, "dtype": "float32", "featurelt_version": __version__,
+    prov = {**run_prov, "product": "embedding", "dim": dim, "dtype": "float32", "featurelt_version": __version__,
             "store_version_read": pinned.version, "views": 0, "time": now.isoformat() + "Z", "command": command_line()}
     meta = pa.table({"name": [name], "encoder": [f"finetuned:{run_id}"], "product": ["embedding"],
                      "dim": pa.array([dim], pa.int32()), "dtype": ["float32"], "fingerprint": [fingerprint],
@@ -65,4 +58,25 @@ def export_rows(model: Any, pinned: Store, *, run_id: str, cfg: Any, backbone: A
     return vectors, meta
 
 
-__all__ = ["export_rows"]
+def export_fingerprint(run_id: str, checkpoint_sha256: str | None, preprocessing: Any) -> str:
+    """The fingerprint of ``ft_<run_id>`` rows: sha256 of the run id, its checkpoint's sha256 and the evaluation
+    preprocessing. ``featurelt extract finetuned:<run_id>`` (:mod:`featurelt.encoders.finetuned`) uses the same,
+    so it skips the rows the export wrote."""
+    return hashlib.sha256(json.dumps({"finetune_run": run_id, "checkpoint_sha256": checkpoint_sha256,
+                                      "preprocessing": preprocessing}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def run_provenance(run_id: str, *, cfg: Any, backbone: Any, checkpoint: str | None,
+                   checkpoint_sha256: str | None) -> dict[str, Any]:
+    """The provenance entries naming the run (encoder ``finetuned:<run_id>``, run id, backbone, adapt mode, EMA,
+    checkpoint path and sha256, backbone provenance, preprocessing, trained): the export's and the encoder's."""
+    return {"encoder": f"finetuned:{run_id}", "family": "finetuned", "finetune_run": run_id,
+            "backbone": backbone.name, "adapt": cfg.adapt, "ema": cfg.ema, "checkpoint": checkpoint,
+            "checkpoint_sha256": checkpoint_sha256, "backbone_provenance": backbone.provenance,
+            "preprocessing": backbone.provenance.get("preprocessing"),
+            # trained: pretrained weights, or a backbone that fine-tuning changed (not --adapt frozen on random init)
+            "trained": bool(backbone.provenance.get("trained", True)) or cfg.adapt != "frozen"}
+
+
+__all__ = ["export_rows", "export_fingerprint", "run_provenance"]

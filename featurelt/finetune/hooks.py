@@ -7,6 +7,10 @@ engine's behaviour unchanged, so a recipe overrides only what it changes. The na
 ``ctx`` is the :class:`HookContext` of the run: the resolved config, the device, the class statistics in
 head order, the train rows (their ``samples`` row offsets, labels and the ``extra_columns``), the rank
 and world size, and (once built) the model, loss and sampler.
+
+A hook that keeps state across steps (ECVL's per-sample momentum loss M_i) returns it from ``state_dict``:
+every checkpoint saves it and ``--resume`` hands it back to ``load_state_dict`` after the model, optimizer and
+sampler are restored, so a resumed run continues from the same state as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -74,6 +78,15 @@ class FinetuneHooks:
 
     def after_step(self, per_sample_loss: "Tensor", batch: "LoaderBatch", ctx: HookContext) -> None:
         """After each forward/backward of a loader batch: ``per_sample_loss`` [B] (detached), e.g. momentum updates."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hooks' state to checkpoint: tensors, numbers, strings and lists / dicts of them only (checkpoints
+        are read with ``torch.load(weights_only=True)``). Default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned (on ``--resume``, after the rest of the run is restored)."""
         return None
 
 

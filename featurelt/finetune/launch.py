@@ -72,7 +72,6 @@ def _ray_loop(config: dict[str, Any]) -> None:
 
 
 def _launch_ray(store: Any, cfg: FinetuneCfg, *, resume: str | None, hooks: Any) -> Any:
-    import json
 
     import ray
     from ray.train import RunConfig, ScalingConfig

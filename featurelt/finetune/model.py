@@ -5,7 +5,8 @@ Heads on the pooled feature f = backbone(x) [B, D]:
 * ``linear`` -- ``W f + b``;
 * ``cosine`` -- ``s * cos(f, w_k)`` with learned rows w_k (METHODS.md section 1's cosine classifier);
 * ``text``   -- ``s * cos(f, t_k)`` with the fixed class text embeddings t_k of ``--text-set`` (the LFM / ECVL
-  form, sections 5 and 6); no parameters.
+  form, sections 5 and 6); no parameters. A recipe may set ``text_tower`` (a module returning [K, D] class text
+  embeddings, e.g. ECVL's trained CLIP text tower): the text head then uses its output instead of the fixed rows.
 
 ``group_matcher`` gives timm's optimizer factory (``param_groups_layer_decay``) the layer of each
 parameter: the backbone's layer groups in depth order, the head last.
@@ -45,6 +46,7 @@ class FinetuneModel(nn.Module):
             self.register_buffer("text", F.normalize(text.float(), dim=1))
         else:
             raise ValueError(f"unknown --head '{head}'; choose from linear, cosine, text")
+        self.text_tower: nn.Module | None = None  # text head: trained class text embeddings () -> [K, D]
         self._layers = {n: i for i, layer in enumerate(backbone.layers) for n in layer}
         self._modules_layer = {n.rsplit(".", 1)[0]: i for n, i in self._layers.items()}
         self.num_layers = len(backbone.layers) + 1  # + the head
@@ -57,7 +59,10 @@ class FinetuneModel(nn.Module):
         """f: [B, D]. Returns logits [B, K]."""
         if self.head_kind == "linear":
             return self.head(f)
-        w = self.text if self.head_kind == "text" else self.head.weight
+        if self.head_kind == "text":
+            w = self.text if self.text_tower is None else self.text_tower()
+        else:
+            w = self.head.weight
         return self.scale * F.normalize(f.float(), dim=1) @ F.normalize(w.float(), dim=1).T
 
     def forward(self, x: Tensor) -> Tensor:

@@ -291,7 +291,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
         history: list[dict[str, Any]] = []
         if state is not None:
             ckpt.restore(state, model=model, optimizer=optimizer, scheduler=sched, scaler=scaler, ema=ema,
-                         sampler=sampler, path=str(state.get("_path")))
+                         sampler=sampler, path=str(state.get("_path")), hooks=hooks)
             position, history = dict(state["position"]), list(state["history"])
         norm = _Normalize(backbone.mean, backbone.std)
         ctx.state["normalize"] = (tuple(backbone.mean), tuple(backbone.std))  # for hooks that undo it (ECVL)
@@ -302,7 +302,8 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
 
         def save(pos: dict[str, int]) -> str:
             path = ckpt.save(run_dir, model=model, optimizer=optimizer, scheduler=sched, scaler=scaler, ema=ema,
-                             sampler=sampler, position=pos, history=history, cfg=cfg, backbone=backbone.name)
+                             sampler=sampler, position=pos, history=history, cfg=cfg, backbone=backbone.name,
+                             hooks=hooks)
             return path
 
         if is_writer:

@@ -166,8 +166,6 @@ class TrainTransform:
 
     def apply(self, x: "torch.Tensor", index: int) -> tuple["torch.Tensor", dict[str, Any]]:
         """``uint8 [3, H, W]`` at plan position ``index`` -> the training image and its extra."""
-        import torch
-
         if self.augment == "none":
             return self.eval.apply(x)
         h, w = x.shape[-2:]

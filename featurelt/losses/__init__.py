@@ -193,7 +193,7 @@ class Loss(nn.Module):
         return self.reduce(self.per_sample(logits, target, epoch=epoch), target, epoch=epoch)
 
 
-from featurelt.losses import contrastive, ldam, neighbor, softmax  # noqa: E402  (register the families)
+from featurelt.losses import contrastive, ldam, neighbor, softmax  # noqa: E402, F401  (register the families)
 from featurelt.losses.contrastive import ContrastiveVL  # noqa: E402
 from featurelt.losses.ldam import LDAM  # noqa: E402
 from featurelt.losses.neighbor import NeighborSilencedCE, silencing_pairs  # noqa: E402

@@ -2,15 +2,28 @@
 momentum-driven RandAugment in pixel space.
 
 - Loss: ``L_v->l + L_l->v`` (InfoNCE with temperature) on ``logits = cos(f_i, t_k) / tau`` against the class
-  texts "A photo of a {class}" (``--head text --text-set``, ``head_scale = 1 / tau``; the text tower is
-  frozen, so its embeddings are the stored ones): ``contrastive-vl`` with ``l2v_weight = 1``. Training the
-  text tower too is not offered.
+  texts "A photo of a {class}" (``--head text --text-set``, ``head_scale = 1 / tau``): ``contrastive-vl`` with
+  ``l2v_weight = 1``.
+- Text tower: the paper trains both towers in stage 1 (seed 003, section 3.3: "The parameters of the text
+  encoder and image encoder are updated instantly during training"; Algorithm 1 "simultaneously trains the
+  visual and language branches"). Here it stays frozen by default: the class texts are then the stored
+  ``--text-set`` rows, the very embeddings stage 2's ``train-head --text-set`` reads, and a step costs one image
+  forward. ``--recipe-opt train_text=true`` follows the paper: the ``clip:`` backbone's text tower (same weights
+  as the image tower: ``--pretrained`` / ``--checkpoint`` / ``--seed``) encodes "A photo of a {class}" for every
+  class at every forward and is trained in full with the image tower (whatever ``--adapt`` does to the image
+  tower); the stored set is then only checked for shape. Its fine-tuned class embeddings are in the checkpoint
+  (``text_tower.*``), not written as a text set: stage 2 still reads ``--text-set``.
 - Augmentation: each sample's momentum loss ``Lm_i = beta Lm_i + (1 - beta) L_i`` (per epoch, the mean of its
   losses; :func:`featurelt.samplers.momentum_update`) gives ``M_i`` in [0, 1]
   (:func:`featurelt.samplers.momentum_strength`); every step, each image gets ``k`` RandAugment operations
   chosen at random, each applied with probability ``M_i`` and strength ``M_i * zeta``, ``zeta ~ U(0, 1)``
   (:func:`momentum_randaugment`; the pixel form of what cached views approximate in stage 2's sampler).
   Samples not seen yet have ``M_i = 0`` (plain image).
+- Resume and DDP: the momentum state and the augmentation generator are the hooks' ``state_dict`` (saved in every
+  checkpoint, restored on ``--resume``: bit-identical to an uninterrupted run on CPU); under DDP every rank
+  gathers every rank's per-sample losses, so all ranks hold one process's M_i. ``L_l->v`` is a batch term: under
+  DDP it is computed over each rank's share of the batch (not gathered), so with ``l2v_weight > 0`` the losses,
+  and M_i, differ from one process's by that.
 - Stage 2: ``train-head --head adapter --loss contrastive-vl --sampler class-balanced`` on the exported set.
 """
 from __future__ import annotations
@@ -21,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch import Tensor
+from torch import Tensor, nn
 
 from featurelt.finetune.recipes.base import RecipeHooks
 from featurelt.samplers import momentum_strength, momentum_update
@@ -142,22 +155,81 @@ class MomentumState:
         rows = self._rows(sample_ids)  # first: it may grow ``m``
         return torch.from_numpy(self.m[rows].astype(np.float32))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as a checkpoint holds it: sample ids in row order and float64 tensors."""
+        return {"beta": self.beta, "sample_ids": list(self.index),
+                **{k: torch.from_numpy(getattr(self, k).copy()) for k in ("lm", "sum", "cnt", "m")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ids = [str(s) for s in state["sample_ids"]]
+        arrays = {k: state[k].numpy().astype(np.float64).copy() for k in ("lm", "sum", "cnt", "m")}
+        if any(a.shape != (len(ids),) for a in arrays.values()):
+            raise ValueError(f"momentum state: {len(ids)} sample ids but arrays of shapes "
+                             f"{[tuple(a.shape) for a in arrays.values()]}")
+        self.beta = float(state["beta"])
+        self.index = {s: i for i, s in enumerate(ids)}
+        for k, a in arrays.items():
+            setattr(self, k, a)
+
+    def by_sample(self) -> dict[str, tuple[float, float, float, float]]:
+        """sample_id -> (Lm, loss sum, count, M) this epoch: the state independent of row order (tests, DDP checks)."""
+        return {s: (float(self.lm[i]), float(self.sum[i]), float(self.cnt[i]), float(self.m[i]))
+                for s, i in self.index.items()}
+
+
+class ClipTextTower(nn.Module):
+    """A CLIP text tower over fixed prompts: ``forward() -> [K, D]`` = ``encode_text(tokens)`` (trainable)."""
+
+    def __init__(self, net: nn.Module, tokens: Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("tokens", tokens.long(), persistent=False)
+
+    def forward(self) -> Tensor:
+        return self.net.encode_text(self.tokens)
+
+
+def clip_text_tower(cfg: Any, class_names: Sequence[str]) -> ClipTextTower:
+    """The trainable text tower of ``cfg.backbone`` (``clip:<model>``; the weights ``build_backbone`` gives the
+    image tower) over ``TEMPLATE`` of each class name, in head order."""
+    from featurelt.encoders.clip import ClipTextEncoder
+
+    family, _, model = str(cfg.backbone).partition(":")
+    if family != "clip":
+        raise ValueError(f"recipe 'ecvl-stage1' train_text=true trains a CLIP text tower: needs a clip: backbone, "
+                         f"got {cfg.backbone!r}")
+    pretrained = cfg.pretrained if cfg.pretrained is None or cfg.pretrained.lower() != "default" else None
+    untrained = pretrained is not None and pretrained.lower() == "none"
+    enc = ClipTextEncoder(model, checkpoint=cfg.checkpoint, seed=cfg.seed, device="cpu",
+                          untrained=untrained and model != "tiny",
+                          pretrained=None if untrained or pretrained is None else pretrained)
+    net = enc._model
+    net.requires_grad_(True)
+    net.train()
+    tokens = enc._tokenizer([TEMPLATE.format(n) for n in class_names])
+    return ClipTextTower(net, tokens)
+
 
 class ECVLStage1Hooks(RecipeHooks):
     """Momentum-driven RandAugment on the device batch; per-sample losses fed back after each step.
 
     Recipe options: beta, momentum of ``Lm`` in [0, 1) (default 0.9; the paper gives none); k, RandAugment
-    operations per image (default 2). The augmentation draws of epoch e are seeded by (config seed, e).
+    operations per image (default 2); train_text, train the CLIP text tower too (default false; module
+    docstring). The augmentation draws of epoch e on rank r are seeded by (config seed, e, r).
     """
 
     name = "ecvl-stage1"
     defaults = DEFAULTS
 
-    def __init__(self, *, beta: float = 0.9, k: int = 2) -> None:
+    def __init__(self, *, beta: float = 0.9, k: int = 2, train_text: bool = False, store: Any = None) -> None:
         if not 0 < int(k) <= len(OPS):
             raise ValueError(f"ecvl-stage1 k must be in 1..{len(OPS)}, got {k}")
+        if not isinstance(train_text, bool):
+            raise ValueError(f"ecvl-stage1 train_text must be true or false, got {train_text!r}")
         self.state = MomentumState(beta)
         self.k = int(k)
+        self.train_text = train_text
+        self.store = store
         self.generator = torch.Generator()
         self._epoch: int | None = None
 
@@ -167,16 +239,47 @@ class ECVLStage1Hooks(RecipeHooks):
         if cfg.head != "text":
             raise ValueError(f"recipe 'ecvl-stage1' scores images against the class texts: --head text, got {cfg.head!r}")
 
+    def wrap_model(self, model: Any, ctx: Any) -> Any:
+        """With train_text: the model's text head scores against the trained text tower's class prompts."""
+        if not self.train_text:
+            return model
+        from featurelt.store import Store
+        from featurelt.train.head import _classes
+
+        if self.store is None:
+            raise ValueError("recipe 'ecvl-stage1' train_text=true reads the class names: build the hooks with the store")
+        if isinstance(self.store, Store):
+            pinned = Store(self.store.root, as_of=ctx.cfg.as_of, storage_options=self.store.storage_options)
+        else:
+            pinned = Store(str(self.store), as_of=ctx.cfg.as_of)
+        classes, _ = _classes(pinned)
+        model.text_tower = clip_text_tower(ctx.cfg, classes.column("name").to_pylist())
+        return model
+
     def train_plan(self, epoch: int, ctx: Any) -> None:
         if epoch != self._epoch:
-            self.start_epoch(epoch, seed=ctx.cfg.seed)
+            self.start_epoch(epoch, seed=ctx.cfg.seed, rank=ctx.rank)
         return None  # the configured sampler's plan
 
-    def start_epoch(self, epoch: int, *, seed: int = 0) -> None:
-        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws with (seed, epoch)."""
+    def start_epoch(self, epoch: int, *, seed: int = 0, rank: int = 0) -> None:
+        """Fold the last epoch's losses into ``Lm`` and seed this epoch's augmentation draws with (seed, epoch,
+        rank): each rank augments its own share of the batch with its own stream."""
         self.state.fold()
-        self.generator.manual_seed(int(seed) * 1_000_003 + int(epoch))
+        self.generator.manual_seed(int(seed) * 1_000_003 + int(epoch) + 1_000_000_007 * int(rank))
         self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """M_i's state, the augmentation generator and the epoch folded last (checkpointed; see FinetuneHooks)."""
+        return {"momentum": self.state.state_dict(), "generator": self.generator.get_state(),
+                "epoch": -1 if self._epoch is None else int(self._epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            raise ValueError("recipe 'ecvl-stage1': the checkpoint holds no momentum state (written before hook "
+                             "state was checkpointed?); start the run again")
+        self.state.load_state_dict(state["momentum"])
+        self.generator.set_state(state["generator"])
+        self._epoch = None if int(state["epoch"]) < 0 else int(state["epoch"])
 
     def augment(self, images: Tensor, sample_ids: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:
         """Normalised images [B, C, H, W] -> augmented, normalised again (mean / std [C])."""
@@ -195,4 +298,19 @@ class ECVLStage1Hooks(RecipeHooks):
         return self.augment(images, batch.sample_ids, torch.tensor(mean), torch.tensor(std)), targets
 
     def after_step(self, per_sample_loss: Tensor, batch: Any, ctx: Any) -> None:
-        self.state.add(batch.sample_ids, per_sample_loss)
+        """Add the batch's per-sample losses to this epoch's sums. Under DDP every rank gathers every rank's
+        (train rows, losses) and adds them in the global batch's order (rank r held entries r, r + N, ...), so
+        every rank holds the M_i of one process."""
+        ids, loss = list(batch.sample_ids), per_sample_loss.detach().float().cpu()
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                parts: list[Any] = [None] * ctx.world_size
+                dist.all_gather_object(parts, (batch.rows.cpu(), loss))
+                pos = torch.cat([r + ctx.world_size * torch.arange(len(p[0])) for r, p in enumerate(parts)])
+                order = torch.argsort(pos, stable=True)
+                rows = torch.cat([p[0] for p in parts])[order]
+                loss = torch.cat([p[1] for p in parts])[order]
+                ids = ctx.train.sample_ids[rows.numpy()].tolist()
+        self.state.add(ids, loss)
