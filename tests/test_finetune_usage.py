@@ -127,7 +127,13 @@ def test_readme_python_line_is_valid() -> None:
     call = re.search(r"`featurelt\.finetune\.finetune\(store, (featurelt\.finetune\.FinetuneCfg\([^`]*\))\)`", readme)
     assert call, "README lost its finetune Python line"
     cfg = eval(call.group(1), {"featurelt": featurelt})  # noqa: S307 (our own README)
-    assert cfg.backbone == "timm:test_resnet" and cfg.export
+    assert cfg.export
+    import yaml
+
+    job = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "finetune-digits-tiny.yaml").read_text())
+    step = next(s["finetune"] for s in job["steps"] if "finetune" in s)  # the worked example: same settings
+    for key in ("backbone", "pretrained", "image-size", "epochs", "batch-size", "lr", "loss", "augment"):
+        assert getattr(cfg, key.replace("-", "_")) == step[key], key
     fields = {f.name for f in dataclasses.fields(FinetuneResult)}
     assert {"run_id", "metrics", "history", "export_set", "model"} <= fields
     assert "log" in inspect.signature(featurelt.finetune.finetune).parameters
