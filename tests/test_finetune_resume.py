@@ -4,6 +4,7 @@ uninterrupted run (CPU, same seed); Ctrl-C (SIGINT) leaves a resumable checkpoin
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,7 @@ def test_kill9_then_resume_is_bit_identical(ft_store: Path, tmp_path: Path, caps
     assert main(["--store", str(killed), "runs"]) == 0
     assert "unfinished (running)" in capsys.readouterr().out
     assert main(["--store", str(killed), "finetune", "--resume", "latest"]) == 0
+    assert re.search(r"trained 2 epochs, [0-9.]+ s since the resume", capsys.readouterr().out)
     run_id = first.parent.name
     row = Store(killed).sql(f"SELECT status, epochs FROM finetune_runs WHERE run_id = '{run_id}'").to_pylist()
     assert row == [{"status": "finished", "epochs": 2}]

@@ -52,7 +52,7 @@ def test_run_id_and_one_line_per_epoch_on_stderr(run: dict) -> None:
     assert float(line.group(1)) == pytest.approx(history[0]["loss"], abs=1e-4)
     assert float(line.group(2)) == pytest.approx(history[0]["lr"], rel=1e-2)
     assert err.index(start.group(0)) < err.index(line.group(0))
-    assert "trained 1 epoch in" in run["out"]
+    assert re.search(r"trained 1 epoch, [0-9.]+ s \(", run["out"])
 
 
 def test_history_lr_is_the_lr_of_the_epochs_last_step(run: dict) -> None:

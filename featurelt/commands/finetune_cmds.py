@@ -202,8 +202,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"finetune run {res.run_id}: {c.backbone} adapt {c.adapt} ({res.trainable_params:,} of {res.total_params:,} "
           f"parameters train), head {c.head}, loss {c.loss}, sampler {c.sampler}, store version {c.as_of}")
     print_rows([{k: ("" if m.get(k) is None else round(float(m[k]), 4)) for k in cols}], columns=cols)
-    print(f"trained {len(res.history)} epoch{'' if len(res.history) == 1 else 's'} in {m['train_seconds']:.1f} s ({m['images_per_second']:.0f} img/s, "
-          f"data stall {100 * m['data_stall_fraction']:.0f}%)")
+    since = " since the resume" if args.resume else ""  # time and img/s are this process's part of the run
+    print(f"trained {len(res.history)} epoch{'' if len(res.history) == 1 else 's'}, {m['train_seconds']:.1f} s{since} "
+          f"({m['images_per_second']:.0f} img/s, data stall {100 * m['data_stall_fraction']:.0f}%)")
     print(f"checkpoint: {res.checkpoint}")
     if res.export_set:
         print(f"exported embedding set: {res.export_set} (featurelt train-head --features {res.export_set})")
