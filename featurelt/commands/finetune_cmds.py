@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
     g.add_argument("--batch-size", dest="batch_size", type=positive_int,
                    help="global batch size, all ranks together (default 64)")
     g.add_argument("--accum", type=positive_int, help="loader batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3): linear warmup, then cosine per step to lr * --min-lr-ratio")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3): linear warmup, then cosine per step "
+                   "to lr * --min-lr-ratio")
     g.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, metavar="R",
                    help="the cosine schedule ends at lr * R (default 0; lfm-stage1: 0.001, as in LFM's code)")
     g.add_argument("--optimizer", help="timm optimizer name (default adamw; sgd, adam, lamb, ...)")
