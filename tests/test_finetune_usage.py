@@ -126,7 +126,7 @@ def test_readme_python_line_is_valid() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     call = re.search(r"`featurelt\.finetune\.finetune\(store, (featurelt\.finetune\.FinetuneCfg\([^`]*\))\)`", readme)
     assert call, "README lost its finetune Python line"
-    cfg = eval(call.group(1), {"featurelt": featurelt})  # noqa: S307 (our own README)
+    cfg = eval(call.group(1), {"featurelt": featurelt})  # our own README
     assert cfg.export
     import yaml
 
