@@ -47,6 +47,8 @@ from featurelt.data.images import encode_png, sample_id_for, sha256_hex
 from featurelt.images.decode import load_sample_image
 from featurelt.store import Store
 
+from _results import replace_section  # bench/_results.py (scripts run as `python bench/NAME.py`)
+
 SECTION = "## bench/extract.py"
 
 
@@ -281,18 +283,6 @@ def markdown(rows: list[dict], args: argparse.Namespace, rss: tuple[float, float
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Replace the ``## bench/extract.py`` section of RESULTS.md (up to the next ``## ``) with ``text``."""
-    content = path.read_text()
-    start = content.find(SECTION)
-    if start < 0:
-        content = content.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + ("\n" + content[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(content)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256, help="number of images in the benchmark store (default 256)")
@@ -369,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("\n" + memory_markdown(memory) if memory else "")
     print(text)
     if args.results:
-        replace_section(args.results, text)
+        replace_section(args.results, SECTION, text)
         print(f"updated {args.results}", file=sys.stderr)
     return 0
 

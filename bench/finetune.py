@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from _results import replace_section  # bench/_results.py (scripts run as `python bench/NAME.py`)
+
 SECTION = "## bench/finetune.py"
 SAMPLES_SCHEMA = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
                             ("label", pa.int32()), ("source", pa.string()), ("uri", pa.string()),
@@ -526,21 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(texts)
     print(text)
     if args.results:
-        replace_section(args.results, text)
+        replace_section(args.results, SECTION, text)
         print(f"updated {args.results}", file=sys.stderr)
     return 0
-
-
-def replace_section(path: Path, text: str) -> None:
-    """Replace the ``## bench/finetune.py`` section of RESULTS.md (up to the next ``## ``) with ``text``."""
-    content = path.read_text()
-    start = content.find(SECTION)
-    if start < 0:
-        content = content.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + ("\n" + content[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(content)
 
 
 if __name__ == "__main__":

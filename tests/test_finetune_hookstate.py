@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from featurelt.cli import main
 from featurelt.finetune.recipes.ecvl_stage1 import ECVLStage1Hooks, MomentumState
 from featurelt.store import Store
+from tests.test_finetune_resume import start_finetune, wait_for_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--recipe", "ecvl-stage1", "--backbone", "clip:tiny", "--text-set", "clip_tiny", "--image-size", "32",
@@ -71,31 +71,12 @@ def test_momentum_state_round_trips_through_a_weights_only_checkpoint(tmp_path: 
         ECVLStage1Hooks().load_state_dict({})
 
 
-def _start(root: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "featurelt", "--store", str(root), "finetune", *ARGS],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 240.0) -> Path:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        found = list((root / "checkpoints").glob("*/last.pt")) if (root / "checkpoints").exists() else []
-        if found:
-            return found[0]
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("no checkpoint appeared")
-
-
 def test_ecvl_killed_after_first_checkpoint_resumes_bit_identical(ecvl_store: Path, tmp_path: Path) -> None:
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     shutil.copytree(ecvl_store, ref)
     shutil.copytree(ecvl_store, killed)
-    proc = _start(killed)
-    first = _wait_for_checkpoint(proc, killed)
+    proc = start_finetune(killed, ARGS)
+    first = wait_for_checkpoint(proc, killed)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -24,13 +24,14 @@ ARGS = ["--backbone", "timm:test_resnet", "--pretrained", "none", "--image-size"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _start(root: Path) -> subprocess.Popen:
+def start_finetune(root: Path, args: list[str] = ARGS) -> subprocess.Popen:
+    """``featurelt finetune ARGS`` as a real process on the store at ``root`` (this checkout's code)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "featurelt", "--store", str(root), "finetune", *ARGS],
+    return subprocess.Popen([sys.executable, "-m", "featurelt", "--store", str(root), "finetune", *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 240.0) -> Path:
+def wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 240.0) -> Path:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         found = list((root / "checkpoints").glob("*/last.pt")) if (root / "checkpoints").exists() else []
@@ -52,8 +53,8 @@ def test_kill9_then_resume_is_bit_identical(ft_store: Path, tmp_path: Path, caps
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     shutil.copytree(ft_store, ref)
     shutil.copytree(ft_store, killed)
-    proc = _start(killed)
-    first = _wait_for_checkpoint(proc, killed)
+    proc = start_finetune(killed)
+    first = wait_for_checkpoint(proc, killed)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -80,8 +81,8 @@ def test_kill9_then_resume_is_bit_identical(ft_store: Path, tmp_path: Path, caps
 def test_ctrl_c_leaves_a_resumable_checkpoint(ft_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     shutil.copytree(ft_store, root)
-    proc = _start(root)
-    ckpt = _wait_for_checkpoint(proc, root)
+    proc = start_finetune(root)
+    ckpt = wait_for_checkpoint(proc, root)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
