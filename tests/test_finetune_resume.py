@@ -3,6 +3,7 @@ checkpoint file appears) and resumed with --resume latest ends with the same wei
 uninterrupted run (CPU, same seed); Ctrl-C (SIGINT) leaves a resumable checkpoint and an 'interrupted' run."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -60,6 +61,12 @@ def test_kill9_then_resume_is_bit_identical(ft_store: Path, tmp_path: Path, caps
     assert proc.returncode == -signal.SIGKILL
     state = torch.load(first, weights_only=True)
     assert state["position"]["step"] < 8  # 62 rows / 16 = 4 steps per epoch, 2 epochs: killed before the end
+    assert main(["--store", str(killed), "runs", "--json"]) == 0
+    (listed,) = [r for r in json.loads(capsys.readouterr().out) if r["status"] != "finished"]
+    pos = state["position"]  # the listing reads the checkpoint's last.json sidecar, not the .pt
+    where = f"epoch {pos['epoch'] + 1}/2" + (f" (batch {pos['batch']})" if pos["batch"] else "")
+    assert listed["status"] == f"unfinished (running): {where}, step {pos['step']}, checkpoint {first}"
+    assert listed["epochs"] == pos["epoch"]
     assert main(["--store", str(killed), "runs"]) == 0
     assert "unfinished (running)" in capsys.readouterr().out
     assert main(["--store", str(killed), "finetune", "--resume", "latest"]) == 0
@@ -93,3 +100,22 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(ft_store: Path, tmp_path: Path, ca
     assert row[0]["status"] == "interrupted" and row[0]["checkpoint"] == str(ckpt)
     state = torch.load(ckpt, weights_only=True)
     assert state["position"]["step"] >= 1
+
+
+def test_position_sidecar_of_another_checkpoint_is_ignored(tmp_path: Path) -> None:
+    """``last.json`` describes the ``last.pt`` whose size and mtime it records; a kill between the sidecar's and the
+    checkpoint's ``os.replace`` leaves a sidecar of the next checkpoint, which the listing must not show."""
+    from featurelt.finetune.runs import progress_text, read_position, write_position
+
+    tmp = tmp_path / "last.pt.tmp"
+    tmp.write_bytes(b"x" * 10)
+    write_position(tmp_path, tmp, position={"epoch": 1, "batch": 3, "step": 7}, epochs=3)
+    assert read_position(str(tmp_path)) is None  # no last.pt yet
+    os.replace(tmp, tmp_path / "last.pt")
+    pos = read_position(str(tmp_path))
+    assert pos == {"epoch": 1, "batch": 3, "step": 7, "epochs": 3, "checkpoint": str(tmp_path / "last.pt")}
+    assert progress_text(pos) == "epoch 2/3 (batch 3), step 7"
+    assert progress_text({**pos, "epoch": 3, "batch": 0}) == "3/3 epochs trained, step 7"
+    tmp.write_bytes(b"y" * 11)  # the next checkpoint's sidecar lands, the kill comes before its last.pt
+    write_position(tmp_path, tmp, position={"epoch": 2, "batch": 0, "step": 9}, epochs=3)
+    assert read_position(str(tmp_path)) is None

@@ -6,6 +6,9 @@ recipe hooks' ``state_dict()`` (ECVL's momentum loss M_i),
 the position (``epoch``, ``batch`` within it, optimizer ``step``), the history so far, the RNG states (torch,
 CUDA, numpy, python) and the run's config as YAML. It is written to ``last.pt.tmp`` and moved over ``last.pt``
 with ``os.replace``, so a kill at any moment leaves the previous or the new checkpoint, never a torn file.
+Beside it, ``last.json`` (:func:`featurelt.finetune.runs.write_position`, replaced just before ``last.pt``) holds the
+position, the run's epoch count and ``last.pt``'s size and mtime, so that ``featurelt runs`` shows where a killed or
+interrupted run resumes without loading the checkpoint (a sidecar whose size / mtime do not match is ignored).
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ def save(run_dir: Path, *, model: Any, optimizer: Any, scheduler: Any, scaler: A
              "sampler": _sampler_state(sampler), "position": {k: int(v) for k, v in position.items()},
              "history": history, "rng": _rng_state(), "hooks": {} if hooks is None else hooks.state_dict()}
     torch.save(state, tmp)
+    from featurelt.finetune.runs import write_position
+
+    write_position(run_dir, tmp, position=state["position"], epochs=int(cfg.epochs))  # before last.pt: see docstring
     os.replace(tmp, path)
     return str(path)
 

@@ -4,11 +4,14 @@
 :func:`mark` changes the status (``interrupted`` on Ctrl-C); :func:`write_finished` replaces the row with the
 finished one and, in the same transaction, appends the ``runs`` + ``predictions`` rows of each evaluated
 split (train-head's row builders), the ``rejects`` rows and the ``--export`` embedding set with its
-``embedding_sets`` row.
+``embedding_sets`` row. :func:`write_position` / :func:`read_position`: the checkpoint's ``last.json`` sidecar (a
+file beside ``last.pt``, no store write), read by ``featurelt runs`` for unfinished runs.
 """
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -112,4 +115,44 @@ def write_finished(root: str, storage_options: Any, *, run_id: str, cfg: Any, ba
             tx.append("embedding_sets", prov_row)
 
 
-__all__ = ["write_started", "mark", "write_finished", "pinned_versions"]
+POSITION = "last.json"
+
+
+def write_position(run_dir: Path, checkpoint_tmp: Path, *, position: dict[str, int], epochs: int) -> None:
+    """Write ``run_dir/last.json`` atomically for the checkpoint ``checkpoint_tmp`` about to become ``last.pt``
+    (``os.replace`` keeps its size and mtime, recorded here so that a sidecar of another checkpoint is not trusted)."""
+    st = os.stat(checkpoint_tmp)
+    side = {"position": {k: int(v) for k, v in position.items()}, "epochs": int(epochs),
+            "checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
+    tmp = Path(run_dir) / (POSITION + ".tmp")
+    tmp.write_text(json.dumps(side, sort_keys=True))
+    os.replace(tmp, Path(run_dir) / POSITION)
+
+
+def read_position(run_dir: str) -> dict[str, Any] | None:
+    """``{"epoch", "batch", "step", "epochs", "checkpoint"}`` of ``run_dir/last.pt`` from its sidecar; None when
+    there is no checkpoint, no sidecar, or the sidecar describes another file than the ``last.pt`` there."""
+    path = os.path.join(run_dir, "last.pt")
+    try:
+        st = os.stat(path)
+        with open(os.path.join(run_dir, POSITION)) as f:
+            side = json.load(f)
+        if side["checkpoint_bytes"] != st.st_size or side["checkpoint_mtime_ns"] != st.st_mtime_ns:
+            return None
+        pos = side["position"]
+        return {"epoch": int(pos["epoch"]), "batch": int(pos.get("batch", 0)), "step": int(pos["step"]),
+                "epochs": int(side["epochs"]), "checkpoint": path}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def progress_text(pos: dict[str, Any]) -> str:
+    """``epoch 2/3 (batch 4), step 40`` (where ``--resume`` continues) or ``3/3 epochs trained, step 40``."""
+    if pos["epoch"] >= pos["epochs"]:
+        return f"{pos['epochs']}/{pos['epochs']} epochs trained, step {pos['step']}"
+    batch = f" (batch {pos['batch']})" if pos["batch"] else ""
+    return f"epoch {pos['epoch'] + 1}/{pos['epochs']}{batch}, step {pos['step']}"
+
+
+__all__ = ["write_started", "mark", "write_finished", "pinned_versions", "write_position", "read_position",
+           "progress_text", "POSITION"]
