@@ -4,6 +4,7 @@ hooks, bad input (one line each), timm encoder fidelity."""
 from __future__ import annotations
 
 import io
+import logging
 import json
 import shutil
 from pathlib import Path
@@ -63,8 +64,9 @@ def test_cli_run_rows_export_and_train_head(store_path: Path, capsys: pytest.Cap
     assert main(["--store", str(store_path), "report", "--run", run_id, "--out", str(store_path.parent / "report")]) == 0
 
 
-def test_export_equals_model_forward_on_the_image(store_path: Path) -> None:
-    """The exported vector of an image == the fine-tuned model's forward on it, through timm's own transform (1e-5)."""
+def test_export_equals_model_forward_on_the_image(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The exported vector of an image == the fine-tuned model's forward on it, through timm's own transform (1e-5).
+    The Python API shows its notes on stderr by default (run id, one line per epoch), as the CLI does."""
     from PIL import Image
 
     from featurelt.encoders.timm import timm_transform
@@ -73,6 +75,10 @@ def test_export_equals_model_forward_on_the_image(store_path: Path) -> None:
     cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=32,
                       augment="none", loader_workers=0, eval_every=0, export=True)
     res = finetune(store_path, cfg)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"note: run {res.run_id}: ") and res.notes[0] == err[0][len("note: "):]
+    assert sum(line.startswith("note: epoch 1/1: loss ") for line in err) == 1
+    assert [f"note: {n}" if not n.startswith("warning:") else n for n in res.notes] == err
     store = Store(store_path)
     emb = store.read(f"emb_{res.export_set}").to_pylist()
     rows = {r["sample_id"]: r for r in store.read("samples", columns=["sample_id", "image"]).to_pylist()}
@@ -206,8 +212,10 @@ def test_timm_encoder_matches_timm(store_path: Path, tmp_path: Path) -> None:
     assert prov["preprocessing"]["crop_pct"] == config["crop_pct"] and prov["trained"] is True
 
 
-def test_pixel_mixup_of_a_planned_pair(store_path: Path) -> None:
-    """A plan entry with partners (GlobalBatch) mixes the two normalised images and the one-hot labels with lam."""
+def test_pixel_mixup_of_a_planned_pair(store_path: Path, capsys: pytest.CaptureFixture[str],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A plan entry with partners (GlobalBatch) mixes the two normalised images and the one-hot labels with lam.
+    quiet=True: the notes go to the featurelt.finetune logger only, nothing on stderr."""
     from PIL import Image
 
     from featurelt.encoders.timm import timm_transform
@@ -228,7 +236,11 @@ def test_pixel_mixup_of_a_planned_pair(store_path: Path) -> None:
 
     cfg = FinetuneCfg(backbone="timm:test_resnet", pretrained="none", image_size=32, epochs=1, batch_size=8,
                       augment="none", loader_workers=0, eval_every=0)
-    res = finetune(store_path, cfg, hooks=Pairs(), write=False)
+    with caplog.at_level(logging.INFO, logger="featurelt.finetune"):
+        res = finetune(store_path, cfg, hooks=Pairs(), write=False, quiet=True)
+    assert capsys.readouterr().err == ""
+    logged = [r.getMessage() for r in caplog.records if r.name == "featurelt.finetune"]
+    assert logged == res.notes and any(n.startswith("epoch 1/1: loss ") for n in logged)
     train = seen["train"]
     store = Store(store_path)
     images = {r["sample_id"]: r["image"] for r in store.read("samples", columns=["sample_id", "image"]).to_pylist()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class FinetuneResult:
     total_params: int = 0
     model: Any = field(default=None, repr=False)  # the trained FinetuneModel (EMA weights when --ema), on CPU
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)  # the run's notes in order (run id, one line per epoch, warnings)
 
 
 def finetune_run_id() -> str:
@@ -166,12 +168,17 @@ def _autocast(device: torch.device, amp: str) -> Any:
 
 def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: FinetuneHooks | None = None,
              resume: str | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
-             write: bool = True, run_id: str | None = None) -> FinetuneResult:
+             write: bool = True, run_id: str | None = None, quiet: bool = False) -> FinetuneResult:
     """Fine-tune, evaluate, record (module docstring). ``store``: a Store or its root path.
 
     resume: a fine-tune run id or ``latest`` (the newest unfinished run): continue it from its last
     checkpoint with its saved config (``cfg`` is then ignored). write: write the store rows (False: compute only).
     run_id: the new run's id (launchers pass one to every rank; default a fresh one).
+    log: called with each note of the run when it arises (run id and checkpoint folder, one line per epoch,
+    ``warning: ...`` lines), like train-head's ``log``. Default: printed to stderr as the CLI does (``note: ...``;
+    warnings as they are), so that a script sees the run's progress without configuring logging; ``quiet=True``
+    sends them to the ``featurelt.finetune`` logger instead (INFO; warnings at WARNING, as train-head does). The notes
+    are also in ``FinetuneResult.notes``.
     """
     from featurelt.finetune.adapt import apply_adapt
     from featurelt.finetune.backbones import build_backbone
@@ -181,8 +188,16 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     from featurelt.train.head import (_accepts, _classes, build, class_counts_of, deterministic, neighbor_of_head,
                                       resolve_device, seed_everything)
 
+    notes: list[str] = []
+
     def note(line: str) -> None:
-        (log or logger.info)(line)
+        notes.append(line)
+        if log is not None:
+            log(line)
+        elif quiet:
+            logger.log(logging.WARNING if line.startswith("warning:") else logging.INFO, line)
+        else:
+            print(line if line.startswith("warning:") else f"note: {line}", file=sys.stderr, flush=True)
 
     root = store.root if isinstance(store, Store) else str(store)
     storage_options = store.storage_options if isinstance(store, Store) else None
@@ -477,7 +492,7 @@ def finetune(store: Store | str | os.PathLike[str], cfg: FinetuneCfg, *, hooks: 
     final_cpu = final.to("cpu")
     return FinetuneResult(run_id=run_id, config=cfg, run_dir=str(run_dir), checkpoint=checkpoint_path, metrics=metrics,
                           history=history, export_set=export_set, trainable_params=trainable, total_params=total,
-                          model=final_cpu, interrupted=interrupted)
+                          model=final_cpu, interrupted=interrupted, notes=notes)
 
 
 def epoch_line(entry: dict[str, Any], epochs: int, images_per_second: float) -> str:
