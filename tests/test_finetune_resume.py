@@ -65,10 +65,12 @@ def test_kill9_then_resume_is_bit_identical(ft_store: Path, tmp_path: Path, caps
     (listed,) = [r for r in json.loads(capsys.readouterr().out) if r["status"] != "finished"]
     pos = state["position"]  # the listing reads the checkpoint's last.json sidecar, not the .pt
     where = f"epoch {pos['epoch'] + 1}/2" + (f" (batch {pos['batch']})" if pos["batch"] else "")
-    assert listed["status"] == f"unfinished (running): {where}, step {pos['step']}, checkpoint {first}"
-    assert listed["epochs"] == pos["epoch"]
+    assert listed["status"] == "unfinished (running)" and listed["epochs"] == pos["epoch"]
+    assert listed["resume_at"] == f"{where}, step {pos['step']}" and listed["checkpoint"] == str(first)
     assert main(["--store", str(killed), "runs"]) == 0
-    assert "unfinished (running)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unfinished (running)" in out
+    assert f"{first.parent.name}: resume at {where}, step {pos['step']} from {first} " in out
     assert main(["--store", str(killed), "finetune", "--resume", "latest"]) == 0
     assert re.search(r"trained 2 epochs, [0-9.]+ s since the resume", capsys.readouterr().out)
     run_id = first.parent.name

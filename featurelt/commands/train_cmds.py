@@ -108,8 +108,9 @@ def register(sub: argparse._SubParsersAction, parents) -> None:
                        description="List the runs table: run id, head, loss, sampler, features and the metrics "
                        "(top-1 all / many / medium / few, macro-F1, head-tail gap), newest last. Fine-tune runs "
                        "(head finetune-*) are listed beside head runs; with any in the store a status column marks "
-                       "those not finished (running or killed, interrupted: continue with finetune --resume) with the epochs "
-                       "trained and the position and path of the checkpoint --resume continues from.",
+                       "those not finished (running or killed, interrupted: continue with finetune --resume), with the epochs "
+                       "trained and, below the table, the position and path of the checkpoint --resume continues from "
+                       "(--json: keys resume_at, checkpoint).",
                        epilog="examples: featurelt runs --limit 5;  featurelt runs --run latest --json")
     p.add_argument("--limit", type=int, default=50, help="show the newest N runs (default 50; 0 = all)")
     p.add_argument("--run", dest="run_id", metavar="ID",
@@ -248,20 +249,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for f in store.sql("SELECT run_id, time, head, loss, sampler, backbone, epochs, status, run_dir "
                            "FROM finetune_runs WHERE status <> 'finished'").to_pylist():
             pos = read_position(f["run_dir"])  # the checkpoint's sidecar: where --resume continues
-            status = f"unfinished ({f['status']})"
-            if pos is not None:
-                status += f": {progress_text(pos)}, checkpoint {pos['checkpoint']}"
             rows.append({**{c: None for c in RUN_COLUMNS}, "run_id": f["run_id"], "time": f["time"],
                          "head": f"finetune-{f['head']}", "loss": f["loss"], "sampler": f["sampler"],
                          "features": f"finetune:{f['backbone']}",
                          "epochs": f["epochs"] if pos is None else min(pos["epoch"], pos["epochs"]),
-                         "status": status})
+                         "status": f"unfinished ({f['status']})", "resume_at": None if pos is None else progress_text(pos),
+                         "checkpoint": None if pos is None else pos["checkpoint"]})
         rows.sort(key=lambda r: r["time"])
     if args.run_id and not rows:
         raise ValueError(f"unknown run '{args.run_id}' (see featurelt runs)")
     if not args.json:
         rows = [{k: _fmt(v) for k, v in r.items()} for r in rows]
     print_rows(rows, as_json=args.json, columns=columns)
+    for r in rows if not args.json else []:  # the checkpoint path is too long for a table cell
+        if r.get("checkpoint"):
+            print(f"{r['run_id']}: resume at {r['resume_at']} from {r['checkpoint']} "
+                  f"(featurelt finetune --resume {r['run_id']})")
     return 0
 
 
