@@ -4,8 +4,8 @@ hooks, bad input (one line each), timm encoder fidelity."""
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import shutil
 from pathlib import Path
 

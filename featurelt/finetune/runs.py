@@ -154,5 +154,5 @@ def progress_text(pos: dict[str, Any]) -> str:
     return f"epoch {pos['epoch'] + 1}/{pos['epochs']}{batch}, step {pos['step']}"
 
 
-__all__ = ["write_started", "mark", "write_finished", "pinned_versions", "write_position", "read_position",
-           "progress_text", "POSITION"]
+__all__ = ["POSITION", "mark", "pinned_versions", "progress_text", "read_position", "write_finished", "write_position",
+           "write_started"]
