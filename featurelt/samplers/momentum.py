@@ -19,6 +19,18 @@ def momentum_update(prev: np.ndarray, loss: np.ndarray, beta: float) -> np.ndarr
     return np.where(np.isnan(loss), prev, out)
 
 
+def fold_epoch_losses(lm: np.ndarray, loss_sum: np.ndarray, count: np.ndarray, beta: float) -> np.ndarray:
+    """``Lm`` after an epoch: each row's mean loss fed back (``loss_sum / count``) through :func:`momentum_update`.
+
+    Rows with ``count == 0`` were not seen and keep their ``Lm``; ``loss_sum`` / ``count`` are left to the caller
+    to reset. [N] x 3 -> [N].
+    """
+    if not np.any(count):
+        return lm
+    loss = np.where(count > 0, loss_sum / np.maximum(count, 1), np.nan)
+    return momentum_update(lm, loss, beta)
+
+
 def momentum_strength(lm: np.ndarray) -> np.ndarray:
     """``M_i = 1/2 ((Lm_i - mean) / max_i(Lm_i - mean) + 1)`` (ECVL eq. 9, METHODS.md section 5). [N] -> [N].
 
@@ -76,8 +88,7 @@ class MomentumSampler(ClassWiseSampler):
 
     def _fold(self) -> None:
         if self._cnt.any():
-            loss = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), np.nan)
-            self.lm = momentum_update(self.lm, loss, self.beta)
+            self.lm = fold_epoch_losses(self.lm, self._sum, self._cnt, self.beta)
             self._sum[:] = 0.0
             self._cnt[:] = 0.0
 

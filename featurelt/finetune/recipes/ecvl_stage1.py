@@ -37,7 +37,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from featurelt.finetune.recipes.base import RecipeHooks
-from featurelt.samplers import momentum_strength, momentum_update
+from featurelt.samplers.momentum import fold_epoch_losses, momentum_strength
 
 DEFAULTS: dict[str, Any] = {
     "head": "text",                    # cosine to the frozen class text embeddings / tau
@@ -145,8 +145,7 @@ class MomentumState:
 
     def fold(self) -> None:
         if self.cnt.any():
-            loss = np.where(self.cnt > 0, self.sum / np.maximum(self.cnt, 1), np.nan)
-            self.lm = momentum_update(self.lm, loss, self.beta)
+            self.lm = fold_epoch_losses(self.lm, self.sum, self.cnt, self.beta)
             self.sum[:] = 0.0
             self.cnt[:] = 0.0
         self.m = momentum_strength(self.lm)
