@@ -48,13 +48,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from featurelt.store.schema import arrow_schema
 from _results import replace_section  # bench/_results.py (scripts run as `python bench/NAME.py`)
 
 SECTION = "## bench/finetune.py"
-SAMPLES_SCHEMA = pa.schema([("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-                            ("label", pa.int32()), ("source", pa.string()), ("uri", pa.string()),
-                            ("image", pa.large_binary()), ("content_sha256", pa.string()), ("width", pa.int32()),
-                            ("height", pa.int32()), ("description", pa.string())])
+SAMPLES_SCHEMA = arrow_schema("samples")
 
 
 # ---------------------------------------------------------------------------------------------- data

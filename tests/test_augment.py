@@ -17,6 +17,7 @@ from featurelt.images.augment import EvalTransform, TrainTransform  # noqa: E402
 from featurelt.images.decode import DecodedImage  # noqa: E402
 from featurelt.images.loader import StoreImageLoader  # noqa: E402
 from featurelt.store import Store  # noqa: E402
+from featurelt.store.schema import arrow_schema  # noqa: E402
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -121,11 +122,7 @@ def test_train_transform_through_the_store_loader_workers(tmp_path: Path) -> Non
              "height": a.shape[0], "description": None} for i, a in enumerate(arrays)]
     store = Store(tmp_path / "store")
     with store.transaction("test: samples") as tx:
-        tx.append("samples", pa.Table.from_pylist(rows, schema=pa.schema([
-            ("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("label", pa.int32()),
-            ("source", pa.string()), ("uri", pa.string()), ("image", pa.large_binary()),
-            ("content_sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-            ("description", pa.string())])))
+        tx.append("samples", pa.Table.from_pylist(rows, schema=arrow_schema("samples")))
     t = TrainTransform(16, "flip-crop", seed=1)
     t.set_epoch(2)
     plan = [np.array([2, 0, 2]), np.array([3, 1])]
